@@ -1,0 +1,62 @@
+"""Kernel dispatch: Triton kernels on CUDA when available and enabled, else the torch reference.
+
+`SBR_KERNELS=reference` forces the reference everywhere (used to A/B the two on a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.kernels import reference
+
+_triton: Any = None
+_triton_checked = False
+
+
+def _triton_mod() -> Any:
+    global _triton, _triton_checked
+    if not _triton_checked:
+        _triton_checked = True
+        if os.environ.get("SBR_KERNELS", "auto") != "reference" and torch.cuda.is_available():
+            try:
+                from engine.kernels import triton_gdn  # noqa: PLC0415
+
+                _triton = triton_gdn
+            except ImportError:
+                _triton = None
+    return _triton
+
+
+def _pick(name: str, x: torch.Tensor) -> Callable[..., Any]:
+    if x.is_cuda:
+        mod = _triton_mod()
+        if mod is not None and hasattr(mod, name):
+            return getattr(mod, name)  # type: ignore[no-any-return]
+    return getattr(reference, name)  # type: ignore[no-any-return]
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi, capture=True):  # type: ignore[no-untyped-def]
+    return _pick("chunk_gated_delta_rule", q)(q, k, v, g, beta, state, lo, hi, capture)
+
+
+def recurrent_step(q, k, v, g, beta, state):  # type: ignore[no-untyped-def]
+    return _pick("recurrent_step", q)(q, k, v, g, beta, state)
+
+
+def causal_conv1d(x, weight, state):  # type: ignore[no-untyped-def]
+    return _pick("causal_conv1d", x)(x, weight, state)
+
+
+def gated_rms_norm(x, gate, weight, eps):  # type: ignore[no-untyped-def]
+    return _pick("gated_rms_norm", x)(x, gate, weight, eps)
+
+
+def impl_name(device: torch.device | str) -> str:
+    """Which implementation runs on this device: 'triton' or 'reference'."""
+    if torch.device(device).type == "cuda" and _triton_mod() is not None:
+        return "triton"
+    return "reference"

@@ -1,0 +1,159 @@
+"""Torch reference kernels (CPU and GPU): the gated delta rule, causal conv1d, norms.
+
+The gated delta rule (per value head, state S in R^{K x V}, fp32):
+
+    S_t = exp(g_t) * S_{t-1}
+    S_t = S_t + k_t (beta_t * (v_t - S_t^T k_t))^T
+    o_t = S_t^T q_t,        q, k l2-normalised, q scaled by 1/sqrt(K)
+
+Chunked form (WY / UT transform), chunk size C = 64, on an *absolute* grid: chunk c covers
+positions [cC, (c+1)C) of the sequence, whatever call computes it. Within a chunk, with
+gc_i = sum_{j<=i} g_j (cumulative log decay) and Gamma_ij = exp(gc_i - gc_j) for j <= i (0 above):
+
+    L  = strict_lower((beta * K) K^T * Gamma)              # C x C
+    U  = (I + L)^-1 (beta * V)                              # new values, C x V
+    W  = (I + L)^-1 (beta * K * exp(gc))                    # decayed keys reading S_in
+    Vn = U - W S_in
+    O  = (Q * exp(gc)) S_in + (lower_incl(Q K^T * Gamma)) Vn
+    S_out = exp(gc_last) S_in + (K * exp(gc_last - gc))^T Vn
+
+Each chunk's result is a deterministic function of (S_in, the chunk's rows) computed with fixed
+shapes, so the state at any grid position is bitwise the same whichever earlier grid state a
+computation started from. Rows outside [lo, hi) of a call are neutralised (k = v = q = beta = 0,
+g = 0): they contribute exact zeros, so a partial last chunk yields the exact state at `hi` and
+valid rows are bitwise independent of what the padding rows held.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import CHUNK
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / ||x|| over the last dim, as fla and transformers compute it (fp32 in, fp32 out)."""
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero-centred RMSNorm: x_hat * (1 + w), computed in fp32, cast back."""
+    xf = x.float()
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (out * (1.0 + weight.float())).to(x.dtype)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """RMSNorm(x) * w * silu(gate) over the last dim (Qwen3-Next's RMSNormGated)."""
+    dt = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(dt)
+    return (out * F.silu(gate.float())).to(dt)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal conv + SiLU over time with a carried state.
+
+    x: [T, D] (model dtype), weight: [D, W], state: [W-1, D] (the W-1 inputs before x[0]).
+    Computed as a fixed-order sum of shifted products, so each output row is a function of
+    its own W inputs only (bitwise independent of T and of other rows).
+    """
+    w = weight.shape[1]
+    ext = torch.cat([state.to(x.dtype), x], dim=0)
+    t = x.shape[0]
+    acc = ext[0:t].float() * weight[:, 0].float()
+    for j in range(1, w):
+        acc = acc + ext[j:j + t].float() * weight[:, j].float()
+    return F.silu(acc).to(x.dtype)
+
+
+def conv_state_after(x: torch.Tensor, state: torch.Tensor, upto: int) -> torch.Tensor:
+    """The conv state (last W-1 inputs) after consuming x[:upto], given the state before x[0]."""
+    ext = torch.cat([state.to(x.dtype), x[:upto]], dim=0)
+    return ext[ext.shape[0] - state.shape[0]:].clone()
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor, lo: int, hi: int, capture: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Chunked gated delta rule over one aligned window.
+
+    q, k: [T, H, K] (raw, l2-normalised here; H already expanded to the value heads),
+    v: [T, H, V], g, beta: [T, H]; T a multiple of CHUNK and row 0 on the grid.
+    state: [H, K, V] fp32, the state at row `lo` (a multiple of CHUNK).
+    Returns (out [T, H, V] fp32 with zeros outside [lo, hi), state at row `hi`,
+    {row r: state at r} for every grid row lo < r <= hi when `capture`).
+    """
+    t, h, kd = q.shape
+    vd = v.shape[-1]
+    assert t % CHUNK == 0 and lo % CHUNK == 0 and 0 <= lo < hi <= t
+    n = t // CHUNK
+    rows = torch.arange(t, device=q.device)
+    valid = ((rows >= lo) & (rows < hi))[:, None]
+    qf = torch.where(valid[..., None], l2norm(q.float()) * (kd ** -0.5), 0.0)
+    kf = torch.where(valid[..., None], l2norm(k.float()), 0.0)
+    vf = torch.where(valid[..., None], v.float(), 0.0)
+    gf = torch.where(valid, g.float(), 0.0)
+    bf = torch.where(valid, beta.float(), 0.0)
+
+    # [H, N, C, *]
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(n, CHUNK, h, -1).permute(2, 0, 1, 3).contiguous()
+
+    qc, kc, vc = chunked(qf), chunked(kf), chunked(vf)
+    gc = chunked(gf[..., None]).squeeze(-1).cumsum(-1)  # [H, N, C]
+    bc = chunked(bf[..., None])  # [H, N, C, 1]
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    gamma = (gc[..., :, None] - gc[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    kb = kc * bc
+    lmat = torch.tril((kb @ kc.transpose(-1, -2)) * gamma, -1)
+    eye = torch.eye(CHUNK, dtype=lmat.dtype, device=lmat.device)
+    sys = lmat + eye
+    u = torch.linalg.solve_triangular(sys, vc * bc, upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(sys, kb * gc.exp()[..., None], upper=False,
+                                      unitriangular=True)
+    intra = torch.tril((qc @ kc.transpose(-1, -2)) * gamma)
+    q_dec = qc * gc.exp()[..., None]
+    k_dec = kc * (gc[..., -1:] - gc).exp()[..., None]
+    c_dec = gc[..., -1].exp()[..., None, None]  # [H, N, 1, 1]
+
+    out = torch.zeros(h, n, CHUNK, vd, dtype=torch.float32, device=q.device)
+    s = state.float()
+    states: dict[int, torch.Tensor] = {}
+    for c in range(lo // CHUNK, (hi + CHUNK - 1) // CHUNK):
+        vn = u[:, c] - w[:, c] @ s
+        out[:, c] = q_dec[:, c] @ s + intra[:, c] @ vn
+        s = s * c_dec[:, c] + k_dec[:, c].transpose(-1, -2) @ vn
+        end = (c + 1) * CHUNK
+        if capture and end <= hi:
+            states[end] = s
+    return out.permute(1, 2, 0, 3).reshape(t, h, vd), s, states
+
+
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                   beta: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the gated delta rule. q, k: [H, K], v: [H, V], g, beta: [H];
+    state [H, K, V] fp32. Returns (o [H, V] fp32, new state)."""
+    kd = q.shape[-1]
+    qf = l2norm(q.float()) * (kd ** -0.5)
+    kf = l2norm(k.float())
+    s = state.float() * g.float().exp()[:, None, None]
+    kv_mem = (s * kf[..., None]).sum(dim=-2)
+    delta = (v.float() - kv_mem) * beta.float()[:, None]
+    s = s + kf[..., None] * delta[:, None, :]
+    o = (s * qf[..., None]).sum(dim=-2)
+    return o, s
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, state):  # type: ignore[no-untyped-def]
+    """Token-by-token form over [T, ...] inputs (the oracle for the chunked form)."""
+    outs = []
+    s = state.float()
+    for i in range(q.shape[0]):
+        o, s = recurrent_step(q[i], k[i], v[i], g[i], beta[i], s)
+        outs.append(o)
+    return torch.stack(outs), s

@@ -1,0 +1,1 @@
+"""The hybrid decoder: Gated DeltaNet + gated attention layers, dense SwiGLU MLP."""

@@ -1,0 +1,90 @@
+"""Gated full attention (Qwen3-Next): doubled q_proj for a sigmoid output gate, zero-centred
+q/k RMSNorm, partial RoPE, GQA. Keys and values live in a per-request contiguous buffer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+
+from engine.config import ModelConfig
+from engine.model.norm import RMSNorm
+
+
+def rope_cos_sin(cfg: ModelConfig, pos: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, rotary_dim] for absolute positions, computed in fp32 then cast (as HF does)."""
+    rot = cfg.rotary_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32,
+                                                 device=pos.device) / rot))
+    freqs = pos.float()[:, None] * inv[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; rotates the first rotary_dim features (rotate-half convention)."""
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    xr = xr * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat([xr, xp], dim=-1)
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.hq * self.d * 2, bias=False)
+        self.k_proj = nn.Linear(h, self.hkv * self.d, bias=False)
+        self.v_proj = nn.Linear(h, self.hkv * self.d, bias=False)
+        self.o_proj = nn.Linear(self.hq * self.d, h, bias=False)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        t = x.shape[0]
+        qg = self.q_proj(x).view(t, self.hq, 2 * self.d)
+        q, gate = qg[..., :self.d], qg[..., self.d:].reshape(t, -1)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.hkv, self.d)), cos, sin)
+        v = self.v_proj(x).view(t, self.hkv, self.d)
+        return q, gate, k, v
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                causal: bool) -> torch.Tensor:
+        # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
+        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, keys, vals))
+        mask = causal_lower_right(q.shape[0], keys.shape[0]) if causal else None
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.d ** -0.5,
+                                           enable_gqa=True)
+        return o[0].transpose(0, 1)
+
+    def forward_window(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kbuf: torch.Tensor, vbuf: torch.Tensor, e0: int, lo: int,
+                       hi: int) -> torch.Tensor:
+        """One aligned window at absolute start e0: writes fresh K/V of rows [lo, T) into the
+        buffers (rows outside [lo, hi) as zeros) and attends over keys [0, e0 + T)."""
+        t = x.shape[0]
+        q, gate, k, v = self._qkv(x, cos, sin)
+        rows = torch.arange(t, device=x.device)[:, None, None]
+        ok = (rows >= lo) & (rows < hi)
+        kbuf[e0 + lo:e0 + t] = torch.where(ok, k, 0.0)[lo:]
+        vbuf[e0 + lo:e0 + t] = torch.where(ok, v, 0.0)[lo:]
+        o = self._attend(q, kbuf[:e0 + t], vbuf[:e0 + t], causal=True)
+        return self.o_proj(o.reshape(t, -1) * torch.sigmoid(gate))
+
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kbuf: torch.Tensor,
+             vbuf: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token at absolute position pos (keys 0..pos)."""
+        q, gate, k, v = self._qkv(x, cos, sin)
+        kbuf[pos] = k[0]
+        vbuf[pos] = v[0]
+        o = self._attend(q, kbuf[:pos + 1], vbuf[:pos + 1], causal=False)
+        return self.o_proj(o.reshape(1, -1) * torch.sigmoid(gate))

@@ -1,0 +1,114 @@
+"""Gated DeltaNet layer exactly as Qwen3-Next defines it, run on aligned windows or one token."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.kernels import ops
+from engine.kernels.reference import conv_state_after
+from engine.model.norm import GatedRMSNorm
+
+
+class GDNTrace(NamedTuple):
+    """Per-token GDN inputs of one layer (for decay forensics): k l2-normalised, heads expanded."""
+
+    layer: int
+    q: torch.Tensor  # [T, HV, K] raw (not normalised)
+    k: torch.Tensor  # [T, HV, K] l2-normalised
+    v: torch.Tensor  # [T, HV, V]
+    g: torch.Tensor  # [T, HV] log decay, fp32
+    beta: torch.Tensor  # [T, HV]
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * cfg.key_dim + 2 * cfg.value_dim,
+                                      bias=False)
+        self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.hv, bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim,
+                                groups=cfg.conv_dim, bias=False,
+                                padding=cfg.linear_conv_kernel_dim - 1)
+        self.dt_bias = nn.Parameter(torch.ones(self.hv))
+        self.A_log = nn.Parameter(torch.zeros(self.hv))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(cfg.value_dim, cfg.hidden_size, bias=False)
+        self.record: list[GDNTrace] | None = None
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [T, hidden] -> mixed_qkv [T, conv_dim], z [T, HV, V], b, a [T, HV]."""
+        t = x.shape[0]
+        r = self.hv // self.hk
+        qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * r * self.dv)
+        ba = self.in_proj_ba(x).view(t, self.hk, 2 * r)
+        q, k, v, z = torch.split(qkvz, [self.dk, self.dk, r * self.dv, r * self.dv], dim=2)
+        b, a = torch.split(ba, [r, r], dim=2)
+        mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)
+        return mixed, z.reshape(t, self.hv, self.dv), b.reshape(t, self.hv), a.reshape(t, self.hv)
+
+    def _heads(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = conv_out.shape[0]
+        kd = self.cfg.key_dim
+        q = conv_out[:, :kd].reshape(t, self.hk, self.dk)
+        k = conv_out[:, kd:2 * kd].reshape(t, self.hk, self.dk)
+        v = conv_out[:, 2 * kd:].reshape(t, self.hv, self.dv)
+        r = self.hv // self.hk
+        if r > 1:
+            q = q.repeat_interleave(r, dim=1)
+            k = k.repeat_interleave(r, dim=1)
+        return q, k, v
+
+    def _gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return g, b.sigmoid()
+
+    def _out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        t = o.shape[0]
+        o = ops.gated_rms_norm(o.to(z.dtype), z, self.norm.weight, self.norm.eps)
+        return self.out_proj(o.reshape(t, -1))
+
+    def forward_window(
+        self, x: torch.Tensor, state: torch.Tensor, conv: torch.Tensor, lo: int, hi: int,
+        capture: set[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
+        """One aligned window. x: [T, hidden] (rows outside [lo, hi) are padding);
+        state [HV, K, V] fp32 and conv [W-1, conv_dim] at row lo.
+        Returns (out [T, hidden], state at hi, conv at hi, {row: (state, conv)} for rows in
+        `capture`)."""
+        mixed, z, b, a = self._project(x)
+        conv_out = torch.zeros_like(mixed)
+        conv_out[lo:] = ops.causal_conv1d(mixed[lo:], self.conv1d.weight[:, 0], conv)
+        q, k, v = self._heads(conv_out)
+        g, beta = self._gates(a, b)
+        o, s_hi, states = ops.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi,
+                                                     bool(capture))
+        if self.record is not None:
+            from engine.kernels.reference import l2norm
+
+            self.record.append(GDNTrace(self.layer_idx, q[lo:hi].float(),
+                                        l2norm(k[lo:hi].float()), v[lo:hi].float(),
+                                        g[lo:hi], beta[lo:hi].float()))
+        caps = {r: (states[r], mixed[r - conv.shape[0]:r].clone()) for r in capture
+                if r in states}
+        conv_hi = conv_state_after(mixed[lo:], conv, hi - lo)
+        return self._out(o, z), s_hi, conv_hi, caps
+
+    def step(self, x: torch.Tensor, state: torch.Tensor,
+             conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token. x: [1, hidden]. Returns (out [1, hidden], new state, new conv)."""
+        mixed, z, b, a = self._project(x)
+        conv_out = ops.causal_conv1d(mixed, self.conv1d.weight[:, 0], conv)
+        new_conv = torch.cat([conv[1:], mixed.to(conv.dtype)], dim=0)
+        q, k, v = self._heads(conv_out)
+        g, beta = self._gates(a, b)
+        o, s = ops.recurrent_step(q[0], k[0], v[0], g[0], beta[0], state)
+        return self._out(o[None], z), s, new_conv
