@@ -85,8 +85,12 @@ class GatedDeltaNet(nn.Module):
         Returns (out [T, hidden], state at hi, conv at hi, {row: (state, conv)} for rows in
         `capture`)."""
         mixed, z, b, a = self._project(x)
-        conv_out = torch.zeros_like(mixed)
-        conv_out[lo:] = ops.causal_conv1d(mixed[lo:], self.conv1d.weight[:, 0], conv)
+        # Fixed shape whatever lo is (CPU SIMD tails make elementwise math position-dependent):
+        # the conv state is placed in the W-1 rows just before row lo.
+        w1 = conv.shape[0]
+        ext = torch.cat([torch.zeros_like(mixed[:w1]), mixed], dim=0)
+        ext[lo:lo + w1] = conv.to(mixed.dtype)
+        conv_out = ops.causal_conv1d(ext[w1:], self.conv1d.weight[:, 0], ext[:w1])
         q, k, v = self._heads(conv_out)
         g, beta = self._gates(a, b)
         o, s_hi, states = ops.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi,

@@ -107,8 +107,8 @@ class HybridModel(nn.Module):
                     hn, state.ssm[j], state.conv[j], lo, hi, capture)
                 ssm_out.append(s_hi)
                 conv_out.append(c_hi)
-                for r in capture:
-                    caps[r].append(got[r])
+                for r, st in got.items():
+                    caps[r].append(st)
             else:
                 kb, vb = kv[self.attn_index[i]]
                 y = layer.self_attn.forward_window(hn, cos, sin, kb, vb, e0, lo, hi)
