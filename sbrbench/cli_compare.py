@@ -1,13 +1,381 @@
-"""CLI verbs of this module (placeholder until its issue lands)."""
+"""`sbrbench compare`, `report` and `plot`: statistics across result files, an index, images."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
+from rich.console import Console
+
+from engine.errors import UserError
+from sbrbench.results import (
+    COMPARE_SCHEMA,
+    file_kind,
+    load_json,
+    load_result,
+    now_iso,
+    policy_of,
+    timestamp,
+    write_json_atomic,
+)
+from sbrbench.stats import METRICS, compare_samples, comparison_dict, metric_values
+
+console = Console()
+
+
+# ----------------------------------------------------------------------------- result files
+
+
+def phases_of(rows: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(str(r.get("phase", "?")) for r in rows))
+
+
+def compare_result_docs(
+    a: dict[str, Any], b: dict[str, Any], *, seed: int = 0, n_resamples: int = 10_000
+) -> dict[str, Any]:
+    """Per phase (present in both) and metric: summaries, ratio A/B, ci95 and p-value."""
+    phases: dict[str, Any] = {}
+    b_phases = set(phases_of(b["rows"]))
+    for phase in phases_of(a["rows"]):
+        if phase not in b_phases:
+            continue
+        entry = {}
+        for m in METRICS:
+            xa, xb = metric_values(a["rows"], phase, m), metric_values(b["rows"], phase, m)
+            if xa.size == 0 and xb.size == 0:
+                continue
+            entry[m] = comparison_dict(compare_samples(xa, xb, seed=seed, n_resamples=n_resamples))
+        if entry:
+            phases[phase] = entry
+    return phases
+
+
+def _first_diff(x: list[Any], y: list[Any]) -> int | None:
+    for k, (u, v) in enumerate(zip(x, y, strict=False)):
+        if u != v:
+            return k
+    return None if len(x) == len(y) else min(len(x), len(y))
+
+
+def parity_report(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match rates of generated tokens and logits digests, request by request (by `i`)."""
+    ai = {r.get("i", k): r for k, r in enumerate(a_rows)}
+    bi = {r.get("i", k): r for k, r in enumerate(b_rows)}
+    common = sorted(set(ai) & set(bi), key=lambda k: (isinstance(k, str), k))
+    errors = sum(1 for k in common if ai[k].get("error") or bi[k].get("error"))
+    tok_match = dig_match = dig_known = replay_diff = 0
+    first: dict[str, Any] | None = None
+    first_digest: Any = None
+    for k in common:
+        ra, rb = ai[k], bi[k]
+        if ra.get("error") or rb.get("error"):
+            continue
+        ta, tb = list(ra.get("tokens") or []), list(rb.get("tokens") or [])
+        pos = _first_diff(ta, tb)
+        if pos is None:
+            tok_match += 1
+        elif first is None:
+            first = {"request": k, "token": pos}
+        da, db = ra.get("logits_sha256"), rb.get("logits_sha256")
+        if da is not None and db is not None:
+            dig_known += 1
+            if da == db:
+                dig_match += 1
+            elif first_digest is None:
+                first_digest = k
+        if ra.get("replay_tokens") != rb.get("replay_tokens"):
+            replay_diff += 1
+    ok = len(common) - errors
+    return {
+        "requests": len(common),
+        "only_in_a": len(set(ai) - set(bi)),
+        "only_in_b": len(set(bi) - set(ai)),
+        "errors": errors,
+        "token_match_rate": tok_match / ok if ok else 0.0,
+        "digest_match_rate": dig_match / dig_known if dig_known else None,
+        "first_divergence": first,
+        "first_digest_divergence": first_digest,
+        "replay_differs": replay_diff,
+    }
+
+
+def compare_results(a: dict[str, Any], b: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
+    """The whole comparison of two result files (same scenario), as JSON-ready dict."""
+    if a["scenario"] != b["scenario"]:
+        raise UserError(f"cannot compare a {a['scenario']} result with a {b['scenario']} result")
+    out: dict[str, Any] = {
+        "kind": "result",
+        "scenario": a["scenario"],
+        "phases": compare_result_docs(a, b, seed=seed),
+        "parity": None,
+    }
+    if a["scenario"] == "parity":
+        out["parity"] = parity_report(a["rows"], b["rows"])
+    return out
+
+
+# ----------------------------------------------------------------------------- decay files
+
+
+def _numbers(d: Any) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {}
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def compare_decay(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Decay summaries and window fidelity (per tau) of two `sbrbench.decay/v1` files."""
+    for name, doc in (("A", a), ("B", b)):
+        if not isinstance(doc.get("summary"), dict):
+            raise UserError(f"decay file {name} has no 'summary' object")
+    sa, sb = _numbers(a["summary"]), _numbers(b["summary"])
+    summary = {
+        k: {
+            "a": sa.get(k),
+            "b": sb.get(k),
+            "ratio": (sa[k] / sb[k]) if k in sa and k in sb and sb[k] else None,
+        }
+        for k in dict.fromkeys([*sa, *sb])
+    }
+    wa, wb = a.get("window") or {}, b.get("window") or {}
+    window = {
+        str(t): {"a": _numbers(wa.get(t)), "b": _numbers(wb.get(t))}
+        for t in dict.fromkeys([*wa, *wb])
+    }
+    return {
+        "kind": "decay",
+        "summary": summary,
+        "window": window,
+        "heads": {"a": len(a.get("heads") or []), "b": len(b.get("heads") or [])},
+    }
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _describe(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+    return {
+        "path": str(path),
+        "label": doc.get("label"),
+        "policy": policy_of(doc),
+        "partial": bool(doc.get("partial")),
+    }
+
+
+def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
+    from sbrbench.render import compare_table, parity_table, side_by_side_table
+
+    if cmp["kind"] == "decay":
+        console.print(
+            side_by_side_table(
+                "decay summary",
+                {k: v["a"] for k, v in cmp["summary"].items()},
+                {k: v["b"] for k, v in cmp["summary"].items()},
+                label_a,
+                label_b,
+            )
+        )
+        for tau, v in cmp["window"].items():
+            console.print(side_by_side_table(f"window tau={tau}", v["a"], v["b"], label_a, label_b))
+        return
+    if cmp["phases"]:
+        console.print(compare_table(cmp["phases"], label_a, label_b))
+    else:
+        console.print("[yellow]no phase with data in both files")
+    if cmp.get("parity"):
+        console.print(parity_table(cmp["parity"]))
+
+
+def compare_files(
+    path_a: Path, path_b: Path, json_out: Path | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Load, check, compare, print; write the comparison JSON when asked."""
+    da, db = load_json(path_a), load_json(path_b)
+    ka, kb = file_kind(da), file_kind(db)
+    if ka != kb:
+        raise UserError(f"cannot compare a {ka} file ({path_a}) with a {kb} file ({path_b})")
+    if ka == "result":
+        da, db = load_result(path_a), load_result(path_b)
+        if not da["rows"] or not db["rows"]:
+            empty = path_a if not da["rows"] else path_b
+            raise UserError(f"{empty}: result has no rows")
+        cmp = compare_results(da, db, seed=seed)
+    elif ka == "decay":
+        cmp = compare_decay(da, db)
+    else:
+        raise UserError(
+            f"{path_a}: cannot compare files of kind {ka!r} (result and decay files only)"
+        )
+    doc = {
+        "schema": COMPARE_SCHEMA,
+        "created": now_iso(),
+        **cmp,
+        "a": _describe(da, path_a),
+        "b": _describe(db, path_b),
+    }
+    for side in ("a", "b"):
+        if doc[side]["partial"]:
+            console.print(f"[yellow]note: {doc[side]['path']} is partial (interrupted run)")
+    print_comparison(
+        cmp, f"{doc['a']['policy']} ({path_a.name})", f"{doc['b']['policy']} ({path_b.name})"
+    )
+    if json_out:
+        write_json_atomic(json_out, doc)
+        console.print(f"comparison written to {json_out}")
+    return doc
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fnum(v: Any, unit: str = "", digits: int = 3) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "-"
+    return f"{v:.{digits}g}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+
+def headline(doc: dict[str, Any]) -> str:
+    """The numbers a reader wants first from one file."""
+    kind = file_kind(doc)
+    if kind == "result":
+        summ = doc.get("summary") or {}
+        for phase in ("resume", "round", "prompt", "build"):
+            s = summ.get(phase)
+            if not isinstance(s, dict):
+                continue
+            t, rp = s.get("ttft_s") or {}, s.get("replay_tokens") or {}
+            parts = [
+                f"{phase}: TTFT mean {_fnum(t.get('mean'), ' s')}",
+                f"p90 {_fnum(t.get('p90'), ' s')}",
+            ]
+            if rp:
+                parts.append(f"replay mean {_fnum(rp.get('mean'), ' tok', 4)}")
+            parts.append(f"n={s.get('rows', t.get('n', 0))}")
+            if s.get("errors"):
+                parts.append(f"{s['errors']} errors")
+            return ", ".join(parts)
+        return f"{len(doc.get('rows') or [])} rows"
+    if kind == "decay":
+        s = doc.get("summary") or {}
+        return (
+            f"median horizon {_fnum(s.get('median_horizon_tokens'), ' tok', 4)}, "
+            f"p90 {_fnum(s.get('p90_horizon_tokens'), ' tok', 4)}, "
+            f"share > 8192: {_fnum(s.get('share_over_8192'))}"
+        )
+    summ = doc.get("summary")
+    pols = summ.get("policies") if isinstance(summ, dict) else None
+    if isinstance(pols, dict) and pols:  # sim: replay per policy, relative to Belady if known
+        parts = []
+        for name, p in list(pols.items())[:6]:
+            p = p if isinstance(p, dict) else {}
+            vb = p.get("replay_vs_belady")
+            parts.append(
+                f"{name} {_fnum(vb)}x Belady"
+                if isinstance(vb, (int, float))
+                else f"{name} replay {_fnum(p.get('replay_tokens'), ' tok', 4)}"
+            )
+        return ", ".join(parts)
+    s = _numbers(summ)
+    return ", ".join(f"{k} {_fnum(v)}" for k, v in list(s.items())[:4]) or "-"
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def build_report(root: Path) -> tuple[str, int, list[str]]:
+    """Markdown index of every sbrbench JSON under `root`; returns (text, files, skipped)."""
+    if not root.is_dir():
+        raise UserError(f"{root}: not a directory")
+    lines = [
+        "# Results index",
+        "",
+        f"Generated by `sbrbench report` on {now_iso()}. One line per sbrbench JSON file under "
+        "this directory.",
+        "",
+        "| file | kind | scenario | target | policy | preset | GPU | headline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    count, skipped = 0, []
+    for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        try:
+            doc = load_json(path)
+        except UserError:
+            skipped.append(str(path.relative_to(root)))
+            continue
+        kind = file_kind(doc)
+        if kind == "unknown":
+            skipped.append(str(path.relative_to(root)))
+            continue
+        eng: dict[str, Any] = doc["engine"] if isinstance(doc.get("engine"), dict) else {}
+        env: dict[str, Any] = doc["env"] if isinstance(doc.get("env"), dict) else {}
+        tgt: dict[str, Any] = doc["target"] if isinstance(doc.get("target"), dict) else {}
+        rel = path.relative_to(root).as_posix()
+        scen = doc.get("scenario") or doc.get("trace") or "-"
+        partial = " (partial)" if doc.get("partial") else ""
+        lines.append(
+            "| "
+            + " | ".join(
+                _md(x)
+                for x in (
+                    f"[{rel}]({rel}){partial}",
+                    kind,
+                    scen,
+                    tgt.get("kind", "-"),
+                    policy_of(doc) if kind == "result" else eng.get("policy", "-"),
+                    eng.get("preset") or doc.get("preset") or "-",
+                    env.get("gpu") or ("cpu" if env else "-"),
+                    headline(doc),
+                )
+            )
+            + " |"
+        )
+        count += 1
+    if skipped:
+        lines += ["", f"Not indexed (not sbrbench JSON or unreadable): {', '.join(skipped)}"]
+    return "\n".join(lines) + "\n", count, skipped
+
+
+# ----------------------------------------------------------------------------- CLI
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("compare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not built yet."""
-        typer.secho("sbrbench compare: not built yet", fg="red", err=True)
-        raise typer.Exit(2)
+    @app.command("compare")
+    def compare_cmd(
+        a: Path = typer.Argument(..., help="result (or decay) JSON A"),
+        b: Path = typer.Argument(..., help="result (or decay) JSON B"),
+        json_out: Path | None = typer.Option(None, "--json", help="write the comparison here"),
+        seed: int = typer.Option(0, help="bootstrap seed"),
+    ) -> None:
+        """Compare two result files: ratio A/B, bootstrap ci95, Mann-Whitney p; parity match."""
+        compare_files(a, b, json_out, seed)
+
+    @app.command("report")
+    def report_cmd(
+        root: Path = typer.Argument(Path("results"), help="directory of result files"),
+        out: Path | None = typer.Option(None, help="markdown file (default: ROOT/README.md)"),
+    ) -> None:
+        """Write a markdown index of every result, bench, decay and sim JSON under ROOT."""
+        text, count, _ = build_report(root)
+        dest = out or root / "README.md"
+        dest.write_text(text, encoding="utf-8")
+        console.print(f"indexed {count} files in {dest}")
+
+    @app.command("plot")
+    def plot_cmd(
+        files: list[Path] = typer.Argument(..., help="result files (one line per file)"),
+        out: Path | None = typer.Option(None, help="PNG path (default results/plot-*.png)"),
+    ) -> None:
+        """PNG of per-cycle resume TTFT (one line per policy) and TTFT vs depth."""
+        from sbrbench.render import plot_results
+
+        docs = [load_result(f) for f in files]
+        for f, d in zip(files, docs, strict=False):
+            if not d["rows"]:
+                raise UserError(f"{f}: result has no rows")
+        dest = out or Path("results") / f"plot-{docs[0]['scenario']}-{timestamp()}.png"
+        plot_results(docs, dest)
+        console.print(f"plot written to {dest}")

@@ -1,13 +1,74 @@
-"""CLI verbs of this module (placeholder until its issue lands)."""
+"""`sbrbench serve`: the OpenAI-compatible HTTP server over the engine (engine/server.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from engine.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not built yet."""
-        typer.secho("sbrbench serve: not built yet", fg="red", err=True)
-        raise typer.Exit(2)
+    app.command("serve")(serve)
+
+
+def serve(
+    preset: str = typer.Option("tiny", "--preset", help="Engine preset (random weights)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="HF checkpoint dir (overrides --preset)."
+    ),
+    policy: str = typer.Option("lru", "--policy", help="Snapshot eviction policy."),
+    tail_pin_k: int = typer.Option(8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."),
+    snapshot_slots: int = typer.Option(16, "--snapshot-slots", help="Snapshot pool slots."),
+    snapshot_budget: str | None = typer.Option(
+        None, "--snapshot-budget", help="Snapshot pool bytes (2GiB, 512MB; default: slots decide)."
+    ),
+    snapshot_interval: int = typer.Option(
+        0, "--snapshot-interval", help="Tokens between snapshots (0: engine default)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
+    port: int = typer.Option(8000, "--port", help="Port to bind (0: any free port)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting before 503."),
+    default_max_tokens: int = typer.Option(
+        256, "--default-max-tokens", help="max_tokens of a chat request that sets none."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
+    model_name: str | None = typer.Option(
+        None, "--model-name", help="Model id in /v1/models [the preset or checkpoint dir name]."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+) -> None:
+    """OpenAI-compatible server (chat + completions, SSE, /metrics) over the engine."""
+    from engine.server import serve as run_server
+    from sbrbench.targets import CacheSpec, EngineTarget, parse_bytes
+
+    if max_queue < 1:
+        raise UserError(f"--max-queue must be >= 1, got {max_queue}")
+    if default_max_tokens < 1:
+        raise UserError(f"--default-max-tokens must be >= 1, got {default_max_tokens}")
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must lie in [0, 65535], got {port}")
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise UserError(f"--checkpoint {checkpoint}: not a directory")
+    spec = CacheSpec(
+        policy=policy,
+        tail_pin_k=tail_pin_k,
+        snapshot_slots=snapshot_slots,
+        snapshot_budget_bytes=parse_bytes(snapshot_budget) if snapshot_budget else None,
+        snapshot_interval=snapshot_interval,
+    )
+    target = EngineTarget.build(
+        spec=spec,
+        preset=preset,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+    )
+    name = model_name or (checkpoint.resolve().name if checkpoint else preset)
+    typer.secho(f"sbrbench serve: {name} on http://{host}:{port}/v1 (policy {policy})", err=True)
+    run_server(target.engine, model_name=name, host=host, port=port, max_queue=max_queue,
+               default_max_tokens=default_max_tokens, log_level=log_level)

@@ -211,7 +211,8 @@ def test_belady_evicts_the_farthest_next_use_never_used_first():
 
 
 def test_registry_and_option_errors():
-    assert set(POLICIES) == {"lru", "forecast", "tail-pin", "two-tier", "marconi", "belady"}
+    assert set(POLICIES) == {"lru", "forecast", "tail-pin", "two-tier", "marconi", "belady",
+                             "adaptive"}
     assert "belady" not in online_policies()
     for name in online_policies():
         policy = make_policy(name)
