@@ -159,13 +159,15 @@ def run_one(
     seed: int,
     label: str | None,
     progress: bool,
+    warmup: bool = True,
+    declared_policy: str | None = None,
 ) -> RunResult:
     """One scenario run into `out`; the file is partial if interrupted or on an exception."""
     from sbrbench.render import RunProgress, summary_table
 
     scenario = make_scenario(cfg, seed)
     scenario.prepare(target)
-    warm = getattr(target, "warmup", None)
+    warm = getattr(target, "warmup", None) if warmup else None
     warmup_s = warm() if callable(warm) else None
     eng: dict[str, Any] = {}
     if spec is not None:
@@ -176,6 +178,9 @@ def run_one(
             "snapshot_budget_bytes": spec.snapshot_budget_bytes,
         }
     eng.update(target.engine_info() or {})
+    if declared_policy and not eng.get("policy"):
+        # an HTTP server's policy is what the user says it is; keep it, marked as declared
+        eng.update(policy=declared_policy, policy_declared=True)
     policy = eng.get("policy") or target.kind
     header = {
         "scenario": cfg.name,
@@ -263,6 +268,11 @@ def register(app: typer.Typer) -> None:
             None, help="result JSON (default results/<scenario>-<policy>-<time>.json)"
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        warmup: bool = typer.Option(
+            True,
+            "--warmup/--no-warmup",
+            help="one unrecorded request first (engine: uncached; http: a short one)",
+        ),
     ) -> None:
         """Run a scenario (deep-resume, round-robin, parity, trace) and write its result JSON."""
         if target not in TARGETS:
@@ -325,6 +335,8 @@ def register(app: typer.Typer) -> None:
                     seed=seed,
                     label=label if len(pols) == 1 or not label else f"{label}-{name}",
                     progress=progress,
+                    warmup=warmup,
+                    declared_policy=pol if spec is None else None,
                 )
             finally:
                 tgt.close()

@@ -1,0 +1,450 @@
+"""Scenario plumbing: TOML definitions and their checks, token-level conversations, the runner.
+
+A scenario is a generator of *waves*: lists of independent requests (Steps). The runner sends a
+wave (concurrently when the target allows), turns each Response into a result row, and calls the
+step's `on_done` so the scenario can grow its conversations before it yields the next wave.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import tomllib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+from engine.errors import ConfigError, UserError
+from sbrbench.targets import (
+    Request,
+    Response,
+    Target,
+    Turn,
+    generation_header,
+    render_turn,
+)
+
+_PKG = Path(__file__).resolve().parent.parent
+REPO_ROOT = _PKG.parent
+
+
+def scenario_dirs() -> list[Path]:
+    """Where shipped scenario TOMLs live: the checkout's `scenarios/`, the wheel's copy."""
+    return [REPO_ROOT / "scenarios", _PKG / "_scenarios"]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class Param(NamedTuple):
+    type: type  # int | float | bool | str
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+
+
+ENGINE_PARAMS: dict[str, Param] = {
+    "policy": Param(str, "policy or comma-separated policies to run"),
+    "tail_pin_k": Param(int, "tail-pin: deepest snapshots pinned per resumable session", 1),
+    "marconi_alpha": Param(float, "marconi: weight of FLOPs saved per byte", 0),
+    "snapshot_slots": Param(int, "snapshot pool slots", 1),
+    "snapshot_budget": Param(str, "snapshot pool bytes, e.g. 2GiB ('' = slots only)"),
+    "snapshot_interval": Param(int, "tokens between admitted snapshots (0 = engine default)", 0),
+    "page_size": Param(int, "KV page size in tokens (0 = engine default)", 0),
+    "kv_budget_tokens": Param(int, "KV pool size in tokens (0 = engine default)", 0),
+}
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_ok(value: Any, typ: type) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def check_value(key: str, value: Any, spec: Param, where: str) -> Any:
+    """The value if it has the declared type and bounds; ConfigError naming the key otherwise."""
+    if not _type_ok(value, spec.type):
+        raise ConfigError(f"{where}: '{key}' must be {_TYPE_NAMES[spec.type]}, got {value!r}")
+    if spec.type is float:
+        value = float(value)
+    if spec.min is not None and value < spec.min:
+        raise ConfigError(f"{where}: '{key}' must be >= {spec.min:g}, got {value!r}")
+    if spec.max is not None and value > spec.max:
+        raise ConfigError(f"{where}: '{key}' must be <= {spec.max:g}, got {value!r}")
+    return value
+
+
+def check_table(table: Any, schema: dict[str, Param], where: str) -> dict[str, Any]:
+    """Every key of `schema` present, no other key, each of the right type and bounds."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    unknown = sorted(set(table) - set(schema))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(schema)})")
+    missing = [k for k in schema if k not in table]
+    if missing:
+        raise ConfigError(f"{where}: missing key '{missing[0]}'")
+    return {k: check_value(k, table[k], spec, where) for k, spec in schema.items()}
+
+
+def parse_set_value(key: str, text: str, spec: Param) -> Any:
+    """`--set KEY=VALUE`: the value read as the parameter's type."""
+    try:
+        if spec.type is bool:
+            low = text.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("true", "1", "yes", "on")
+        if spec.type is int:
+            return int(text.replace("_", ""))
+        if spec.type is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"--set {key}: expected {_TYPE_NAMES[spec.type]}, got {text!r}") from None
+
+
+class ScenarioConfig(NamedTuple):
+    name: str
+    description: str
+    params: dict[str, Any]
+    engine: dict[str, Any]
+    source: str
+
+
+# ----------------------------------------------------------------------------- text and turns
+
+_SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "ta",
+    "vo",
+    "shi",
+    "pre",
+    "con",
+    "dex",
+    "ar",
+    "el",
+    "io",
+    "un",
+    "fa",
+    "gri",
+    "ber",
+    "tul",
+    "os",
+    "ma",
+    "qui",
+    "ste",
+    "ny",
+    "zo",
+    "pha",
+]
+_TOOL_KEYS = ["path", "line", "status", "msg", "value", "id", "size", "kind", "ok", "took_ms"]
+
+
+class TextGen:
+    """Seeded printable-ASCII text (so byte ids == token ids on the byte-level tokenizer)."""
+
+    def __init__(self, seed: int | str) -> None:
+        self.rng = random.Random(seed)
+        self.words = [
+            "".join(self.rng.choice(_SYLLABLES) for _ in range(self.rng.randint(1, 3)))
+            for _ in range(600)
+        ]
+
+    def _fill(self, n: int, piece: Callable[[], str]) -> tuple[int, ...]:
+        out: list[str] = []
+        size = 0
+        while size < n:
+            s = piece()
+            out.append(s)
+            size += len(s)
+        return tuple("".join(out).encode("ascii")[:n])
+
+    def prose(self, n: int) -> tuple[int, ...]:
+        """n token ids of sentence-like text."""
+
+        def sentence() -> str:
+            w = [self.rng.choice(self.words) for _ in range(self.rng.randint(4, 14))]
+            return " ".join(w).capitalize() + self.rng.choice([". ", "? ", ", then "])
+
+        return self._fill(n, sentence)
+
+    def tool_output(self, n: int) -> tuple[int, ...]:
+        """n token ids of log/JSON-like tool output."""
+
+        def record() -> str:
+            keys = self.rng.sample(_TOOL_KEYS, self.rng.randint(2, 5))
+            vals = [
+                self.rng.choice(
+                    [
+                        str(self.rng.randint(0, 99999)),
+                        self.rng.choice(self.words),
+                        f"src/{self.rng.choice(self.words)}.py",
+                    ]
+                )
+                for _ in keys
+            ]
+            return (
+                "{" + ", ".join(f'"{k}": "{v}"' for k, v in zip(keys, vals, strict=False)) + "}\n"
+            )
+
+        return self._fill(n, record)
+
+
+class Conversation:
+    """A chat at token level; the prompt of each request extends the previous one plus reply."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.turns: list[Turn] = []
+        self._ids: list[int] = []
+
+    def add(self, role: str, ids: tuple[int, ...], text: str | None = None) -> None:
+        turn = Turn(role, tuple(ids), text)
+        self.turns.append(turn)
+        self._ids.extend(render_turn(turn))
+
+    def request(self, max_tokens: int) -> Request:
+        """The next request: every turn so far, then the assistant header."""
+        return Request(
+            tuple(self._ids + generation_header()), tuple(self.turns), max_tokens, self.session
+        )
+
+    def add_reply(self, resp: Response) -> None:
+        """Append the reply (empty on error, so the next prompt still extends this one)."""
+        if resp.error:
+            self.add("assistant", ())
+        elif resp.tokens or not resp.text:
+            self.add("assistant", tuple(resp.tokens), resp.text if resp.text else None)
+        else:
+            self.add("assistant", tuple(resp.text.encode("utf-8")), resp.text)
+
+    @property
+    def depth(self) -> int:
+        """Tokens of the next request's prompt."""
+        return len(self._ids) + len(generation_header())
+
+
+def turn_plan_lengths(rng: random.Random, p: dict[str, Any]) -> tuple[str, int]:
+    """Role and length of the next agentic turn: a tool output or a user message."""
+    if rng.random() < p["tool_share"]:
+        return "tool", rng.randint(p["tool_min"], p["tool_max"])
+    return "user", rng.randint(p["user_min"], p["user_max"])
+
+
+TURN_PARAMS: dict[str, Param] = {
+    "user_min": Param(int, "shortest user message (tokens)", 1),
+    "user_max": Param(int, "longest user message (tokens)", 1),
+    "tool_min": Param(int, "shortest tool output (tokens)", 1),
+    "tool_max": Param(int, "longest tool output (tokens)", 1),
+    "tool_share": Param(float, "share of turns that are tool outputs", 0, 1),
+    "reply_tokens": Param(int, "tokens generated per conversation turn", 1),
+}
+
+
+def check_ranges(p: dict[str, Any], where: str) -> None:
+    for lo, hi in (("user_min", "user_max"), ("tool_min", "tool_max")):
+        if lo in p and p[lo] > p[hi]:
+            raise ConfigError(f"{where}: '{lo}' ({p[lo]}) is larger than '{hi}' ({p[hi]})")
+
+
+# ----------------------------------------------------------------------------- scenario
+
+
+@dataclass(slots=True)
+class Step:
+    """One request of a wave: what to send, the row fields it fills, what to do with the reply."""
+
+    request: Request
+    row: dict[str, Any]
+    on_done: Callable[[Response], None] | None = None
+    at_s: float | None = None  # send no earlier than this offset from the run start
+
+
+class Scenario(ABC):
+    """A workload: parameters from TOML, then waves of Steps."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    PARAMS: ClassVar[dict[str, Param]]
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        self.p = params
+        self.seed = seed
+
+    @classmethod
+    def check_params(cls, p: dict[str, Any], where: str) -> None:
+        """Cross-field checks beyond types and bounds."""
+        check_ranges(p, where)
+
+    def prepare(self, target: Target) -> None:  # noqa: B027 - optional hook
+        """Anything to check against the target before the first request (e.g. vocab size)."""
+
+    @abstractmethod
+    def waves(self) -> Iterator[list[Step]]: ...
+
+    def expected_requests(self) -> int | None:
+        """How many requests the run will send (an estimate is fine; None if unknown)."""
+        return None
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+class RunOutcome(NamedTuple):
+    rows: int
+    errors: int
+    interrupted: bool
+
+
+@dataclass
+class _Clock:
+    t0: float = field(default_factory=time.perf_counter)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def wait_until(self, at_s: float | None) -> None:
+        if at_s is not None:
+            delay = at_s - self.now()
+            if delay > 0:
+                time.sleep(delay)
+
+
+def _safe_send(target: Target, req: Request) -> Response:
+    """target.send, with any exception of the target turned into a row error."""
+    try:
+        return target.send(req)
+    except Exception as e:  # noqa: BLE001 - a failing request is data, the run goes on
+        return Response(prompt_tokens=len(req.prompt_ids), error=f"{type(e).__name__}: {e}")
+
+
+def make_row(i: int, step: Step, resp: Response, started_s: float) -> dict[str, Any]:
+    """A result row: the step's fields, then what the target measured."""
+    req = step.request
+    row: dict[str, Any] = {"i": i, **step.row}
+    row.setdefault("depth", len(req.prompt_ids))
+    row["session"] = req.session
+    row["t_s"] = round(started_s, 6)
+    row.update(
+        ttft_s=resp.ttft_s,
+        e2e_s=resp.e2e_s,
+        prompt_tokens=resp.prompt_tokens if resp.prompt_tokens is not None else len(req.prompt_ids),
+        cached_tokens=resp.cached_tokens,
+        snapshot_pos=resp.snapshot_pos,
+        replay_tokens=resp.replay_tokens,
+        new_tokens=resp.new_tokens,
+        generated_tokens=resp.generated_tokens
+        if resp.generated_tokens is not None
+        else len(resp.tokens),
+        tokens=list(resp.tokens),
+        logits_sha256=resp.logits_sha256,
+        error=resp.error,
+    )
+    if resp.timings:
+        row["timings"] = resp.timings
+    return row
+
+
+def run_scenario(
+    scenario: Scenario,
+    target: Target,
+    on_row: Callable[[dict[str, Any]], None],
+    concurrency: int = 1,
+) -> RunOutcome:
+    """Send every wave of `scenario` to `target`, calling `on_row` with each finished row.
+
+    KeyboardInterrupt stops the run: rows already passed to `on_row` stay, and the outcome says
+    it was interrupted. A row whose request failed carries `error`; the run goes on.
+    """
+    clock = _Clock()
+    conc = max(1, min(concurrency, getattr(target, "max_concurrency", 1)))
+    n = errors = 0
+    pool = ThreadPoolExecutor(conc, thread_name_prefix="sbr-send") if conc > 1 else None
+
+    def finish(step: Step, resp: Response, i: int, started: float) -> None:
+        nonlocal errors
+        row = make_row(i, step, resp, started)
+        errors += bool(resp.error)
+        on_row(row)
+        if step.on_done:
+            step.on_done(resp)
+
+    try:
+        for wave in scenario.waves():
+            if pool is None:
+                for step in wave:
+                    clock.wait_until(step.at_s)
+                    started = clock.now()
+                    resp = _safe_send(target, step.request)
+                    finish(step, resp, n, started)
+                    n += 1
+            else:
+                n = _run_wave_concurrent(pool, wave, target, clock, n, conc, finish)
+    except KeyboardInterrupt:
+        return RunOutcome(n, errors, True)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+    return RunOutcome(n, errors, False)
+
+
+def _run_wave_concurrent(
+    pool: ThreadPoolExecutor,
+    wave: Sequence[Step],
+    target: Target,
+    clock: _Clock,
+    n: int,
+    conc: int,
+    finish: Callable[[Step, Response, int, float], None],
+) -> int:
+    """At most `conc` requests in flight; rows are recorded as requests complete."""
+
+    def job(step: Step) -> tuple[float, Response]:
+        clock.wait_until(step.at_s)
+        started = clock.now()
+        return started, _safe_send(target, step.request)
+
+    pending: dict[Future, tuple[int, Step]] = {}
+    queue = iter(wave)
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < conc:
+            step = next(queue, None)
+            if step is None:
+                exhausted = True
+                break
+            pending[pool.submit(job, step)] = (n, step)
+            n += 1
+        if not pending:
+            return n
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            i, step = pending.pop(fut)
+            started, resp = fut.result()
+            finish(step, resp, i, started)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such scenario file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None

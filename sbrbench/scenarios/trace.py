@@ -1,0 +1,108 @@
+"""trace: replay a Mooncake-format JSONL trace (shared prefixes become shared token blocks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+from sbrbench.scenarios.base import REPO_ROOT, Param, Scenario, Step
+from sbrbench.targets import Request, Target, Turn
+from sbrbench.tracefile import TraceRecord, TraceTokens, iter_trace, session_of
+
+_WAVE = 64  # records materialised at a time (prompts of a full trace would not fit in memory)
+
+
+def resolve_trace(path: str) -> Path:
+    """A trace path as given, else relative to the repository root."""
+    if not path:
+        raise ConfigError("trace: no trace file; pass --set trace=PATH")
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+class Trace(Scenario):
+    name = "trace"
+    summary = "replay a Mooncake JSONL trace through the target"
+    PARAMS = {
+        "trace": Param(str, "JSONL trace file (relative paths: cwd, then the repo root)"),
+        "limit": Param(int, "first N records (0 = all)", 0),
+        "time_scale": Param(float, "arrival times x this factor (0 = as fast as possible)", 0),
+        "block_tokens": Param(int, "tokens per 512-token trace block (shrinks the trace)", 1),
+        "max_output_tokens": Param(int, "cap on generated tokens (0 = as in the trace)", 0),
+        "token_low": Param(int, "smallest token id used for prompt blocks", 0),
+        "token_high": Param(int, "token ids are < this (printable ASCII: 32..127)", 1),
+    }
+
+    def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
+        super().__init__(params, seed)
+        self.path = resolve_trace(params["trace"])
+        self.tokens = TraceTokens(
+            params["token_high"],
+            seed=seed,
+            low=params["token_low"],
+            block_tokens=params["block_tokens"],
+        )
+
+    @classmethod
+    def check_params(cls, p: dict[str, Any], where: str) -> None:
+        if p["token_low"] >= p["token_high"]:
+            raise ConfigError(f"{where}: 'token_low' must be < 'token_high'")
+
+    def prepare(self, target: Target) -> None:
+        vocab = getattr(target, "vocab_size", None)
+        if isinstance(vocab, int) and self.p["token_high"] > vocab:
+            raise ConfigError(
+                f"trace: token_high {self.p['token_high']} exceeds the target's vocab size {vocab}"
+            )
+        next(iter(self._records()))  # fail before the first request when the file is bad
+
+    def _records(self) -> Iterator[TraceRecord]:
+        limit = self.p["limit"]
+        any_rec = False
+        for k, rec in enumerate(iter_trace(self.path)):
+            if limit and k >= limit:
+                break
+            any_rec = True
+            yield rec
+        if not any_rec:
+            raise ConfigError(f"{self.path}: trace has no records")
+
+    def expected_requests(self) -> int | None:
+        return self.p["limit"] or None
+
+    def waves(self) -> Iterator[list[Step]]:
+        wave: list[Step] = []
+        t0: float | None = None
+        for k, rec in enumerate(self._records()):
+            t0 = rec.timestamp_ms if t0 is None else t0
+            wave.append(self._step(k, rec, t0))
+            if len(wave) >= _WAVE:
+                yield wave
+                wave = []
+        if wave:
+            yield wave
+
+    def _step(self, k: int, rec: TraceRecord, t0: float) -> Step:
+        ids = tuple(self.tokens.prompt(rec))
+        out = self.tokens.scaled(rec.output_length)
+        if self.p["max_output_tokens"]:
+            out = min(out, self.p["max_output_tokens"])
+        scale = self.p["time_scale"]
+        at = (rec.timestamp_ms - t0) / 1000.0 * scale if scale > 0 else None
+        req = Request(ids, (Turn("user", ids),), max(1, out), session_of(rec))
+        return Step(
+            req,
+            {
+                "phase": "prompt",
+                "conv": session_of(rec),
+                "record": k,
+                "trace_line": rec.line,
+                "blocks": len(rec.hash_ids),
+            },
+            at_s=at,
+        )

@@ -1,0 +1,270 @@
+"""`sbrbench compare`, `report` and `plot` on hand-made result, decay and other files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from sbrbench.cli_compare import build_report, parity_report
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
+from _runner_fakes import invoke  # noqa: E402
+
+
+def _result(path: Path, scenario: str, rows: list[dict], policy: str = "lru", **kw) -> Path:
+    doc = {
+        "schema": "sbrbench.result/v1",
+        "scenario": scenario,
+        "label": policy,
+        "engine": {"policy": policy, "preset": "tiny"},
+        "env": {"gpu": None},
+        "target": {"kind": "engine"},
+        "rows": rows,
+        "summary": {},
+        "partial": False,
+        **kw,
+    }
+    from sbrbench.stats import summarize_rows
+
+    doc["summary"] = summarize_rows(rows)
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _resume_rows(ttfts: list[float], replays: list[int]) -> list[dict]:
+    return [
+        {
+            "i": k,
+            "phase": "resume",
+            "cycle": k,
+            "depth": 1000 + k,
+            "ttft_s": t,
+            "replay_tokens": r,
+            "error": None,
+        }
+        for k, (t, r) in enumerate(zip(ttfts, replays, strict=True))
+    ]
+
+
+def test_compare_ratio_ci_and_p(tmp_path: Path) -> None:
+    a = _result(
+        tmp_path / "a.json",
+        "deep-resume",
+        _resume_rows([2.0, 2.2, 1.9, 2.1, 2.0], [3000, 3100, 3000, 3200, 3100]),
+        "forecast",
+    )
+    b = _result(
+        tmp_path / "b.json",
+        "deep-resume",
+        _resume_rows([0.2, 0.25, 0.2, 0.22, 0.21], [40, 16, 32, 48, 0]),
+        "tail-pin",
+    )
+    out = tmp_path / "cmp.json"
+    code, text = invoke(["compare", str(a), str(b), "--json", str(out)])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "sbrbench.compare/v1" and doc["scenario"] == "deep-resume"
+    rep = doc["phases"]["resume"]["replay_tokens"]
+    assert rep["ratio"] == pytest.approx(15400 / 136)
+    assert rep["ci95"][0] > 40 and rep["p_value"] < 0.05
+    ttft = doc["phases"]["resume"]["ttft_s"]
+    assert ttft["ratio"] == pytest.approx(10.2 / 1.08) and ttft["a"]["n"] == 5
+    assert doc["a"]["policy"] == "forecast" and doc["b"]["policy"] == "tail-pin"
+    assert "A/B" in text and "ci95" in text and "resume" in text
+    assert doc["parity"] is None
+
+
+def test_compare_user_errors(tmp_path: Path) -> None:
+    a = _result(tmp_path / "a.json", "deep-resume", _resume_rows([1.0], [1]))
+    rr = _result(tmp_path / "rr.json", "round-robin", _resume_rows([1.0], [1]))
+    empty_rows = _result(tmp_path / "e.json", "deep-resume", [])
+    (tmp_path / "corrupt.json").write_text('{"schema": "sbrbench.result/v1", "rows": [')
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "decay.json").write_text(json.dumps({"schema": "sbrbench.decay/v1", "summary": {}}))
+    (tmp_path / "other.json").write_text(json.dumps({"hello": 1}))
+    cases = [
+        (rr, "cannot compare a deep-resume result with a round-robin result"),
+        (tmp_path / "corrupt.json", "corrupt.json: not valid JSON (line 1"),
+        (tmp_path / "empty.json", "empty.json: empty file"),
+        (tmp_path / "missing.json", "missing.json: no such file"),
+        (empty_rows, "e.json: result has no rows"),
+        (tmp_path / "decay.json", "cannot compare a result file"),
+        (tmp_path / "other.json", "cannot compare a result file"),
+    ]
+    for b, msg in cases:
+        code, text = invoke(["compare", str(a), str(b)])
+        assert code == 2 and msg in text, (b, text)
+        assert "\n" not in text.strip()
+
+
+def _parity_rows(tokens: list[list[int]], digests: list[str], replays: list[int]) -> list[dict]:
+    return [
+        {
+            "i": k,
+            "phase": "prompt",
+            "ttft_s": 0.1,
+            "replay_tokens": r,
+            "tokens": t,
+            "logits_sha256": d,
+            "error": None,
+        }
+        for k, (t, d, r) in enumerate(zip(tokens, digests, replays, strict=True))
+    ]
+
+
+def test_parity_report_match_and_first_divergence() -> None:
+    a = _parity_rows([[1, 2, 3], [4, 5], [6, 7, 8], [9]], ["a", "b", "c", "d"], [0, 10, 20, 0])
+    same = parity_report(a, a)
+    assert same["token_match_rate"] == 1.0 and same["digest_match_rate"] == 1.0
+    assert same["first_divergence"] is None and same["replay_differs"] == 0
+    b = _parity_rows([[1, 2, 3], [4, 5], [6, 9, 8], [9, 1]], ["a", "b", "x", "d"], [0, 0, 20, 5])
+    rep = parity_report(a, b)
+    assert rep["requests"] == 4 and rep["token_match_rate"] == 0.5
+    assert rep["digest_match_rate"] == 0.75 and rep["first_digest_divergence"] == 2
+    assert rep["first_divergence"] == {"request": 2, "token": 1}
+    assert rep["replay_differs"] == 2
+    b[1]["error"] = "boom"
+    assert parity_report(a, b[:3])["errors"] == 1 and parity_report(a, b[:3])["only_in_a"] == 1
+
+
+def test_compare_parity_files(tmp_path: Path) -> None:
+    rows = _parity_rows([[1, 2], [3]], ["a", "b"], [0, 64])
+    a = _result(tmp_path / "a.json", "parity", rows, "forecast")
+    rows_b = _parity_rows([[1, 2], [3]], ["a", "b"], [0, 16])
+    b = _result(tmp_path / "b.json", "parity", rows_b, "tail-pin")
+    out = tmp_path / "c.json"
+    code, text = invoke(["compare", str(a), str(b), "--json", str(out)])
+    assert code == 0, text
+    par = json.loads(out.read_text())["parity"]
+    assert par["token_match_rate"] == 1.0 and par["digest_match_rate"] == 1.0
+    assert par["replay_differs"] == 1
+    assert "100.0%" in text
+
+
+def test_compare_decay_files(tmp_path: Path) -> None:
+    def decay(path: Path, med: float, cos: float) -> Path:
+        path.write_text(
+            json.dumps(
+                {
+                    "schema": "sbrbench.decay/v1",
+                    "heads": [{"layer": 0, "head": 0, "horizon_tokens": med}],
+                    "summary": {
+                        "median_horizon_tokens": med,
+                        "p90_horizon_tokens": 4 * med,
+                        "share_over_8192": 0.12,
+                        "note": "text is skipped",
+                    },
+                    "window": {"256": {"mean_cos": cos, "p10_cos": cos - 0.1}},
+                }
+            )
+        )
+        return path
+
+    a, b = decay(tmp_path / "a.json", 163.0, 0.9), decay(tmp_path / "b.json", 326.0, 0.8)
+    out = tmp_path / "c.json"
+    code, text = invoke(["compare", str(a), str(b), "--json", str(out)])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "decay"
+    assert doc["summary"]["median_horizon_tokens"] == {"a": 163.0, "b": 326.0, "ratio": 0.5}
+    assert "note" not in doc["summary"]
+    assert doc["window"]["256"]["a"]["mean_cos"] == 0.9
+    assert "window tau=256" in text
+
+
+def test_report_indexes_every_kind(tmp_path: Path) -> None:
+    _result(
+        tmp_path / "dr.json",
+        "deep-resume",
+        _resume_rows([1.5, 2.5], [300, 500]),
+        "forecast",
+        env={"gpu": "NVIDIA H100 80GB HBM3"},
+    )
+    sub = tmp_path / "gpu" / "deep"
+    sub.mkdir(parents=True)
+    _result(
+        sub / "rr.json",
+        "round-robin",
+        [{"i": 0, "phase": "round", "ttft_s": 0.5, "replay_tokens": 0}],
+        "tail-pin",
+        partial=True,
+    )
+    (tmp_path / "decay.json").write_text(
+        json.dumps(
+            {
+                "schema": "sbrbench.decay/v1",
+                "preset": "tiny",
+                "summary": {
+                    "median_horizon_tokens": 163,
+                    "p90_horizon_tokens": 900,
+                    "share_over_8192": 0.12,
+                },
+            }
+        )
+    )
+    (tmp_path / "sim.json").write_text(
+        json.dumps({"schema": "sbrbench.sim/v1", "summary": {"replay_vs_belady": 1.7}})
+    )
+    (tmp_path / "sim2.json").write_text(
+        json.dumps(
+            {
+                "schema": "sbrbench.sim/v1",
+                "summary": {
+                    "policies": {
+                        "lru": {"replay_tokens": 900, "replay_vs_belady": 3.0},
+                        "belady": {"replay_tokens": 300, "replay_vs_belady": 1.0},
+                    }
+                },
+            }
+        )
+    )
+    (tmp_path / "junk.json").write_text("{")
+    (tmp_path / "notours.json").write_text("{}")
+    code, text = invoke(["report", str(tmp_path)])
+    assert code == 0, text
+    md = (tmp_path / "README.md").read_text()
+    assert (
+        "| [dr.json](dr.json) | result | deep-resume | engine | forecast | tiny | NVIDIA H100" in md
+    )
+    assert "resume: TTFT mean 2 s" in md and "replay mean 400 tok" in md
+    assert "[gpu/deep/rr.json](gpu/deep/rr.json) (partial)" in md and "round: TTFT" in md
+    assert "median horizon 163 tok" in md and "share > 8192: 0.12" in md
+    assert "replay_vs_belady 1.7" in md and "lru 3x Belady, belady 1x Belady" in md
+    assert "junk.json" in md.split("Not indexed")[1] and "notours.json" in md
+    text, count, skipped = build_report(tmp_path)
+    assert count == 5 and len(skipped) == 2
+    code, text = invoke(["report", str(tmp_path / "nope")])
+    assert code == 2 and "not a directory" in text
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    a = _result(
+        tmp_path / "a.json", "deep-resume", _resume_rows([2.0, 2.1], [3000, 3100]), "forecast"
+    )
+    b = _result(tmp_path / "b.json", "deep-resume", _resume_rows([0.2, 0.3], [30, 10]), "tail-pin")
+    png = tmp_path / "p.png"
+    code, text = invoke(["plot", str(a), str(b), "--out", str(png)])
+    assert code == 0, text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rr = _result(
+        tmp_path / "rr.json",
+        "round-robin",
+        [
+            {
+                "i": k,
+                "phase": "round",
+                "round": k // 2,
+                "depth": 100 * k,
+                "ttft_s": 0.1,
+                "replay_tokens": 0,
+            }
+            for k in range(6)
+        ],
+    )
+    code, text = invoke(["plot", str(rr), "--out", str(tmp_path / "rr.png")])
+    assert code == 0 and (tmp_path / "rr.png").stat().st_size > 1000
+    code, text = invoke(["plot", str(tmp_path / "missing.json")])
+    assert code == 2 and "no such file" in text

@@ -1,0 +1,121 @@
+"""Result files: atomic rewrites, partial flag, env capture, loading errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from engine.errors import UserError
+from sbrbench import results
+from sbrbench.results import ResultWriter, file_kind, load_json, load_result
+
+
+def _row(i: int, phase: str = "build", **kw: object) -> dict:
+    return {"i": i, "phase": phase, "ttft_s": 0.1 * (i + 1), "replay_tokens": i, **kw}
+
+
+def test_writer_rewrites_after_every_row_and_marks_partial(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "r.json"
+    w = ResultWriter(out, {"scenario": "deep-resume", "label": "x"})
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "sbrbench.result/v1" and doc["partial"] is True and doc["rows"] == []
+    for i in range(3):
+        w.append(_row(i))
+        doc = json.loads(out.read_text())
+        assert len(doc["rows"]) == i + 1
+        assert doc["partial"] is True
+        assert doc["summary"]["build"]["ttft_s"]["n"] == i + 1
+    w.finish()
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is False and "finished" in doc and "stopped" not in doc
+    assert not list(out.parent.glob(".*.tmp")), "temp files must not be left behind"
+
+
+def test_writer_finish_partial_keeps_rows_and_reason(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    w = ResultWriter(out, {"scenario": "round-robin"})
+    w.append(_row(0, "round"))
+    w.finish(partial=True, reason="interrupted")
+    doc = load_result(out)
+    assert doc["partial"] is True and doc["stopped"] == "interrupted" and len(doc["rows"]) == 1
+
+
+def test_nan_and_inf_become_null(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    w = ResultWriter(out, {"scenario": "trace"})
+    w.append(_row(0, "prompt", extra=math.nan, other=(1, math.inf)))
+    w.finish()
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text)["rows"][0]
+    assert row["extra"] is None and row["other"] == [1, None]
+
+
+def test_throttled_writes_still_flush_on_finish(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(results, "THROTTLE_BYTES", 0)
+    monkeypatch.setattr(results, "THROTTLE_S", 3600.0)
+    out = tmp_path / "r.json"
+    w = ResultWriter(out, {"scenario": "trace"})
+    w.append(_row(0))  # first append after the header write is throttled
+    w.append(_row(1))
+    w.finish()
+    assert len(load_result(out)["rows"]) == 2
+
+
+def test_atomic_write_failure_leaves_old_file(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    results.write_json_atomic(out, {"schema": "x", "v": 1})
+    with pytest.raises(TypeError):
+        results.write_json_atomic(out, {"schema": "x", "v": object()})
+    assert json.loads(out.read_text())["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_env_capture_has_the_documented_keys() -> None:
+    env = results.capture_env()
+    for key in ("host", "python", "torch", "cuda", "gpu", "git_sha", "sbrbench"):
+        assert key in env
+    assert env["python"].count(".") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "msg"),
+    [
+        ("", "empty file"),
+        ("   \n", "empty file"),
+        ("{bad", "not valid JSON (line 1"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_load_json_errors_are_user_errors(tmp_path: Path, text: str, msg: str) -> None:
+    p = tmp_path / "f.json"
+    p.write_text(text)
+    with pytest.raises(UserError, match=msg.replace("(", r"\(")):
+        load_json(p)
+
+
+def test_load_result_checks_schema_and_rows(tmp_path: Path) -> None:
+    p = tmp_path / "f.json"
+    with pytest.raises(UserError, match="no such file"):
+        load_result(p)
+    p.write_text(json.dumps({"schema": "sbrbench.decay/v1"}))
+    with pytest.raises(UserError, match="not a result file"):
+        load_result(p)
+    p.write_text(json.dumps({"schema": "sbrbench.result/v1", "scenario": "x", "rows": {}}))
+    with pytest.raises(UserError, match="'rows' must be a list"):
+        load_result(p)
+
+
+def test_file_kind_and_paths() -> None:
+    assert file_kind({"schema": "sbrbench.result/v1"}) == "result"
+    assert file_kind({"schema": "sbrbench.decay/v1"}) == "decay"
+    assert file_kind({"schema": "other"}) == "unknown"
+    assert file_kind({}) == "unknown"
+    assert (
+        results.default_out("deep-resume", "tail-pin", "T").as_posix()
+        == "results/deep-resume-tail-pin-T.json"
+    )
+    assert results.sibling_out(Path("a/x.json"), "lru").as_posix() == "a/x-lru.json"

@@ -1,0 +1,353 @@
+"""Scenario definitions (TOML + --set), conversations, the runner and `sbrbench run`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
+from _runner_fakes import CacheOnlyTarget, FakeTarget, invoke, reply_tokens  # noqa: E402
+
+from engine.errors import ConfigError, UserError
+from sbrbench import cli_run
+from sbrbench.scenarios import (
+    SCENARIOS,
+    apply_sets,
+    load_config,
+    make_scenario,
+    run_scenario,
+    shipped_file,
+)
+from sbrbench.stats import metric_values
+
+SMALL = {
+    "deep-resume": [
+        "depth=600",
+        "system_tokens=32",
+        "pressure=3",
+        "pressure_tokens=70",
+        "cycles=2",
+        "reply_tokens=4",
+    ],
+    "round-robin": ["convs=3", "rounds=2", "first_tokens=40", "reply_tokens=4"],
+    "parity": ["convs=2", "turns=2", "first_tokens=40", "pressure=2", "reply_tokens=4"],
+    "trace": ["limit=5", "block_tokens=8"],
+}
+
+
+def _write_toml(tmp_path: Path, name: str, edit) -> Path:
+    doc = tomllib.loads(shipped_file(name).read_text())
+    edit(doc)
+    lines = [f'scenario = "{doc.pop("scenario")}"']
+    if "description" in doc:
+        lines.append(f"description = {json.dumps(doc.pop('description'))}")
+    for key, value in doc.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for table, body in doc.items():
+        if isinstance(body, dict):
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    p = tmp_path / f"{name}.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+# ----------------------------------------------------------------------------- TOML
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_shipped_scenarios_load_and_match_the_declared_params(name: str) -> None:
+    cfg = load_config(name)
+    assert set(cfg.params) == set(SCENARIOS[name].PARAMS)
+    assert cfg.engine["snapshot_slots"] >= 1
+    assert make_scenario(cfg, 0).expected_requests() != 0
+
+
+def test_deep_resume_default_pool_is_16_slots() -> None:
+    assert load_config("deep-resume").engine["snapshot_slots"] == 16
+
+
+@pytest.mark.parametrize(
+    ("edit", "msg"),
+    [
+        (lambda d: d["params"].pop("depth"), "missing key 'depth'"),
+        (lambda d: d["params"].update(depht=3), "unknown key 'depht'"),
+        (lambda d: d["params"].update(depth="3000"), "'depth' must be an integer"),
+        (lambda d: d["params"].update(depth=30.5), "'depth' must be an integer"),
+        (lambda d: d["params"].update(cycles=-1), "'cycles' must be >= 1"),
+        (lambda d: d["params"].update(pressure=-3), "'pressure' must be >= 0"),
+        (lambda d: d["params"].update(tool_share=1.5), "'tool_share' must be <= 1"),
+        (lambda d: d["params"].update(user_min=500), "'user_min' (500) is larger than"),
+        (lambda d: d["engine"].update(snapshot_slots=True), "'snapshot_slots' must be an integer"),
+        (lambda d: d["engine"].pop("policy"), "missing key 'policy'"),
+        (lambda d: d.pop("engine"), "missing table [engine]"),
+        (lambda d: d.update(scenario="parity"), "'scenario' must be 'deep-resume'"),
+        (lambda d: d.update(extra=1), "unknown key 'extra'"),
+    ],
+)
+def test_toml_validation_errors(tmp_path: Path, edit, msg: str) -> None:
+    p = _write_toml(tmp_path, "deep-resume", edit)
+    with pytest.raises(ConfigError) as e:
+        load_config("deep-resume", p)
+    assert msg in str(e.value) and str(p) in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_toml_syntax_error_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("scenario = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config("deep-resume", p)
+    with pytest.raises(ConfigError, match="no such scenario file"):
+        load_config("deep-resume", tmp_path / "nope.toml")
+    with pytest.raises(UserError, match="unknown scenario 'deep'"):
+        load_config("deep")
+
+
+def test_set_overrides_are_typed_and_checked() -> None:
+    cfg = load_config(
+        "deep-resume",
+        sets=["depth=24_000", "tool_share=0.25", "engine.snapshot_slots=8", "engine.policy=lru"],
+    )
+    assert cfg.params["depth"] == 24000 and cfg.params["tool_share"] == 0.25
+    assert cfg.engine["snapshot_slots"] == 8 and cfg.engine["policy"] == "lru"
+    rr = load_config("round-robin", sets=["shared_system=false"])
+    assert rr.params["shared_system"] is False
+    cases = [
+        ("depht=3", "--set depht: unknown key for deep-resume"),
+        ("depth=deep", "--set depth: expected an integer, got 'deep'"),
+        ("depth=-5", "'depth' must be >= 1"),
+        ("engine.slots=3", "--set engine.slots: unknown key"),
+        ("depth", "expected KEY=VALUE"),
+        ("user_min=999", "'user_min' (999) is larger than 'user_max'"),
+    ]
+    for item, msg in cases:
+        with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            apply_sets(load_config("deep-resume"), [item])
+    with pytest.raises(UserError, match="expected true or false"):
+        apply_sets(rr, ["shared_system=maybe"])
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def _all_requests(name: str, seed: int = 0) -> list:
+    target = FakeTarget()
+    run_scenario(make_scenario(load_config(name, sets=SMALL[name]), seed), target, lambda r: None)
+    return target.sent
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_scenarios_are_deterministic_from_the_seed(name: str) -> None:
+    a, b = _all_requests(name, 1), _all_requests(name, 1)
+    assert [r.prompt_ids for r in a] == [r.prompt_ids for r in b]
+    if name != "trace":
+        assert [r.prompt_ids for r in a] != [r.prompt_ids for r in _all_requests(name, 2)]
+    assert all(0 <= t < 256 for r in a for t in r.prompt_ids)
+
+
+def test_each_turn_extends_the_previous_prompt_and_reply() -> None:
+    sent = [r for r in _all_requests("deep-resume") if r.session == "deep-0"]
+    assert len(sent) >= 4
+    for prev, cur in zip(sent, sent[1:], strict=False):
+        grown = prev.prompt_ids + tuple(reply_tokens(prev.prompt_ids, prev.max_tokens))
+        assert cur.prompt_ids[: len(grown)] == grown
+        assert len(cur.messages) > len(prev.messages)
+    roles = {t.role for r in sent for t in r.messages}
+    assert {"system", "user", "tool", "assistant"} <= roles
+
+
+def test_deep_resume_phases_and_depth() -> None:
+    cfg = load_config("deep-resume", sets=SMALL["deep-resume"])
+    rows: list[dict] = []
+    run_scenario(make_scenario(cfg, 0), FakeTarget(), rows.append)
+    phases = [r["phase"] for r in rows]
+    builds = [r for r in rows if r["phase"] == "build"]
+    assert builds[-1]["depth"] >= 600 and all(r["depth"] < 600 for r in builds[:-1])
+    assert phases.count("pressure") == 6 and phases.count("resume") == 2
+    assert [r["cycle"] for r in rows if r["phase"] == "resume"] == [0, 1]
+    assert [r["i"] for r in rows] == list(range(len(rows)))
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def test_target_errors_and_exceptions_become_row_errors() -> None:
+    cfg = load_config("round-robin", sets=SMALL["round-robin"])
+    rows: list[dict] = []
+    out = run_scenario(make_scenario(cfg, 0), FakeTarget(fail={1}, raise_on={3}), rows.append)
+    assert out.rows == 6 and out.errors == 2 and not out.interrupted
+    assert rows[1]["error"] == "fake failure at request 1"
+    assert rows[3]["error"] == "RuntimeError: boom at request 3"
+    assert all(r["error"] is None for k, r in enumerate(rows) if k not in (1, 3))
+
+
+def test_concurrent_waves_record_every_row() -> None:
+    cfg = load_config("round-robin", sets=["convs=5", "rounds=3", "first_tokens=30"])
+    rows: list[dict] = []
+    out = run_scenario(make_scenario(cfg, 0), FakeTarget(concurrency=3), rows.append, concurrency=3)
+    assert out.rows == 15 and sorted(r["i"] for r in rows) == list(range(15))
+    # conversations still grow in order: every round-2 prompt is longer than its round-0 one
+    by = {(r["conv"], r["round"]): r["depth"] for r in rows}
+    assert all(by[(c, 2)] > by[(c, 0)] for c in range(5))
+
+
+def test_deep_resume_headline_forecast_strands_tail_pin_does_not() -> None:
+    """The CPU default on engine.cache decisions: resume replay >= 5x lower with tail-pin."""
+    cfg = load_config("deep-resume")
+    means = {}
+    for pol in ("forecast", "tail-pin"):
+        rows: list[dict] = []
+        t = CacheOnlyTarget(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
+        run_scenario(make_scenario(cfg, 0), t, rows.append)
+        means[pol] = metric_values(rows, "resume", "replay_tokens").mean()
+    assert means["forecast"] >= 5 * max(means["tail-pin"], 1.0)
+
+
+def test_parity_stream_makes_policies_choose_differently() -> None:
+    cfg = load_config("parity")
+    runs = {}
+    for pol in ("forecast", "tail-pin"):
+        rows: list[dict] = []
+        t = CacheOnlyTarget(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
+        run_scenario(make_scenario(cfg, 0), t, rows.append)
+        runs[pol] = rows
+    diff = sum(
+        a["replay_tokens"] != b["replay_tokens"]
+        for a, b in zip(runs["forecast"], runs["tail-pin"], strict=True)
+    )
+    assert diff >= 3
+
+
+# ----------------------------------------------------------------------------- `sbrbench run`
+
+
+@pytest.fixture
+def fake_targets(monkeypatch):
+    made: list[FakeTarget] = []
+    opts: dict = {}
+
+    def make(args, spec):
+        t = FakeTarget(**opts)
+        t.engine_info = lambda: {"policy": spec.policy, "preset": "none"}  # type: ignore
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(cli_run, "make_target", make)
+    return made, opts
+
+
+def test_run_cli_two_policies_writes_siblings_and_compares(tmp_path: Path, fake_targets) -> None:
+    made, _ = fake_targets
+    out = tmp_path / "rr.json"
+    code, text = invoke(
+        [
+            "run",
+            "round-robin",
+            "--policy",
+            "forecast,tail-pin",
+            "--out",
+            str(out),
+            "--no-progress",
+            *sum((["--set", s] for s in SMALL["round-robin"]), []),
+        ]
+    )
+    assert code == 0, text
+    for pol in ("forecast", "tail-pin"):
+        doc = json.loads((tmp_path / f"rr-{pol}.json").read_text())
+        assert doc["partial"] is False and len(doc["rows"]) == 6
+        assert doc["engine"]["policy"] == pol and doc["params"]["convs"] == 3
+        assert doc["params"]["seed"] == 0 and doc["env"]["python"]
+        assert doc["summary"]["round"]["ttft_s"]["n"] == 6
+    assert "A/B" in text and "ci95" in text and len(made) == 2 and all(t.closed for t in made)
+
+
+def test_interrupted_run_keeps_finished_rows_as_partial(tmp_path: Path, fake_targets) -> None:
+    _, opts = fake_targets
+    opts["interrupt_after"] = 4
+    out = tmp_path / "dr.json"
+    code, text = invoke(
+        [
+            "run",
+            "deep-resume",
+            "--policy",
+            "forecast",
+            "--out",
+            str(out),
+            "--no-progress",
+            *sum((["--set", s] for s in SMALL["deep-resume"]), []),
+        ]
+    )
+    assert code == 130
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and doc["stopped"] == "interrupted"
+    assert [r["i"] for r in doc["rows"]] == [0, 1, 2, 3]
+    assert sum(s["ttft_s"]["n"] for s in doc["summary"].values()) == 4
+
+
+def test_run_cli_user_errors(tmp_path: Path, fake_targets) -> None:
+    cases = [
+        (["run", "nope"], "unknown scenario 'nope'"),
+        (["run", "parity", "--set", "turns=x"], "--set turns: expected an integer"),
+        (["run", "parity", "--target", "ftp"], "--target must be one of"),
+        (["run", "parity", "--policy", "lru,lru"], "listed twice"),
+        (["run", "parity", "--policy", "nosuch"], "unknown policy 'nosuch'"),
+        (["run", "parity", "--snapshot-budget", "lots"], "cannot read size 'lots'"),
+        (["run", "parity", "--target", "http"], "--target http needs --base-url"),
+        (
+            ["run", "parity", "--target", "http", "--base-url", "http://x", "--policy", "a,b"],
+            "needs --target engine or sim",
+        ),
+        (["run", "trace", "--set", "trace=/nonexistent.jsonl"], "cannot open trace"),
+    ]
+    for args, msg in cases:
+        code, text = invoke([*args, "--out", str(tmp_path / "x.json"), "--no-progress"])
+        assert code == 2 and msg in text, (args, text)
+
+
+def test_sim_target_not_built_is_a_user_error(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sbrbench.sim" else real(name, *a),
+    )
+    with pytest.raises(UserError, match="not built yet"):
+        cli_run.load_sim_target()
+
+
+def test_error_mid_run_keeps_rows_and_says_why(tmp_path: Path, fake_targets) -> None:
+    trace = tmp_path / "t.jsonl"
+    good = '{"timestamp": %d, "input_length": 700, "output_length": 3, "hash_ids": [0, %d]}'
+    lines = [good % (k, k + 1) for k in range(69)] + ["{broken"]
+    trace.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "tr.json"
+    code, text = invoke(
+        [
+            "run",
+            "trace",
+            "--policy",
+            "lru",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            f"trace={trace}",
+            "--set",
+            "limit=0",
+            "--set",
+            "block_tokens=8",
+        ]
+    )
+    assert code == 2 and "t.jsonl:70: not valid JSON" in text
+    doc = json.loads(out.read_text())
+    assert doc["partial"] is True and "t.jsonl:70" in doc["stopped"]
+    assert len(doc["rows"]) == 64  # the first wave was sent before the bad line was read
+    assert doc["rows"][5]["conv"] == "t6" and doc["rows"][5]["trace_line"] == 6
