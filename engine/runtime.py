@@ -331,8 +331,9 @@ class Engine:
 
         full = prompt + out
         if plan is not None:
-            if finish != "cancelled":
-                self._finalize(plan, full, g0, grid_state, kv, pages)
+            # Also after a cancel (a stop string, a client gone): the tokens generated so far
+            # are valid, and the next turn may match through them.
+            self._finalize(plan, full, g0, grid_state, kv, pages)
             self.cm.finish(plan, full)
         t_end = self.clock.now()
         st = RequestStats(
@@ -428,6 +429,7 @@ def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> in
     if p.top_p < 1.0:
         sp, si = torch.sort(probs, descending=True)
         keep = sp.cumsum(0) - sp < p.top_p
+        keep[0] = True  # the most likely token always survives, however small top_p is
         probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
     return int(torch.multinomial(probs, 1, generator=gen).item())
 

@@ -19,7 +19,9 @@ def serve(
         None, "--checkpoint", help="HF checkpoint dir (overrides --preset)."
     ),
     policy: str = typer.Option("lru", "--policy", help="Snapshot eviction policy."),
-    tail_pin_k: int = typer.Option(8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."),
+    tail_pin_k: int = typer.Option(
+        8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."
+    ),
     snapshot_slots: int = typer.Option(16, "--snapshot-slots", help="Snapshot pool slots."),
     snapshot_budget: str | None = typer.Option(
         None, "--snapshot-budget", help="Snapshot pool bytes (2GiB, 512MB; default: slots decide)."
@@ -37,7 +39,9 @@ def serve(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
     model_name: str | None = typer.Option(
-        None, "--model-name", help="Model id in /v1/models [the preset or checkpoint dir name]."
+        None,
+        "--model-name",
+        help="Model id in /v1/models (default: the preset or checkpoint dir name).",
     ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
@@ -70,5 +74,12 @@ def serve(
     )
     name = model_name or (checkpoint.resolve().name if checkpoint else preset)
     typer.secho(f"sbrbench serve: {name} on http://{host}:{port}/v1 (policy {policy})", err=True)
-    run_server(target.engine, model_name=name, host=host, port=port, max_queue=max_queue,
-               default_max_tokens=default_max_tokens, log_level=log_level)
+    run_server(
+        target.engine,
+        model_name=name,
+        host=host,
+        port=port,
+        max_queue=max_queue,
+        default_max_tokens=default_max_tokens,
+        log_level=log_level,
+    )
