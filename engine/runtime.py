@@ -189,9 +189,9 @@ class Engine:
         cfg = preset(name)
         dt = _dtype(dtype)
         dev = _device(device)
-        model = HybridModel(cfg)
+        model = HybridModel(cfg).to(device=dev)  # init where it runs: seconds, not minutes
         init_random(model, seed)
-        model = model.to(device=dev, dtype=dt)
+        model = model.to(dtype=dt)
         tok = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
         return cls(model, tok, dev, dt, cache, source=f"preset:{name}", seed=seed)
 

@@ -18,26 +18,28 @@ INDEX = "model.safetensors.index.json"
 
 
 def init_random(model: HybridModel, seed: int) -> None:
-    """Seeded init, independent of device: N(0, 0.02) matrices, HF-style GDN decay params."""
-    gen = torch.Generator().manual_seed(seed)
+    """Seeded init on the model's device (a CPU and a CUDA init of one seed differ):
+    N(0, 0.02) matrices, HF-style GDN decay parameters."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if name.endswith("A_log"):
-                a = torch.empty(p.shape).uniform_(1.0, 16.0, generator=gen)
+                a = torch.empty(p.shape, device=dev).uniform_(1.0, 16.0, generator=gen)
                 p.copy_(torch.log(a))
             elif name.endswith("dt_bias"):
                 # inverse-softplus of dt ~ logU(1e-3, 1e-1), as Mamba2/GDN initialise it
-                dt = torch.exp(torch.empty(p.shape).uniform_(math.log(1e-3), math.log(1e-1),
-                                                             generator=gen))
+                lo, hi = math.log(1e-3), math.log(1e-1)
+                dt = torch.exp(torch.empty(p.shape, device=dev).uniform_(lo, hi, generator=gen))
                 p.copy_(dt + torch.log(-torch.expm1(-dt)))
             elif name.endswith("norm.weight") and ".linear_attn." in name:
                 p.fill_(1.0)
             elif "norm" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen, device=dev) * 0.05)
             elif name.endswith("conv1d.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen, device=dev) * 0.3)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen, device=dev) * 0.02)
 
 
 def _canonical(name: str) -> str:
