@@ -13,16 +13,16 @@ else
 fi
 S="python3 -m sbrbench.cli"
 part=${1:-all}
-M="--preset a3b-proxy --device cuda --dtype bfloat16 --snapshot-slots 16 --no-progress"
+M="--preset a3b-proxy --device cuda --dtype bfloat16 --no-progress"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 run() { echo "+ $*"; "$@" 2>&1 | tail -25; }
 if [ "$part" = all ] || [ "$part" = scenarios ]; then
   for pol in forecast tail-pin adaptive; do
-    run $S run deep-resume $M --policy $pol --set depth=24000 --set pressure=64 \
+    run $S run deep-resume $M --snapshot-slots 16 --policy $pol --set depth=24000 --set pressure=64 \
       --set cycles=5 --out "$OUT/deep-resume-$pol.json"
   done
   for pol in forecast tail-pin adaptive; do
-    run $S run round-robin $M --policy $pol --set convs=8 --set rounds=10 \
+    run $S run round-robin $M --snapshot-slots 16 --policy $pol --set convs=8 --set rounds=10 \
       --out "$OUT/round-robin-$pol.json"
   done
   for pol in forecast tail-pin; do
