@@ -1,3 +1,3 @@
-"""A minimal hybrid (Gated DeltaNet + gated attention) inference engine with an exact prefix cache."""
+"""A minimal hybrid (Gated DeltaNet + attention) inference engine with an exact prefix cache."""
 
 __version__ = "0.1.0"

@@ -13,6 +13,8 @@ from engine.kernels import ops
 from engine.kernels.reference import conv_state_after
 from engine.model.norm import GatedRMSNorm
 
+StatePair = tuple[torch.Tensor, torch.Tensor]  # (recurrent state, conv state)
+
 
 class GDNTrace(NamedTuple):
     """Per-token GDN inputs of one layer (for decay forensics): k l2-normalised, heads expanded."""
@@ -79,7 +81,7 @@ class GatedDeltaNet(nn.Module):
     def forward_window(
         self, x: torch.Tensor, state: torch.Tensor, conv: torch.Tensor, lo: int, hi: int,
         capture: set[int],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, tuple[torch.Tensor, ...]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, StatePair]]:
         """One aligned window. x: [T, hidden] (rows outside [lo, hi) are padding);
         state [HV, K, V] fp32 and conv [W-1, conv_dim] at row lo.
         Returns (out [T, hidden], state at hi, conv at hi, {row: (state, conv)} for rows in

@@ -35,6 +35,12 @@ class RecurrentState:
 
 
 class DecoderLayer(nn.Module):
+    linear_attn: GatedDeltaNet
+    self_attn: GatedAttention
+    input_layernorm: RMSNorm
+    post_attention_layernorm: RMSNorm
+    mlp: MLP
+
     def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
         self.kind = cfg.layer_types[i]
@@ -48,6 +54,9 @@ class DecoderLayer(nn.Module):
 
 
 class _Backbone(nn.Module):
+    embed_tokens: nn.Embedding
+    norm: RMSNorm
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -61,6 +70,7 @@ class HybridModel(nn.Module):
         self.cfg = cfg
         self.model = _Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decoder: list[DecoderLayer] = list(self.model.layers)  # type: ignore[arg-type]
         self.gdn_index = {li: j for j, li in enumerate(cfg.gdn_layers)}
         self.attn_index = {li: j for j, li in enumerate(cfg.attn_layers)}
 
@@ -80,6 +90,9 @@ class HybridModel(nn.Module):
                  torch.zeros(cap, c.num_key_value_heads, c.head_dim, dtype=dtype, device=device))
                 for _ in c.attn_layers]
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)  # type: ignore[no-any-return]
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
 
@@ -94,12 +107,12 @@ class HybridModel(nn.Module):
         state at e0 + hi, {absolute grid pos: state} for window rows in `capture`)."""
         t = ids.shape[0]
         dev = ids.device
-        x = self.model.embed_tokens(ids)
+        x = self.embed(ids)
         pos = torch.arange(e0, e0 + t, device=dev)
         cos, sin = rope_cos_sin(self.cfg, pos, x.dtype)
         ssm_out, conv_out = [], []
         caps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in capture}
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.decoder):
             hn = layer.input_layernorm(x)
             if layer.kind == "linear_attention":
                 j = self.gdn_index[i]
@@ -125,10 +138,10 @@ class HybridModel(nn.Module):
              kv: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, RecurrentState]:
         """Decode one token at absolute position pos; returns (hidden [1, hidden], new state)."""
         dev = state.ssm.device
-        x = self.model.embed_tokens(torch.tensor([token], device=dev))
+        x = self.embed(torch.tensor([token], device=dev))
         cos, sin = rope_cos_sin(self.cfg, torch.tensor([pos], device=dev), x.dtype)
         ssm, conv = [], []
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(self.decoder):
             hn = layer.input_layernorm(x)
             if layer.kind == "linear_attention":
                 j = self.gdn_index[i]
@@ -147,13 +160,12 @@ class HybridModel(nn.Module):
     def trace_gdn(self, ids: torch.Tensor, window: int = 64) -> list[GDNTrace]:
         """Run ids cold and return every GDN layer's per-token (q, k, v, g, beta)."""
         dev = ids.device
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.lm_head.weight.dtype
         n = ids.shape[0]
         state = self.zero_state(dev, dtype)
         cap = -(-n // window) * window
         kv = self.kv_buffers(cap, dev, dtype)
-        gdns = [layer.linear_attn for layer in self.model.layers
-                if layer.kind == "linear_attention"]
+        gdns = [layer.linear_attn for layer in self.decoder if layer.kind == "linear_attention"]
         for m in gdns:
             m.record = []
         try:
