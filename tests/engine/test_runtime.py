@@ -139,3 +139,18 @@ def test_checkpoint_errors(tmp_path: Path) -> None:
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ConfigError, match="lacks"):
         Engine.from_checkpoint(tmp_path)
+
+
+def test_checkpoint_tokenizer_json(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|im_end|>": 0, "hello": 1, "world": 2, "[UNK]": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    eng = Engine.from_preset("tiny")
+    save_checkpoint(eng.model, tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    back = Engine.from_checkpoint(tmp_path)
+    assert back.tokenizer.encode("hello world") == [1, 2]
+    assert back.tokenizer.decode([2, 1]).split() == ["world", "hello"]
+    assert back.tokenizer.eos_id == 257  # config's eos_token_id wins over the name lookup
