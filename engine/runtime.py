@@ -60,7 +60,7 @@ def parse_bytes(text: str | int) -> int:
 class EngineCacheArgs:
     """Prefix-cache settings of an engine (what `--policy`, `--snapshot-*` flags set)."""
 
-    policy: str = "forecast"
+    policy: str = "adaptive"
     policy_opts: dict[str, Any] = field(default_factory=dict)
     snapshot_slots: int | None = 16
     snapshot_budget_bytes: int | None = None  # overrides snapshot_slots when set

@@ -18,7 +18,7 @@ def serve(
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="HF checkpoint dir (overrides --preset)."
     ),
-    policy: str = typer.Option("lru", "--policy", help="Snapshot eviction policy."),
+    policy: str = typer.Option("adaptive", "--policy", help="Snapshot eviction policy."),
     tail_pin_k: int = typer.Option(
         8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."
     ),

@@ -146,7 +146,7 @@ def parse_bytes(text: str) -> int:
 class CacheSpec:
     """Cache settings from the CLI and the scenario's [engine] table; 0/None = engine default."""
 
-    policy: str = "lru"
+    policy: str = "adaptive"
     tail_pin_k: int = 8
     marconi_alpha: float | None = None
     snapshot_slots: int = 16

@@ -1,22 +1,27 @@
-"""The `adaptive` snapshot policy: evict the snapshot whose loss costs the least expected replay.
+"""The `adaptive` snapshot policy: evict the snapshot whose loss costs the least expected replay
+per request of residence (a GreedyDual-style rate), learned online from the session table.
 
-Rule, for every evictable snapshot e of session S:
+Rule, for every evictable snapshot e of session S (n requests so far, idle requests since its
+last one, tau = its own mean gap between requests, or the global mean for a 1-request session):
 
-    value(e) = P(S resumes) * gap(e) * (1 if e is the deepest snapshot on its path else delta)
-    gap(e)   = e.pos - pos of the next shallower live snapshot on e's path (0 if none)
-    P(S)     = prior(S) / (1 + idle(S) / tau(S))          (a heavy-tailed return hazard)
+    value(e) = max(P(S), F(e)) * gap(e) * (1 if no deeper snapshot of S on e's path else delta)
+    P(S)     = surv(n) / (tau + idle)        expected uses per request (heavy-tailed hazard)
+    surv(n)  = P(a session with n requests gets another), counted over past sessions; censored:
+               a session counts as ended only once idle > 8x the mean gap
+    F(e)     = hits on e by *other* sessions / requests since e was admitted (shared prefixes)
+    gap(e)   = e.pos - pos of the next shallower live snapshot on e's path (any session), or 0
 
-prior is 1 for a session that has resumed before, and for a fresh session the rate at which
-fresh sessions have come back so far (learned online, smoothed). tau is the session's own mean
-gap between requests (in requests), or the mean gap of resumed sessions for a fresh one. Evict
-min value (ties: older, then shallower). A new snapshot worth less than every candidate is not
-admitted. Both regimes of the write-up fall out of it: a deep idle conversation keeps its tail
-against one-shot pressure (its prior is 1, theirs tends to 0), and in balanced round-robin every
-conversation keeps its deepest snapshot while the dominated shallower ones go first.
+Evict min value (ties: older, then shallower); when the pool is full, a newcomer worth less than
+the victim is not admitted (Policy.should_admit). A deep idle conversation keeps its tail under
+one-shot pressure (surv(1) of one-shots -> 0), in round-robin each conversation keeps its deepest
+(the dominated ladder goes first), and a shared system-prompt snapshot lives on its hit rate.
+The options (surv, rate, freq, censor, foreign) switch parts off for ablations (results/sim/
+ADAPTIVE.md); all on is the rule above.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from engine.cache.policies import POLICIES, Policy
@@ -24,7 +29,7 @@ from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.cache.radix import RadixNode
-    from engine.cache.snapshots import SnapshotEntry
+    from engine.cache.snapshots import SessionInfo, SnapshotEntry
 
 
 def _on_path(shallow: RadixNode, deep: RadixNode) -> bool:
@@ -41,21 +46,72 @@ class Adaptive(Policy):
     name = "adaptive"
 
     def __init__(self, delta: float = 0.05, admit_control: bool = True,
+                 surv: bool = True, rate: bool = True, freq: bool = True,
+                 surv_a: float = 0.5, surv_b: float = 1.0, freq_w: float = 1.0,
+                 censor: bool = True, horizon: float = 8.0, foreign: bool = True,
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0) -> None:
         super().__init__()
         if not 0 <= delta <= 1:
             raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
         self.delta = float(delta)
         self.admit_control = bool(admit_control)
+        self.surv = bool(surv)
+        self.rate = bool(rate)
+        self.freq = bool(freq)
+        self.surv_a = float(surv_a)
+        self.surv_b = float(surv_b)
+        self.freq_w = float(freq_w)
+        self.censor = bool(censor)
+        self.foreign = bool(foreign)
+        self._foreign: dict[int, int] = {}
+        self._current: str | None = None
+        self.horizon = float(horizon)
+        self._dead: list[int] = [0]
+        self._counted: dict[str, int] = {}
+        self._idle_q: deque[tuple[int, str]] = deque()
         # Accepted so the engine can pass its FLOP model as to marconi; value is in tokens.
         self._flops = (flops_per_token, attn_flops_coeff)
         self._seen: set[str] = set()
         self._returned: set[str] = set()
+        self._reach: list[int] = [0]  # _reach[n]: sessions that reached >= n requests
+        self._gap_sum = 0.0  # sum and count of inter-request gaps of continued sessions
+        self._gap_n = 0
 
     def options(self) -> dict[str, Any]:
-        return {"delta": self.delta, "admit_control": self.admit_control}
+        return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
+                "rate": self.rate, "freq": self.freq, "censor": self.censor,
+                "horizon": self.horizon}
 
     # ---- session statistics ----------------------------------------------------------------
+    def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
+        """Called by the manager for every request, after the session table recorded it."""
+        n = info.requests
+        while len(self._reach) <= n + 1:
+            self._reach.append(0)
+            self._dead.append(0)
+        self._reach[n] += 1
+        if prev_tick is not None:
+            self._gap_sum += tick - prev_tick
+            self._gap_n += 1
+        self._current = info.name
+        was = self._counted.pop(info.name, None)
+        if was is not None:  # declared dead too early: it came back
+            self._dead[was] -= 1
+        self._idle_q.append((tick, info.name))
+        self._reap(tick)
+
+    def _reap(self, tick: int) -> None:
+        """Sessions idle for longer than the horizon count as ended (censoring: the others with
+        the same request count are still unknown and do not count against survival)."""
+        h = self.horizon * max(1.0, self._gap_sum / self._gap_n if self._gap_n else 1.0)
+        q = self._idle_q
+        while q and q[0][0] + h < tick:
+            last, name = q.popleft()
+            info = self.sessions.get(name) if self.sessions is not None else None
+            if info is not None and info.last_tick == last and name not in self._counted:
+                self._counted[name] = info.requests
+                self._dead[info.requests] += 1
+
     def _note(self, session: str) -> None:
         self._seen.add(session)
         info = self.sessions.get(session) if self.sessions is not None else None
@@ -67,30 +123,64 @@ class Adaptive(Policy):
 
     def on_hit(self, entry: SnapshotEntry, tick: int) -> None:
         self._note(entry.session)
+        if self._current is not None and self._current != entry.session:
+            self._foreign[entry.id] = self._foreign.get(entry.id, 0) + 1
+
+    def on_evict(self, entry: SnapshotEntry, tick: int) -> None:
+        self._foreign.pop(entry.id, None)
 
     def _fresh_prior(self) -> float:
         return (len(self._returned) + 0.5) / (len(self._seen) + 1.0)
+
+    def _survival(self, n: int) -> float:
+        """P(a session with n requests gets another), from the sessions seen so far."""
+        r = self._reach
+        more = r[n + 1] if n + 1 < len(r) else 0
+        if self.censor:
+            dead = self._dead[n] if n < len(self._dead) else 0
+            return (more + self.surv_a) / (more + dead + self.surv_b)
+        have = r[n] if n < len(r) else 0
+        return (more + self.surv_a) / (have + self.surv_b)
 
     def _return_prob(self, session: str, tick: int, tau_fresh: float) -> float:
         info = self.sessions.get(session) if self.sessions is not None else None
         if info is None:
             return self._fresh_prior()
-        if info.continuations > 0:
-            prior = 1.0
+        if info.requests > 1:
             tau = max(1.0, (info.last_tick - info.first_tick) / max(1, info.requests - 1))
         else:
-            prior = self._fresh_prior()
             tau = tau_fresh
+        if self.surv:
+            prior = self._survival(info.requests)
+        elif info.continuations > 0:
+            prior = 1.0
+        else:
+            prior = self._fresh_prior()
         idle = max(0, tick - info.last_tick)
+        if self.rate:
+            return prior / (tau + idle)
         return prior / (1.0 + idle / tau)
 
     def _tau_fresh(self) -> float:
+        if self.surv:
+            return max(1.0, self._gap_sum / self._gap_n) if self._gap_n else 1.0
         gaps = []
         for name in self._returned:
             info = self.sessions.get(name) if self.sessions is not None else None
             if info is not None and info.requests > 1:
                 gaps.append((info.last_tick - info.first_tick) / (info.requests - 1))
         return max(1.0, sum(gaps) / len(gaps)) if gaps else 1.0
+
+    def _freq(self, e: SnapshotEntry, tick: int) -> float:
+        """Observed use rate of e as an anchor (hits per request since admission)."""
+        hits = self._foreign.get(e.id, 0) if self.foreign else e.hit_count
+        if not self.freq or hits == 0:
+            return 0.0
+        rate = hits / max(1, tick - e.created)
+        if not self.rate:
+            rate *= max(1, tick - e.created)  # hit count, in the "probability" scale
+            rate = min(1.0, rate)
+        return self.freq_w * rate
 
     # ---- values ------------------------------------------------------------------------------
     def values(self, entries: list[SnapshotEntry], tick: int) -> dict[int, float]:
@@ -108,12 +198,21 @@ class Adaptive(Policy):
             for i, e in enumerate(live):
                 if e.id not in wanted:
                     continue
-                below = next((x.pos for x in reversed(live[:i]) if _on_path(x.node, e.node)), 0)
+                below = self._below(e)
                 deeper = any(_on_path(e.node, x.node) for x in live[i + 1:])
                 if session not in prob:
                     prob[session] = self._return_prob(session, tick, tau_fresh)
-                out[e.id] = prob[session] * (e.pos - below) * (self.delta if deeper else 1.0)
+                p = max(prob[session], self._freq(e, tick))
+                out[e.id] = p * (e.pos - below) * (self.delta if deeper else 1.0)
         return out
+
+    @staticmethod
+    def _below(e: SnapshotEntry) -> int:
+        """Position of the next shallower live snapshot on e's path (any session), 0 if none."""
+        node = e.node.parent
+        while node is not None and node.snapshot is None:
+            node = node.parent
+        return node.snapshot.pos if node is not None and node.snapshot is not None else 0
 
     def victim(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry | None:
         vals = self.values(candidates, tick)
@@ -122,9 +221,12 @@ class Adaptive(Policy):
     def admit_value(self, pos: int, session: str, node: RadixNode, tick: int) -> float:
         """Value a snapshot at `pos` would have if admitted now (for admission control)."""
         assert self.index is not None
-        below = max((e.pos for e in self.index.entries.values()
-                     if e.session == session and e.pos < pos and _on_path(e.node, node)),
-                    default=0)
+        below = 0
+        x = node.parent if node.end == pos else node
+        while x is not None and x.snapshot is None:
+            x = x.parent
+        if x is not None and x.snapshot is not None:
+            below = x.snapshot.pos
         return self._return_prob(session, tick, self._tau_fresh()) * (pos - below)
 
     def should_admit(self, node: RadixNode, pos: int, session: str, tick: int,

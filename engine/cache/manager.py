@@ -43,6 +43,9 @@ class CacheConfig(NamedTuple):
     snapshot_interval: int = 0  # also admit every this many tokens inside a prefill; 0 = off
     policy: str = "forecast"
     policy_opts: dict[str, Any] = {}  # never mutated
+    # Also admit at the deepest grid position of the matched prefix when the request branches
+    # off a cached path there (Marconi's branch points); free: the replay passes through it.
+    branch_admission: bool = False
 
 
 class Plan(NamedTuple):
@@ -144,7 +147,12 @@ class CacheManager:
                     break
             else:
                 session = f"r{tick}"
-        self.sessions.record(session, tick, continuation)
+        prev = self.sessions.get(session)
+        prev_tick = prev.last_tick if prev is not None else None
+        info = self.sessions.record(session, tick, continuation)
+        on_request = getattr(self.policy, "on_request", None)  # optional policy hook
+        if on_request is not None:
+            on_request(info, tick, prev_tick)
 
         entry = self.index.deepest(path, m)
         if entry is not None:
@@ -176,8 +184,16 @@ class CacheManager:
             snapshot=entry,
             restore_pos=s,
             kv_pages=kv_pages,
-            admit_positions=self.admit_positions(s, m, n),
+            admit_positions=self._plan_positions(path, s, m, n),
         )
+
+    def _plan_positions(self, path: list[RadixNode], s: int, m: int, n: int) -> list[int]:
+        out = self.admit_positions(s, m, n)
+        if self.cfg.branch_admission and path and path[-1].children:
+            b = m // self.cfg.chunk * self.cfg.chunk
+            if b > s:
+                out = sorted({b, *out})
+        return out
 
     def admit_positions(self, s: int, m: int, prompt_len: int) -> list[int]:
         """Grid positions p, max(s, m) < p <= prompt_len: the last one, and interval multiples."""
