@@ -14,7 +14,7 @@ fi
 S="python3 -m sbrbench.cli"
 part=${1:-all}
 M="--preset a3b-proxy --device cuda --dtype bfloat16 --no-progress"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run() { echo "+ $*"; "$@" 2>&1 | tail -25; }
 if [ "$part" = all ] || [ "$part" = scenarios ]; then
   for pol in forecast tail-pin adaptive; do
@@ -25,12 +25,12 @@ if [ "$part" = all ] || [ "$part" = scenarios ]; then
     run $S run round-robin $M --snapshot-slots 16 --policy $pol --set convs=8 --set rounds=10 \
       --out "$OUT/round-robin-$pol.json"
   done
-  for pol in forecast tail-pin; do
-    run $S run parity $M --policy $pol --out "$OUT/parity-$pol.json"
-  done
 fi
 if [ "$part" = all ] || [ "$part" = benches ]; then
   run python3 -m pytest -q -m gpu tests/engine -p no:cacheprovider
+  for pol in forecast tail-pin adaptive; do
+    run $S run parity $M --policy $pol --out "$OUT/parity-$pol.json"
+  done
   run $S calibrate --preset a3b-proxy --device cuda --dtype bfloat16 --out "$OUT/costmodel.json"
 fi
 ls -la "$OUT"
