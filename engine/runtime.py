@@ -67,7 +67,7 @@ class EngineCacheArgs:
     snapshot_interval: int = 4096
     page_size: int = 16
     kv_budget_tokens: int = 262144
-    exec_window: int | None = None  # None: 64 on CPU, 512 on CUDA
+    exec_window: int | None = None  # None: 64 on CPU, 2048 on CUDA (docs/KERNELS.md)
     enabled: bool = True
 
 
@@ -135,7 +135,7 @@ class Engine:
         self.seed = seed
         self.args = cache or EngineCacheArgs()
         a = self.args
-        self.window = a.exec_window or (512 if self.device.type == "cuda" else 64)
+        self.window = a.exec_window or (2048 if self.device.type == "cuda" else 64)
         if self.window % CHUNK or self.window <= 0:
             raise UserError(f"exec window must be a positive multiple of {CHUNK}")
         if CHUNK % a.page_size:

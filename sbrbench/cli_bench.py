@@ -1,13 +1,92 @@
-"""CLI verbs of this module (placeholder until its issue lands)."""
+"""`sbrbench bench kernels|prefill`: GPU timings of the GDN kernels and of the engine's prefill."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from engine.errors import UserError
+
+console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _placeholder() -> None:
-        """Not built yet."""
-        typer.secho("sbrbench bench: not built yet", fg="red", err=True)
-        raise typer.Exit(2)
+    sub = typer.Typer(
+        help="GPU timings: GDN kernels against fla and torch, engine prefill and replay costs.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+    )
+    sub.command("kernels")(kernels)
+    sub.command("prefill")(prefill)
+    app.add_typer(sub, name="bench")
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """'4096,8192' -> [4096, 8192]; anything else is a UserError naming the flag."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise UserError(f"{flag} needs positive integers, got {text!r}")
+    return vals
+
+
+def kernels(
+    t: str = typer.Option("4096,8192,16384,65536", "--T", help="Sequence lengths (x64)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON path [results/<gpu>/bench-kernels.json]."
+    ),
+    fla: bool = typer.Option(True, "--fla/--no-fla", help="Also time fla (when importable)."),
+    torch_max_t: int = typer.Option(16384, "--torch-max-t", help="Torch reference up to this T."),
+    sweep_at: str = typer.Option(
+        "", "--sweep-at", help="Also time alternative launch configs at these T (comma list)."
+    ),
+) -> None:
+    """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
+    from sbrbench import bench
+
+    ts = parse_ints(t, "--T")
+    sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
+    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
+                                   log=console.print)
+    table = Table(title="gdn_chunk_fwd (production config, capture on)")
+    for col in ("T", "H", "fla ms", "ours ms", "fla / ours"):
+        table.add_column(col, justify="right")
+    for r in bench.speedups(rows):
+        table.add_row(str(r["T"]), str(r["H"]), f"{r['fla_ms']:.3f}", f"{r['ours_ms']:.3f}",
+                      f"{r['fla_over_ours']:.2f}")
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+def prefill(
+    preset: str = typer.Option("a3b-proxy", "--preset", help="Engine preset (random weights)."),
+    lengths: str = typer.Option("4096,8192,16384,32768", "--lengths", help="Prompt lengths."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype."),
+    windows: str = typer.Option("256,512,1024,2048", "--windows", help="Exec windows to try."),
+    reps: int = typer.Option(2, "--reps", help="Timed requests per (window, length)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON path [results/<gpu>/bench-prefill.json]."
+    ),
+) -> None:
+    """Engine cold prefill tokens/s and MFU per exec window, replay and snapshot costs."""
+    from sbrbench import bench
+
+    if reps < 1:
+        raise UserError(f"--reps must be >= 1, got {reps}")
+    path, rows = bench.run_prefill(preset, parse_ints(lengths, "--lengths"),
+                                   parse_ints(windows, "--windows"), dtype, reps, out,
+                                   log=console.print)
+    table = Table(title=f"cold prefill, {preset} {dtype}")
+    for col in ("window", "tokens", "ms", "tok/s", "TFLOP/s", "MFU"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if r["kernel"] == "prefill":
+            table.add_row(str(r["window"]), str(r["tokens"]), f"{r['prefill_s'] * 1e3:.0f}",
+                          f"{r['tok_s']:.0f}", f"{r['model_tflops']:.0f}", f"{r['mfu']:.1%}")
+    console.print(table)
+    console.print(f"wrote {path}")

@@ -16,8 +16,10 @@ from sbrbench import sim
 from sbrbench.costmodel import CostModel
 
 console = Console()
+if not console.is_terminal:  # logs and pipes: room for the whole table
+    console = Console(width=140)
 
-DEFAULT_POLICIES = "lru,forecast,tail-pin,two-tier,marconi"
+DEFAULT_POLICIES = "lru,forecast,tail-pin,two-tier,marconi,adaptive"
 TRACE_KV_TOKENS = 4 * 1024 * 1024  # see docs/SIMULATOR.md "Budgets"
 
 
@@ -50,13 +52,28 @@ def _policies(text: str) -> list[str]:
 class Setup:
     """What `sim` and `sweep` share: the stream, the model, base cache config, cost model."""
 
-    def __init__(self, *, trace: Path | None, scenario: str | None, scenario_file: Path | None,
-                 sets: list[str], limit: int, seed: int, preset: str, dtype: str,
-                 page_size: int, snapshot_interval: int | None, kv_budget_tokens: int | None,
-                 costmodel: Path | None, link_replies: bool) -> None:
+    def __init__(
+        self,
+        *,
+        trace: Path | None,
+        scenario: str | None,
+        scenario_file: Path | None,
+        sets: list[str],
+        limit: int,
+        seed: int,
+        preset: str,
+        dtype: str,
+        page_size: int,
+        snapshot_interval: int | None,
+        kv_budget_tokens: int | None,
+        costmodel: Path | None,
+        link_replies: bool,
+        branch_admission: bool = False,
+    ) -> None:
         if (trace is None) == (scenario is None):
             raise UserError("give exactly one of --trace FILE or --scenario NAME")
         self.model = sim.model_config(preset)
+        self.extra = {"branch_admission": True} if branch_admission else {}
         self.preset, self.dtype = preset, dtype
         from sbrbench.costmodel import resolve
 
@@ -67,7 +84,8 @@ class Setup:
         self.args = sim.SimCacheArgs(
             page_size=page_size,
             snapshot_interval=sim.SimCacheArgs().snapshot_interval
-            if snapshot_interval is None else snapshot_interval,
+            if snapshot_interval is None
+            else snapshot_interval,
             kv_budget_tokens=kv,
         )
         if page_size < 1 or 64 % page_size:
@@ -78,23 +96,26 @@ class Setup:
             raise UserError("--kv-budget-tokens must hold at least one page")
         t0 = time.perf_counter()
         if trace is not None:
-            self.stream: sim.Stream = sim.load_trace(trace, limit, page_size=page_size,
-                                                     link_replies=link_replies)
-            self.source = {"trace": str(trace)}
+            self.stream: sim.Stream = sim.load_trace(
+                trace, limit, page_size=page_size, link_replies=link_replies
+            )
         else:
             self.stream = self._scenario(scenario or "", scenario_file, sets, seed, limit)
-            self.source = {"scenario": scenario}
         self.stream_s = time.perf_counter() - t0
 
-    def _scenario(self, name: str, file: Path | None, sets: list[str], seed: int,
-                  limit: int) -> sim.Stream:
+    def _scenario(
+        self, name: str, file: Path | None, sets: list[str], seed: int, limit: int
+    ) -> sim.Stream:
         from sbrbench.scenarios import load_config
         from sbrbench.targets import CacheSpec
 
         cfg = load_config(name, file, sets)
-        spec = CacheSpec(policy="lru", page_size=self.args.page_size,
-                         snapshot_interval=self.args.snapshot_interval,
-                         kv_budget_tokens=self.args.kv_budget_tokens)
+        spec = CacheSpec(
+            policy="lru",
+            page_size=self.args.page_size,
+            snapshot_interval=self.args.snapshot_interval,
+            kv_budget_tokens=self.args.kv_budget_tokens,
+        )
         stream = sim.record_scenario(cfg, seed, spec, preset_name=self.preset, dtype=self.dtype)
         if limit:
             stream = sim.ListStream(stream.requests[:limit], stream.info)
@@ -102,46 +123,79 @@ class Setup:
 
     def base(self, *, slots: int | None = None, budget: int | None = None) -> Any:
         a = self.args
-        args = sim.SimCacheArgs(policy="lru", snapshot_slots=slots, snapshot_budget_bytes=budget,
-                                snapshot_interval=a.snapshot_interval, page_size=a.page_size,
-                                kv_budget_tokens=a.kv_budget_tokens)
-        return sim.cache_config(args, self.model, self.dtype)
+        args = sim.SimCacheArgs(
+            policy="lru",
+            snapshot_slots=slots,
+            snapshot_budget_bytes=budget,
+            snapshot_interval=a.snapshot_interval,
+            page_size=a.page_size,
+            kv_budget_tokens=a.kv_budget_tokens,
+        )
+        return sim.cache_config(args, self.model, self.dtype, **self.extra)
 
     def header(self) -> dict[str, Any]:
         from sbrbench.results import argv, capture_env, now_iso
 
         return {
-            "created": now_iso(), "argv": argv(), "env": capture_env(),
+            "created": now_iso(),
+            "argv": argv(),
+            "env": capture_env(),
             "stream": self.stream.describe(),
-            "model": {"preset": self.preset, "dtype": self.dtype,
-                      "snapshot_bytes": self.model.snapshot_bytes(sim.DTYPE_BYTES[self.dtype])},
+            "model": {
+                "preset": self.preset,
+                "dtype": self.dtype,
+                "snapshot_bytes": self.model.snapshot_bytes(sim.DTYPE_BYTES[self.dtype]),
+            },
             "costmodel": self.cost.describe(),
             "ttft": "modelled",
         }
 
 
 def _cache_info(cfg: Any) -> dict[str, Any]:
-    return {"page_size": cfg.page_size, "chunk": cfg.chunk, "kv_pages": cfg.kv_pages,
-            "kv_budget_tokens": cfg.kv_pages * cfg.page_size,
-            "snapshot_slots": cfg.snapshot_slots, "snapshot_bytes": cfg.snapshot_bytes,
-            "snapshot_budget_bytes": cfg.snapshot_slots * cfg.snapshot_bytes,
-            "snapshot_interval": cfg.snapshot_interval}
+    return {
+        "page_size": cfg.page_size,
+        "chunk": cfg.chunk,
+        "kv_pages": cfg.kv_pages,
+        "kv_budget_tokens": cfg.kv_pages * cfg.page_size,
+        "snapshot_slots": cfg.snapshot_slots,
+        "snapshot_bytes": cfg.snapshot_bytes,
+        "snapshot_budget_bytes": cfg.snapshot_slots * cfg.snapshot_bytes,
+        "snapshot_interval": cfg.snapshot_interval,
+        "branch_admission": bool(getattr(cfg, "branch_admission", False)),
+    }
 
 
-def _run_all(setup: Setup, cfg: Any, vs: list[sim.PolicyVariant], future: sim.FutureIndex | None,
-             label: str) -> dict[str, sim.PolicyRun]:
+def _run_all(
+    setup: Setup, cfg: Any, vs: list[sim.PolicyVariant], future: sim.FutureIndex | None, label: str
+) -> dict[str, sim.PolicyRun]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     runs: dict[str, sim.PolicyRun] = {}
     n = len(setup.stream)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as prog:
+
+    def updater(task: Any) -> Any:
+        return lambda k: prog.update(task, completed=k)
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as prog:
         for v in vs:
             task = prog.add_task(f"{label} {v.name}", total=n)
             runs[v.name] = sim.run_policy(
-                setup.stream, cfg, v, setup.cost, model=setup.model, future=future,
+                setup.stream,
+                cfg,
+                v,
+                setup.cost,
+                model=setup.model,
+                future=future,
                 max_context=setup.model.max_position_embeddings,
-                progress=lambda k, t=task: prog.update(t, completed=k))
+                progress=updater(task),
+            )
             prog.update(task, completed=n)
     return runs
 
@@ -155,7 +209,15 @@ def _future(setup: Setup, cfg: Any, vs: list[sim.PolicyVariant]) -> tuple[Any, f
 
 
 def _fmt_int(v: Any) -> str:
-    return "-" if v is None else f"{int(v):,}"
+    """Compact counts: 27.69M, 16.2k, 752."""
+    if v is None:
+        return "-"
+    v = int(v)
+    if abs(v) >= 1_000_000:
+        return f"{v / 1e6:.2f}M"
+    if abs(v) >= 10_000:
+        return f"{v / 1e3:.1f}k"
+    return str(v)
 
 
 def _fmt_s(v: Any) -> str:
@@ -164,23 +226,45 @@ def _fmt_s(v: Any) -> str:
 
 def sim_table(summaries: dict[str, dict[str, Any]], title: str) -> Table:
     t = Table(title=title, title_justify="left")
-    for col, just in (("policy", "left"), ("replay tokens", "right"), ("x belady", "right"),
-                      ("hit tokens", "right"), ("snap hits", "right"), ("evict", "right"),
-                      ("evict kv", "right"), ("TTFT mean s", "right"), ("TTFT p90 s", "right"),
-                      ("errors", "right"), ("sim s", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for col in (
+        "policy",
+        "replay",
+        "x belady",
+        "x oracle",
+        "KV hit",
+        "snap hits",
+        "evict",
+        "evict kv",
+        "TTFT s",
+        "p90 s",
+        "err",
+        "sim s",
+    ):
+        t.add_column(col, justify="left" if col == "policy" else "right")
     for name, s in summaries.items():
-        r = s.get("replay_vs_belady")
-        t.add_row(name, _fmt_int(s["replay_tokens"]), "-" if r is None else f"{r:.2f}",
-                  _fmt_int(s["hit_tokens"]), _fmt_int(s["snapshot_hits"]),
-                  _fmt_int(s["evictions"]), _fmt_int(s["evictions_kv"]),
-                  _fmt_s(s["ttft_model_s"]["mean"]), _fmt_s(s["ttft_model_s"]["p90"]),
-                  str(s["errors"]) if s["errors"] else "", f"{s['sim_wall_s']:.1f}")
+        r, o = s.get("replay_vs_belady"), s.get("replay_vs_oracle")
+        t.add_row(
+            name,
+            _fmt_int(s["replay_tokens"]),
+            "-" if r is None else f"{r:.2f}",
+            "-" if o is None else f"{o:.2f}",
+            _fmt_int(s["hit_tokens"]),
+            _fmt_int(s["snapshot_hits"]),
+            _fmt_int(s["evictions"]),
+            _fmt_int(s["evictions_kv"]),
+            _fmt_s(s["ttft_model_s"]["mean"]),
+            _fmt_s(s["ttft_model_s"]["p90"]),
+            str(s["errors"]) if s["errors"] else "",
+            f"{s['sim_wall_s']:.1f}",
+        )
     return t
 
 
 def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str) -> Table:
-    t = Table(title=f"{metric} per policy and snapshot slots (x belady)", title_justify="left")
+    t = Table(
+        title=f"{metric} per policy and snapshot slots (x best offline reference)",
+        title_justify="left",
+    )
     t.add_column("policy")
     for s in slots:
         t.add_column(f"{s} slots", justify="right")
@@ -193,9 +277,12 @@ def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str) -> Ta
                 cells.append("-")
                 continue
             v = _metric(c, metric)
-            r = c.get("replay_vs_belady")
-            cells.append(f"{_fmt_metric(v, metric)} ({r:.2f}x)" if r is not None and
-                         metric == "replay_tokens" else _fmt_metric(v, metric))
+            r = c.get("replay_vs_oracle")
+            cells.append(
+                f"{_fmt_metric(v, metric)} ({r:.2f}x)"
+                if r is not None and metric == "replay_tokens"
+                else _fmt_metric(v, metric)
+            )
         t.add_row(name, *cells)
     return t
 
@@ -219,9 +306,11 @@ def _fmt_metric(v: float | None, metric: str) -> str:
     return f"{v:,.0f}" if metric == "replay_tokens" else f"{v:.3f}"
 
 
-def plot_sweep(grid: list[dict[str, Any]], slots: list[int], metric: str, out: Path,
-               title: str) -> Path:
-    """Heat map: policies x slots, colour = metric / belady's at the same slots."""
+def plot_sweep(
+    grid: list[dict[str, Any]], slots: list[int], metric: str, out: Path, title: str
+) -> Path:
+    """Heat map: policies x slots, colour = metric / the best offline reference's (min of
+    belady and belady-gain) at the same slots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,15 +323,22 @@ def plot_sweep(grid: list[dict[str, Any]], slots: list[int], metric: str, out: P
     for i, name in enumerate(names):
         for j, s in enumerate(slots):
             c = next((c for c in grid if c["policy"] == name and c["slots"] == s), None)
-            b = next((c for c in grid if c["policy"] == "belady" and c["slots"] == s), None)
+            refs = [
+                _metric(x, metric)
+                for x in grid
+                if x["policy"] in sim.REFERENCES and x["slots"] == s
+            ]
             if c is None:
                 continue
             v = _metric(c, metric)
-            bv = _metric(b, metric) if b is not None else None
+            bv = min((r for r in refs if r is not None), default=None)
             if v is not None and bv:
                 ratio[i, j] = v / bv
-            text[i][j] = (f"{v / 1e6:.2f}M" if metric == "replay_tokens" and v is not None
-                          else _fmt_metric(v, metric))
+            text[i][j] = (
+                f"{v / 1e6:.2f}M"
+                if metric == "replay_tokens" and v is not None
+                else _fmt_metric(v, metric)
+            )
             if not np.isnan(ratio[i, j]):
                 text[i][j] += f"\n{ratio[i, j]:.2f}x"
     fig, ax = plt.subplots(figsize=(1.6 * len(slots) + 3, 0.55 * len(names) + 2))
@@ -252,10 +348,18 @@ def plot_sweep(grid: list[dict[str, Any]], slots: list[int], metric: str, out: P
     ax.set_xlabel("snapshot slots")
     for i in range(len(names)):
         for j in range(len(slots)):
-            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8,
-                    color="white" if not np.isnan(ratio[i, j]) and ratio[i, j] > np.nanmean(ratio)
-                    else "black")
-    fig.colorbar(im, ax=ax, label=f"{metric} / belady")
+            ax.text(
+                j,
+                i,
+                text[i][j],
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white"
+                if not np.isnan(ratio[i, j]) and ratio[i, j] > np.nanmean(ratio)
+                else "black",
+            )
+    fig.colorbar(im, ax=ax, label=f"{metric} / best offline reference")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -281,23 +385,34 @@ def register(app: typer.Typer) -> None:
         scenario: str | None = typer.Option(None, "--scenario", help="or a scenario name"),
         scenario_file: Path | None = typer.Option(None, "--scenario-file", help="scenario TOML"),
         sets: list[str] = typer.Option([], "--set", help="scenario override KEY=VALUE"),
-        policy: str = typer.Option(DEFAULT_POLICIES, help="policies (belady is always added)"),
+        policy: str = typer.Option(
+            DEFAULT_POLICIES, help="policies (belady and belady-gain are always added)"
+        ),
         snapshot_slots: int | None = typer.Option(None, help="snapshot pool slots [16]"),
         snapshot_budget: str | None = typer.Option(None, help="or pool bytes, e.g. 19GiB"),
         limit: int = typer.Option(0, help="first N requests (0 = all)"),
         page_size: int = typer.Option(16, help="KV page size in tokens"),
         snapshot_interval: int | None = typer.Option(None, help="admit every N tokens [4096]"),
         kv_budget_tokens: int | None = typer.Option(
-            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"),
+            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"
+        ),
         tail_pin_k: int = typer.Option(8, help="tail-pin: K deepest pinned per session"),
         marconi_alpha: float | None = typer.Option(None, help="marconi: FLOP-saving weight"),
         preset: str = typer.Option("a3b-proxy", help="model whose snapshot size/FLOPs apply"),
         dtype: str = typer.Option("bfloat16", help="dtype of that model"),
-        costmodel: Path | None = typer.Option(None, help="cost model JSON [GPU fit, else "
-                                              "analytic H100 estimate]"),
-        link_replies: bool = typer.Option(True, "--link-replies/--no-link-replies",
-                                          help="trace: next turns continue the reply"),
+        costmodel: Path | None = typer.Option(
+            None, help="cost model JSON [GPU fit, else analytic H100 estimate]"
+        ),
+        link_replies: bool = typer.Option(
+            True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
+        ),
+        branch_admission: bool = typer.Option(
+            False, help="manager option: also admit at the match's branch point (engine: off)"
+        ),
         rows: bool = typer.Option(False, "--rows", help="keep per-request decisions in the JSON"),
+        oracles: bool = typer.Option(
+            True, "--oracles/--no-oracles", help="add belady and belady-gain (the references)"
+        ),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="result JSON [results/sim-<time>.json]"),
     ) -> None:
@@ -306,21 +421,42 @@ def register(app: typer.Typer) -> None:
 
         if snapshot_slots is not None and snapshot_budget:
             raise UserError("give --snapshot-slots or --snapshot-budget, not both")
-        vs = sim.with_belady(sim.variants(
-            _policies(policy), tail_pin_k=[tail_pin_k],
-            marconi_alpha=[marconi_alpha] if marconi_alpha is not None else []))
-        setup = Setup(trace=trace, scenario=scenario, scenario_file=scenario_file, sets=sets,
-                      limit=limit, seed=seed, preset=preset, dtype=dtype, page_size=page_size,
-                      snapshot_interval=snapshot_interval, kv_budget_tokens=kv_budget_tokens,
-                      costmodel=costmodel, link_replies=link_replies)
-        cfg = setup.base(slots=16 if snapshot_slots is None and not snapshot_budget
-                         else snapshot_slots, budget=_budget(snapshot_budget))
+        with_refs = sim.with_belady if oracles else list
+        vs = with_refs(
+            sim.variants(
+                _policies(policy),
+                tail_pin_k=[tail_pin_k],
+                marconi_alpha=[marconi_alpha] if marconi_alpha is not None else [],
+            )
+        )
+        setup = Setup(
+            trace=trace,
+            scenario=scenario,
+            scenario_file=scenario_file,
+            sets=sets,
+            limit=limit,
+            seed=seed,
+            preset=preset,
+            dtype=dtype,
+            page_size=page_size,
+            snapshot_interval=snapshot_interval,
+            kv_budget_tokens=kv_budget_tokens,
+            costmodel=costmodel,
+            link_replies=link_replies,
+            branch_admission=branch_admission,
+        )
+        cfg = setup.base(
+            slots=16 if snapshot_slots is None and not snapshot_budget else snapshot_slots,
+            budget=_budget(snapshot_budget),
+        )
         future, future_s = _future(setup, cfg, vs)
         runs = _run_all(setup, cfg, vs, future, f"{cfg.snapshot_slots} slots")
         summaries = {name: r.summary() for name, r in runs.items()}
         sim.versus_belady(summaries)
         doc: dict[str, Any] = {
-            "schema": sim.SIM_SCHEMA, **setup.header(), "cache": _cache_info(cfg),
+            "schema": sim.SIM_SCHEMA,
+            **setup.header(),
+            "cache": _cache_info(cfg),
             "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
             "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
             "summary": {"policies": summaries},
@@ -329,8 +465,11 @@ def register(app: typer.Typer) -> None:
             doc["rows"] = {name: sim.rows_json(r) for name, r in runs.items()}
         path = out or Path("results") / f"sim-{timestamp()}.json"
         write_json_atomic(path, doc)
-        console.print(sim_table(summaries, f"{len(setup.stream)} requests, "
-                                           f"{cfg.snapshot_slots} slots -> {path}"))
+        console.print(
+            sim_table(
+                summaries, f"{len(setup.stream)} requests, {cfg.snapshot_slots} slots -> {path}"
+            )
+        )
 
     @app.command("sweep")
     def sweep_cmd(
@@ -338,7 +477,9 @@ def register(app: typer.Typer) -> None:
         scenario: str | None = typer.Option(None, "--scenario", help="or a scenario name"),
         scenario_file: Path | None = typer.Option(None, "--scenario-file", help="scenario TOML"),
         sets: list[str] = typer.Option([], "--set", help="scenario override KEY=VALUE"),
-        policy: str = typer.Option(DEFAULT_POLICIES, help="policies (belady is always added)"),
+        policy: str = typer.Option(
+            DEFAULT_POLICIES, help="policies (belady and belady-gain are always added)"
+        ),
         slots: str = typer.Option("8,16,32", help="snapshot slots, comma-separated"),
         tail_pin_k: str = typer.Option("8", help="tail-pin K values, comma-separated"),
         marconi_alpha: str | None = typer.Option(None, help="marconi alphas, comma-separated"),
@@ -346,12 +487,17 @@ def register(app: typer.Typer) -> None:
         page_size: int = typer.Option(16, help="KV page size in tokens"),
         snapshot_interval: int | None = typer.Option(None, help="admit every N tokens [4096]"),
         kv_budget_tokens: int | None = typer.Option(
-            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"),
+            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"
+        ),
         preset: str = typer.Option("a3b-proxy", help="model whose snapshot size/FLOPs apply"),
         dtype: str = typer.Option("bfloat16", help="dtype of that model"),
         costmodel: Path | None = typer.Option(None, help="cost model JSON"),
-        link_replies: bool = typer.Option(True, "--link-replies/--no-link-replies",
-                                          help="trace: next turns continue the reply"),
+        link_replies: bool = typer.Option(
+            True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
+        ),
+        branch_admission: bool = typer.Option(
+            False, help="manager option: also admit at the match's branch point (engine: off)"
+        ),
         metric: str = typer.Option("replay_tokens", help=f"table/plot metric: {METRICS}"),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="grid JSON [results/sweep-<time>.json]"),
@@ -365,25 +511,46 @@ def register(app: typer.Typer) -> None:
         slot_list = _ints(slots, "--slots")
         if any(s < 1 for s in slot_list):
             raise UserError("--slots must be >= 1")
-        vs = sim.with_belady(sim.variants(
-            _policies(policy), tail_pin_k=_ints(tail_pin_k, "--tail-pin-k"),
-            marconi_alpha=_floats(marconi_alpha, "--marconi-alpha")))
-        setup = Setup(trace=trace, scenario=scenario, scenario_file=scenario_file, sets=sets,
-                      limit=limit, seed=seed, preset=preset, dtype=dtype, page_size=page_size,
-                      snapshot_interval=snapshot_interval, kv_budget_tokens=kv_budget_tokens,
-                      costmodel=costmodel, link_replies=link_replies)
+        vs = sim.with_belady(
+            sim.variants(
+                _policies(policy),
+                tail_pin_k=_ints(tail_pin_k, "--tail-pin-k"),
+                marconi_alpha=_floats(marconi_alpha, "--marconi-alpha"),
+            )
+        )
+        setup = Setup(
+            trace=trace,
+            scenario=scenario,
+            scenario_file=scenario_file,
+            sets=sets,
+            limit=limit,
+            seed=seed,
+            preset=preset,
+            dtype=dtype,
+            page_size=page_size,
+            snapshot_interval=snapshot_interval,
+            kv_budget_tokens=kv_budget_tokens,
+            costmodel=costmodel,
+            link_replies=link_replies,
+            branch_admission=branch_admission,
+        )
         future, future_s = _future(setup, setup.base(slots=slot_list[0]), vs)
         grid: list[dict[str, Any]] = []
         path = out or Path("results") / f"sweep-{timestamp()}.json"
         doc: dict[str, Any] = {
-            "schema": sim.SWEEP_SCHEMA, **setup.header(),
-            "cache": {k: v for k, v in _cache_info(setup.base(slots=slot_list[0])).items()
-                      if not k.startswith("snapshot_") or k in ("snapshot_bytes",
-                                                                "snapshot_interval")},
-            "slots": slot_list, "metric": metric,
+            "schema": sim.SWEEP_SCHEMA,
+            **setup.header(),
+            "cache": {
+                k: v
+                for k, v in _cache_info(setup.base(slots=slot_list[0])).items()
+                if not k.startswith("snapshot_") or k in ("snapshot_bytes", "snapshot_interval")
+            },
+            "slots": slot_list,
+            "metric": metric,
             "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
             "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
-            "grid": grid, "partial": True,
+            "grid": grid,
+            "partial": True,
         }
         for s in slot_list:
             cfg = setup.base(slots=s)
@@ -399,7 +566,7 @@ def register(app: typer.Typer) -> None:
         console.print(sweep_table(grid, slot_list, metric))
         if plot is not None:
             src = trace.name if trace is not None else f"scenario {scenario}"
-            plot_sweep(grid, slot_list, metric, plot, f"{src}: {metric} / belady")
+            plot_sweep(grid, slot_list, metric, plot, f"{src}: {metric} / best offline reference")
             console.print(f"plot -> {plot}")
         console.print(f"grid -> {path}")
 
@@ -409,34 +576,53 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu | cuda"),
         dtype: str = typer.Option("float32", help="float32 | bfloat16"),
         points: str | None = typer.Option(None, help="s:m:L,... (default: sized for the preset)"),
-        reps: int = typer.Option(3, help="timings per point (median)"),
+        reps: int = typer.Option(3, help="timings per point (the fastest is fitted)"),
         seed: int = typer.Option(0, help="weights and token seed"),
-        out: Path | None = typer.Option(None, help="JSON [results/costmodel-<gpu>.json on GPU, "
-                                        "results/sim/costmodel-cpu-<preset>.json on CPU]"),
+        out: Path | None = typer.Option(
+            None,
+            help="JSON [results/costmodel-<gpu>.json on GPU, "
+            "results/sim/costmodel-cpu-<preset>.json on CPU]",
+        ),
     ) -> None:
         """Fit the simulator's TTFT cost model on the real engine (NNLS over timed points)."""
         from sbrbench import costmodel as cmod
 
         pts = cmod.parse_points(points) if points else None
         t = Table(title=f"calibrate {preset} on {device} ({dtype})", title_justify="left")
-        for col in ("s", "m", "L", "ttft s (median)", "decode s/tok"):
+        for col in ("s", "m", "L", "ttft s (best)", "decode s/tok"):
             t.add_column(col, justify="right")
 
         def on_sample(smp: cmod.Sample) -> None:
             p = smp.point
             console.print(f"  s={p.s:>6} m={p.m:>6} L={p.L:>6}  ttft {smp.ttft_s:.4f} s")
-            t.add_row(str(p.s), str(p.m), str(p.L), f"{smp.ttft_s:.4f}",
-                      "-" if smp.decode_s_per_token is None else f"{smp.decode_s_per_token:.4f}")
+            t.add_row(
+                str(p.s),
+                str(p.m),
+                str(p.L),
+                f"{smp.ttft_s:.4f}",
+                "-" if smp.decode_s_per_token is None else f"{smp.decode_s_per_token:.4f}",
+            )
 
-        model = cmod.calibrate(preset_name=preset, device=device, dtype=dtype, points=pts,
-                               reps=reps, seed=seed, on_sample=on_sample)
+        model = cmod.calibrate(
+            preset_name=preset,
+            device=device,
+            dtype=dtype,
+            points=pts,
+            reps=reps,
+            seed=seed,
+            on_sample=on_sample,
+        )
         if out is None:
-            out = (cmod.RESULTS_DIR / f"costmodel-{cmod.gpu_slug(model.meta.get('gpu'))}.json"
-                   if device != "cpu" else cmod.RESULTS_DIR / "sim" / f"costmodel-cpu-{preset}.json")
+            out = (
+                cmod.RESULTS_DIR / f"costmodel-{cmod.gpu_slug(model.meta.get('gpu'))}.json"
+                if device != "cpu"
+                else cmod.RESULTS_DIR / "sim" / f"costmodel-cpu-{preset}.json"
+            )
         cmod.save(model, out)
         console.print(t)
         fit = model.meta["fit"]
         console.print(
             f"a = {model.a:.3e} s/token, b = {model.b:.3e} s/pair, c = {model.c:.3e} s, "
             f"restore = {model.restore:.3e} s, decode = {model.decode:.3e} s/token; "
-            f"r2 = {fit['r2']}, max rel err = {fit['max_rel_err']:.2%} -> {out}")
+            f"r2 = {fit['r2']}, max rel err = {fit['max_rel_err']:.2%} -> {out}"
+        )

@@ -1,22 +1,34 @@
 """Triton kernels of the GDN layer (CUDA): chunked gated delta rule on the absolute grid, the
 single-token recurrent step, causal conv1d and gated RMSNorm, with reference.py's contracts.
 
-Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule runs as two launches:
+Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule is three launches:
 
-1. `_prep_kernel`, parallel over (chunk, head): l2norm of q and k, cumulative log decay, the
-   UT transform X = (I + L)^-1 of the chunk (blockwise: four 16x16 forward substitutions, then
-   block merges), W = X (beta K e^gc), U = X (beta V) and the causal intra-chunk scores
-   Aqk = tril(Q K^T Gamma). Nothing here depends on the state.
+1. `_solve_kernel` and `_qk_kernel`, parallel over (chunk, value head): everything that does
+   not depend on the state. The UT transform X = (I + L)^-1 in 16x16 blocks (forward
+   substitution on the diagonal blocks, block merges below; one warp per chunk so that its row
+   steps reduce inside the warp), the causal scores Aqk = tril(q k^T Gamma), and per-row
+   factors (l2 norms, decays, beta). Raw bf16 q/k tiles feed the tensor cores (exact products,
+   fp32 sums); the norms and gates scale the results.
 2. `_seq_kernel`, one program per (value head, block of V columns), sequential over chunks:
-   Vn = U - W S, O = (Q e^gc) S + Aqk Vn, S <- e^gc_last S + (K e^(gc_last - gc))^T Vn. The state
-   stays in registers (fp32); the state at every chunk boundary is stored when `capture` is on,
-   so grid snapshots cost no extra pass, and the output is written in the same pass.
+   Z = beta v - f_w (k S), Vn = X Z, O = f_q (q S) + Aqk Vn, S <- e^gc_last S + k^T (f_k Vn).
+   W = X diag(f_w) k and U = X diag(beta) v are never formed: the pass reads the raw inputs, X
+   and Aqk. The state stays in registers (fp32); the state at every chunk boundary is stored
+   when `capture` is on (grid snapshots cost no extra pass); the output is written as it goes.
 
 Exactness: a chunk's numbers are a fixed-shape, fixed-order function of (state in, the chunk's
 rows): launch shapes never depend on T, lo or hi (no autotuning), there are no atomics or split
-reductions, state columns are independent (the V split does not change any sum), and rows outside
-[lo, hi) are never read (masked loads give exact zeros), so resuming from a captured grid state is
-bitwise equal to running through, and valid rows do not depend on what padding rows held.
+reductions, state columns are independent (the V split changes no sum), and rows outside
+[lo, hi) are never read (block pointers end at `hi` and zero-fill; chunks start at `lo`), so
+resuming from a captured grid state is bitwise equal to running through, and valid rows do not
+depend on what padding rows hold. Later rows meet earlier ones only through exact zeros of the
+triangular factors, so a row's output does not depend on the valid rows after it either.
+
+Precision. The default keeps fp32 operands (tf32 products; X and Aqk stored fp32): relative
+L2 error against the fp32 reference ~1e-3, and the only configuration measured deterministic on
+sm_90 (see _SAFE_DOT). FAST_BF16_CONFIG rounds X, Aqk, the state and Vn to bf16 for the
+products (as fla; ~3e-3 on Qwen3-Next-like inputs) and is ~2.3x faster, but not exact there.
+In both, the raw bf16 inputs enter the products unrounded, and the carried state, the factors
+and every sum stay fp32.
 """
 
 from __future__ import annotations
@@ -42,23 +54,48 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 class GdnConfig(NamedTuple):
-    """Launch shape of the chunked rule (fixed per head shape; the bench sweeps it)."""
+    """Launch shape and precision of the chunked rule (fixed per head shape; the bench sweeps
+    it). The default is the configuration measured exact (deterministic) on sm_90."""
 
-    bv: int = 32  # V columns per sequential program
-    warps: int = 4  # warps of the sequential program
-    stages: int = 2  # software-pipelining depth of its loads
-    solve_warps: int = 4
-    wy_warps: int = 4
-    tf32: bool = False  # per-chunk operands (q, k, W, U, X, Aqk) stored fp32 (tf32 dots), or bf16
+    bv: int = 64  # V columns per state-pass program (>= 64: see _SAFE_DOT)
+    warps: int = 4  # warps of the state pass
+    stages: int = 1  # software-pipelining depth of its loads (1 with tf32: shared memory)
+    seg_chunks: int = 0  # chunks per segment (0: one segment, or ~8 with `overlap`)
+    overlap: bool = False  # prep of segment i+1 on a side stream during segment i's pass
+    solve_warps: int = 1  # warps of the UT-transform solve (row steps reduce inside a warp)
+    solve_bk: int = 32  # key columns per step of its K K^T products
+    qk_warps: int = 4  # warps of the Aqk / row-factor kernel
+    tf32: bool = True  # X and Aqk stored fp32 and tf32 products, or bf16 throughout
     state_tf32: bool | None = None  # state-pass dots in tf32 (None: as `tf32`), else bf16
 
 
 DEFAULT_CONFIG = GdnConfig()
+# The fast bf16 configuration (bf16 operands, pipelined loads): about 2.3x faster, but with
+# Triton 3.6 on sm_90 its state pass is not deterministic at 32 value heads (see _SAFE_DOT and
+# docs/KERNELS.md), so it is not exact and not the default. Kept for benchmarks.
+FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
 
 
-def config_for(kd: int, vd: int) -> GdnConfig:
-    """The production launch shape for head dims (kd, vd)."""
-    return DEFAULT_CONFIG._replace(bv=min(DEFAULT_CONFIG.bv, vd))
+def exact_on_sm90(cfg: GdnConfig) -> bool:
+    """Whether cfg's state pass was measured deterministic on sm_90 (Triton 3.6): tf32 yes,
+    bf16 no (run-to-run differences at 32 value heads)."""
+    return bool(cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32)
+
+
+# Triton 3.x on sm_90 miscompiles some kernels with several tl.dot (illegal shared-memory
+# reads or silent corruption; helion PR #1905 reports block sizes 16/32). Seen here: the bf16
+# state pass with num_stages=1 reads shared memory out of bounds (compute-sanitizer), and with
+# pipelined loads gives run-to-run differences at 32 value heads, with BV = 32 and still with
+# BV = 64. The tf32 state pass was deterministic in every test. Wgmma dot dimensions are kept
+# >= 64 all the same; smaller heads use the torch reference.
+_SAFE_DOT = 64
+
+
+def config_for(kd: int, vd: int, tf32: bool | None = None) -> GdnConfig:
+    """The launch shape for head dims (kd, vd): the production (exact, tf32) one, or with
+    tf32=False the fast bf16 one (not exact on sm_90, see FAST_BF16_CONFIG)."""
+    cfg = FAST_BF16_CONFIG if tf32 is False else DEFAULT_CONFIG
+    return cfg._replace(bv=min(cfg.bv, vd))
 
 
 class GridStates(Mapping[int, torch.Tensor]):
@@ -111,6 +148,7 @@ def _bdot(a, b, acc, EMU: tl.constexpr):
 
 @triton.jit
 def _mm(a, b):
+    # small merges of the UT transform: tf32 keeps X close to the exact inverse
     return tl.dot(a, b, input_precision="tf32")
 
 
@@ -168,14 +206,63 @@ def _load_raw(bp):
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
-def _solve_kernel(k, g, beta, gcb, glast, xmat,
-                  sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
+def _qk_kernel(q, k, g, beta, fac, glast, aqk,
+               sq_t, sq_h, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t, scale,
+               HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+               TF32: tl.constexpr):
+    # The rest of one chunk of one value head that does not depend on the state:
+    # - the causal scores Aqk = tril(q_i.k_j Gamma_ij) (q normalised and scaled by 1/sqrt(K));
+    # - per-row factors for the state pass: f_q = e^gc |q|^-1 / sqrt(K), f_k = e^(gc_last - gc)
+    #   |k|^-1, f_w = beta e^gc |k|^-1, beta; and e^gc_last.
+    i_c = tl.program_id(0) + c0
+    i_h = tl.program_id(1)
+    r0 = i_c * 64
+    o_c = tl.arange(0, 64)
+    rows = r0 + o_c
+    ok = (rows >= lo) & (rows < hi)
+    kb = k + (i_h // GRP) * sk_h
+    qb = q + (i_h // GRP) * sq_h
+
+    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+    gcv = tl.cumsum(gv, 0)
+    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
+    tl.store(glast + i_c * HV + i_h, tl.exp(g_last))
+    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    # q k^T over full 64-row tiles, with the row norms of both
+    a_qk = tl.zeros([64, 64], dtype=tl.float32)
+    ssq = tl.zeros([64], dtype=tl.float32)
+    ssk = tl.zeros([64], dtype=tl.float32)
+    for j in tl.range(0, K // BK, num_stages=2):
+        qt = _load_raw(_tile(qb, hi, K, sq_t, r0, j * BK, 64, BK))
+        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BK, 64, BK))
+        a_qk = _rdot(qt, tl.trans(kt), a_qk, TF32)
+        qf = qt.to(tl.float32)
+        kf = kt.to(tl.float32)
+        ssq += tl.sum(qf * qf, 1)
+        ssk += tl.sum(kf * kf, 1)
+    rq = tl.rsqrt(ssq + 1e-6) * scale
+    rk = tl.rsqrt(ssk + 1e-6)
+    low = o_c[:, None] >= o_c[None, :]
+    sc = a_qk * rq[:, None] * rk[None, :]
+    sc = tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
+    tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
+    fb = fac + rows * HV + i_h
+    plane = t * HV
+    tl.store(fb, rq * tl.exp(gcv))
+    tl.store(fb + plane, rk * tl.exp(g_last - gcv))
+    tl.store(fb + 2 * plane, rk * bfull * tl.exp(gcv))
+    tl.store(fb + 3 * plane, bfull)
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
+def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
                   HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                   TF32: tl.constexpr):
     # X = (I + L)^-1 of one chunk of one value head, L = strict_tril(beta_i k_i.k_j Gamma_ij)
     # (k normalised), in 16x16 blocks: the four diagonal blocks by forward substitution, the
-    # six below by X_ij = -X_ii sum_{j<=m<i} L_im X_mj. Also gc (cumulative log decay) and
-    # exp(gc_last). Raw key tiles go to the tensor cores; the norms scale the products.
+    # six below by X_ij = -X_ii sum_{j<=m<i} L_im X_mj. Raw key tiles go to the tensor cores
+    # (exact products); the norms scale the products. Meant for one or two warps: the row
+    # steps of the substitution then reduce inside a warp, and many chunks share an SM.
     i_c = tl.program_id(0) + c0
     i_h = tl.program_id(1)
     r0 = i_c * 64
@@ -187,8 +274,6 @@ def _solve_kernel(k, g, beta, gcb, glast, xmat,
 
     gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
     gcv = tl.cumsum(gv, 0)
-    tl.store(gcb + rows * HV + i_h, gcv)
-    tl.store(glast + i_c * HV + i_h, tl.exp(tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)))
     bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
 
     a00 = tl.zeros([16, 16], dtype=tl.float32)
@@ -273,110 +358,67 @@ def _solve_kernel(k, g, beta, gcb, glast, xmat,
     tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 48, 16, 16), x33.to(xdt))
 
 
-@triton.jit
-def _sumsq_rows(base, hi, s_t, r0, K: tl.constexpr, BK: tl.constexpr):
-    # 1 / ||row|| of [64, K] rows, streamed in BK slices (as reference.l2norm, up to order)
-    ss = tl.zeros([64], dtype=tl.float32)
-    for j in tl.range(0, K // BK, num_stages=1):
-        x = _load_raw(_tile(base, hi, K, s_t, r0, j * BK, 64, BK)).to(tl.float32)
-        ss += tl.sum(x * x, 1)
-    return tl.rsqrt(ss + 1e-6)
-
-
-@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
-def _wy_kernel(q, k, v, beta, gcb, xmat, qd, kdt, w, u, aqk,
-               sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sb_t, sb_h, lo, hi, c0, t, scale,
-               HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BK: tl.constexpr, TF32: tl.constexpr):
-    # One chunk of one value head: W = X (beta k e^gc), U = X (beta v), the state pass's
-    # decayed q (from the chunk start) and k (to the chunk end, stored transposed), and the
-    # causal intra-chunk scores Aqk = tril(q k^T Gamma). Raw input tiles go to the tensor
-    # cores; norms, gates and beta scale X's columns or the products. K, V stream in BK slices.
-    i_c = tl.program_id(0) + c0
-    i_h = tl.program_id(1)
-    r0 = i_c * 64
-    o_c = tl.arange(0, 64)
-    rows = r0 + o_c
-    ok = (rows >= lo) & (rows < hi)
-    mdt = w.dtype.element_ty
-    qb = q + (i_h // GRP) * sq_h
-    kb = k + (i_h // GRP) * sk_h
-    vb = v + i_h * sv_h
-
-    gcv = tl.load(gcb + rows * HV + i_h)
-    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
-    bv = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
-    rk = _sumsq_rows(kb, hi, sk_t, r0, K, BK)
-    rq = _sumsq_rows(qb, hi, sq_t, r0, K, BK) * scale
-    x_bp = _tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64)
-    xw = (tl.load(x_bp).to(tl.float32) * (rk * bv * tl.exp(gcv))[None, :]).to(mdt)
-    f_k = rk * tl.exp(g_last - gcv)
-    f_q = rq * tl.exp(gcv)
-    kt_base = kdt + (i_c * HV + i_h) * (K * 64)
-    a_qk = tl.zeros([64, 64], dtype=tl.float32)
-    for j in tl.range(0, K // BK, num_stages=1):
-        kc = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BK, 64, BK))
-        qc = _load_raw(_tile(qb, hi, K, sq_t, r0, j * BK, 64, BK))
-        a_qk = _rdot(qc, tl.trans(kc), a_qk, TF32)
-        tl.store(_tile(w + i_h * K, t, K, HV * K, r0, j * BK, 64, BK),
-                 _rdot(xw, kc.to(mdt), None, TF32).to(mdt))
-        tl.store(_tile(kt_base, K, 64, 64, j * BK, 0, BK, 64),
-                 tl.trans(kc.to(tl.float32) * f_k[:, None]).to(mdt))
-        tl.store(_tile(qd + i_h * K, t, K, HV * K, r0, j * BK, 64, BK),
-                 (qc.to(tl.float32) * f_q[:, None]).to(mdt))
-    low = o_c[:, None] >= o_c[None, :]
-    sc = a_qk * rq[:, None] * rk[None, :]
-    sc = tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
-    tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(mdt))
-    xu = (tl.load(x_bp).to(tl.float32) * bv[None, :]).to(mdt)
-    for j in tl.range(0, V // BK, num_stages=1):
-        vc = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BK, 64, BK))
-        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BK, 64, BK),
-                 _rdot(xu, vc.to(mdt), None, TF32).to(mdt))
-
-
 # ---------------------------------------------------------------------------------------------
 # chunked gated delta rule: the state pass (sequential over chunks, output fused)
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["lo", "hi", "c0", "c1"])
-def _seq_kernel(qd, kdt, glast, w, u, aqk, s0, out, states, s_out,
-                lo, hi, c0, c1, t,
-                HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-                C: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
+@triton.jit
+def _sdot(a, b, acc, TF32: tl.constexpr, EMU: tl.constexpr):
+    # state-pass product: tf32 operands, or bf16 operands with fp32 accumulation
+    if TF32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    else:
+        return _bdot(a, b, acc, EMU)
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
+def _seq_kernel(q, k, v, fac, glast, xmat, aqk, s0, out, states, s_out,
+                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, c1, cs, t,
+                HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
                 STAGES: tl.constexpr, EMU: tl.constexpr):
-    # One value head, BV columns of the state (columns are independent), all chunks in order.
+    # One value head, BV columns of its state (columns are independent), chunk after chunk:
+    #   Z  = beta v - f_w (k S)              (= U - W S without forming W or U)
+    #   Vn = X Z
+    #   O  = f_q (q S) + Aqk Vn
+    #   S <- e^gc_last S + k^T (f_k Vn)
+    # Chunks c0 .. c1-1; s0 is the state before chunk c0, s_out receives the state after c1-1;
+    # the state after chunk c is states[c - cs] when CAPTURE (and the chunk ends by hi).
+    # The state stays in registers in fp32.
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     v0 = i_v * BV
     hkv = i_h * (K * V)
+    qb = q + (i_h // GRP) * sq_h
+    kb = k + (i_h // GRP) * sk_h
+    vb = v + i_h * sv_h
+    o_c = tl.arange(0, 64)
+    plane = t * HV
     s = tl.load(_tile(s0 + hkv, K, V, V, 0, v0, K, BV))
     for c in tl.range(c0, c1, num_stages=STAGES):
-        r0 = c * C
+        r0 = c * 64
+        fb = fac + (r0 + o_c) * HV + i_h
+        f_q = tl.load(fb)
+        f_k = tl.load(fb + plane)
+        f_w = tl.load(fb + 2 * plane)
+        bt = tl.load(fb + 3 * plane)
         decay = tl.load(glast + c * HV + i_h)
-        wt = tl.load(_tile(w + i_h * K, t, K, HV * K, r0, 0, C, K))
-        qt = tl.load(_tile(qd + i_h * K, t, K, HV * K, r0, 0, C, K))
-        at = tl.load(_tile(aqk + i_h * C, t, C, HV * C, r0, 0, C, C))
-        kt = tl.load(_tile(kdt + (c * HV + i_h) * (K * C), K, C, C, 0, 0, K, C))
-        ut = tl.load(_tile(u + i_h * V, t, V, HV * V, r0, v0, C, BV)).to(tl.float32)
-        if TF32:
-            vn = ut - tl.dot(wt.to(tl.float32), s, input_precision="tf32")
-            o = tl.dot(qt.to(tl.float32), s, input_precision="tf32")
-            o = tl.dot(at.to(tl.float32), vn, acc=o, input_precision="tf32")
-            s = tl.dot(kt.to(tl.float32), vn, acc=s * decay, input_precision="tf32")
-        else:
-            sb = s.to(tl.bfloat16)
-            vn = ut - _bdot(wt, sb, None, EMU)
-            vb = vn.to(tl.bfloat16)
-            o = _bdot(qt, sb, None, EMU)
-            o = _bdot(at, vb, o, EMU)
-            s = _bdot(kt, vb, s * decay, EMU)
+        qt = _load_raw(_tile(qb, hi, K, sq_t, r0, 0, 64, K))
+        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
+        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, v0, 64, BV)).to(tl.float32)
+        xt = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        z = bt[:, None] * vt - f_w[:, None] * _sdot(kt, s, None, TF32, EMU)
+        vn = _sdot(xt, z, None, TF32, EMU)
+        o = f_q[:, None] * _sdot(qt, s, None, TF32, EMU)
+        o = _sdot(at, vn, o, TF32, EMU)
+        s = _sdot(tl.trans(kt), f_k[:, None] * vn, s * decay, TF32, EMU)
         # padding rows of a partial chunk come out as exact zeros (their q and Aqk rows are 0)
-        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, v0, C, BV), o)
+        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, v0, 64, BV), o)
         if CAPTURE:
-            if r0 + C <= hi:
-                sp = states + (c - c0).to(tl.int64) * (HV * K * V) + hkv
+            if r0 + 64 <= hi:
+                sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
                 tl.store(_tile(sp, K, V, V, 0, v0, K, BV), s)
     tl.store(_tile(s_out + hkv, K, V, V, 0, v0, K, BV), s)
 
@@ -386,11 +428,18 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
-                  cfg: GdnConfig) -> tuple[torch.Tensor, torch.Tensor, GridStates]:
-    """chunk_gated_delta_rule with an explicit launch shape. q, k may have fewer heads than v
-    (grouped: value head h reads q/k head h // (HV // H)), as views with any row stride."""
+class ChunkPrep(NamedTuple):
+    """What the state pass reads besides q, k, v: per-row factors [4, T, HV] (f_q, f_k, f_w,
+    beta), exp(gc_last) [T/64, HV], X = (I + L)^-1 and Aqk, both [T, HV, 64]."""
+
+    fac: torch.Tensor
+    glast: torch.Tensor
+    xmat: torch.Tensor
+    aqk: torch.Tensor
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+           beta: torch.Tensor, lo: int, hi: int) -> None:
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
     if t % CHUNK or lo % CHUNK or not 0 <= lo < hi <= t:
@@ -400,21 +449,79 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     for d in (kd, vd):
         if d < 16 or d & (d - 1):
             raise ValueError(f"head dims must be powers of two >= 16, got K={kd} V={vd}")
+
+
+def _alloc_prep(t: int, hv: int, kd: int, cfg: GdnConfig, dev: torch.device) -> ChunkPrep:
+    mid = torch.float32 if cfg.tf32 else torch.bfloat16
+    return ChunkPrep(_empty(4, t, hv, dtype=torch.float32, device=dev),
+                     _empty(t // CHUNK, hv, dtype=torch.float32, device=dev),
+                     _empty(t, hv, CHUNK, dtype=mid, device=dev),
+                     _empty(t, hv, CHUNK, dtype=mid, device=dev))
+
+
+def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                 prep: ChunkPrep, lo: int, hi: int, ca: int, cb: int, cfg: GdnConfig) -> None:
+    """The state-independent half of the chunked rule for chunks ca .. cb-1."""
+    t, hq, kd = q.shape
+    hv = prep.glast.shape[1]
+    tf32 = cfg.tf32 or _EMU_BF16
+    _solve_kernel[(cb - ca, hv)](
+        k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
+        beta.stride(0), beta.stride(1), lo, hi, ca, t,
+        HV=hv, GRP=hv // hq, K=kd, BK=min(cfg.solve_bk, kd), TF32=tf32,
+        num_warps=cfg.solve_warps)
+    _qk_kernel[(cb - ca, hv)](
+        q, k, g, beta, prep.fac, prep.glast, prep.aqk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), g.stride(1),
+        beta.stride(0), beta.stride(1), lo, hi, ca, t, kd ** -0.5,
+        HV=hv, GRP=hv // hq, K=kd, BK=min(64, kd), TF32=tf32, num_warps=cfg.qk_warps)
+
+
+def chunk_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, hv: int,
+               lo: int, hi: int, cfg: GdnConfig) -> ChunkPrep:
+    """The state-independent half of the chunked rule for chunks lo/64 .. ceil(hi/64)."""
+    prep = _alloc_prep(q.shape[0], hv, q.shape[2], cfg, q.device)
+    _launch_prep(q, k, g, beta, prep, lo, hi, lo // CHUNK, -(-hi // CHUNK), cfg)
+    return prep
+
+
+def _segments(c0: int, c1: int, seg: int) -> list[tuple[int, int]]:
+    """Chunk ranges of the prep/state-pass overlap (auto: ~8 segments of 16..64 chunks)."""
+    n = c1 - c0
+    if seg <= 0:
+        seg = max(16, min(64, n // 8))
+    return [(a, min(a + seg, c1)) for a in range(c0, c1, seg)]
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SIDE_STREAMS:
+        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _SIDE_STREAMS[idx]
+
+
+def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
+                  cfg: GdnConfig) -> tuple[torch.Tensor, torch.Tensor, GridStates]:
+    """chunk_gated_delta_rule with an explicit launch shape. q, k may have fewer heads than v
+    (grouped: value head h reads q/k head h // (HV // H)), as views with any row stride.
+
+    With cfg.overlap, long windows run in segments: the preparation of segment i+1 (side
+    stream) overlaps the state pass of segment i (current stream), which uses few SMs. The state
+    crosses segment boundaries through fp32 memory, so the numbers do not depend on the
+    segmentation. Off by default: the two-stream path has not been timed or tested on a GPU
+    yet (tests/engine/test_triton_kernels.py::test_chunk_segments_are_invisible does)."""
+    _check(q, k, v, g, beta, lo, hi)
+    t, hq, kd = q.shape
+    hv, vd = v.shape[1], v.shape[2]
     bv = min(cfg.bv, vd)
     q, k, v = _rows2d(q), _rows2d(k), _rows2d(v)
     state = state.float().contiguous()
     dev = q.device
     c0, c1 = lo // CHUNK, -(-hi // CHUNK)
-    nc = c1 - c0
-    mid = torch.float32 if cfg.tf32 else torch.bfloat16
-    gcb = _empty(t, hv, dtype=torch.float32, device=dev)
-    glast = _empty(t // CHUNK, hv, dtype=torch.float32, device=dev)
-    xmat = _empty(t, hv, CHUNK, dtype=mid, device=dev)
-    qd = _empty(t, hv, kd, dtype=mid, device=dev)
-    kdt = _empty(t // CHUNK, hv, kd, CHUNK, dtype=mid, device=dev)
-    w = _empty(t, hv, kd, dtype=mid, device=dev)
-    u = _empty(t, hv, vd, dtype=mid, device=dev)
-    aqk = _empty(t, hv, CHUNK, dtype=mid, device=dev)
     out = _empty(t, hv, vd, dtype=torch.float32, device=dev)
     if c0:
         out[:c0 * CHUNK].zero_()
@@ -423,24 +530,46 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     s_out = _empty(hv, kd, vd, dtype=torch.float32, device=dev)
     n_states = (hi // CHUNK - c0) if capture else 0
     states = _empty(max(n_states, 0), hv, kd, vd, dtype=torch.float32, device=dev)
-    grp, bk = hv // hq, min(64, kd, vd)
-    _solve_kernel[(nc, hv)](
-        k, g, beta, gcb, glast, xmat,
-        k.stride(0), k.stride(1), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
-        lo, hi, c0, t, HV=hv, GRP=grp, K=kd, BK=bk, TF32=cfg.tf32 or _EMU_BF16,
-        num_warps=cfg.solve_warps)
-    _wy_kernel[(nc, hv)](
-        q, k, v, beta, gcb, xmat, qd, kdt, w, u, aqk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        beta.stride(0), beta.stride(1), lo, hi, c0, t, kd ** -0.5,
-        HV=hv, GRP=grp, K=kd, V=vd, BK=bk, TF32=cfg.tf32 or _EMU_BF16,
-        num_warps=cfg.wy_warps)
-    _seq_kernel[(vd // bv, hv)](
-        qd, kdt, glast, w, u, aqk, state, out, states if capture else s_out, s_out,
-        lo, hi, c0, c1, t,
-        HV=hv, K=kd, V=vd, BV=bv, C=CHUNK, CAPTURE=bool(capture),
-        TF32=cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32,
-        STAGES=cfg.stages, EMU=_EMU_BF16, num_warps=cfg.warps)
+    prep = _alloc_prep(t, hv, kd, cfg, dev)
+    segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
+
+    def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
+        _seq_kernel[(vd // bv, hv)](
+            q, k, v, prep.fac, prep.glast, prep.xmat, prep.aqk, s_in, out,
+            states if capture else s_next, s_next,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            lo, hi, ca, cb, c0, t,
+            HV=hv, GRP=hv // hq, K=kd, V=vd, BV=bv, CAPTURE=bool(capture),
+            TF32=cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32,
+            STAGES=cfg.stages, EMU=_EMU_BF16, num_warps=cfg.warps)
+
+    if len(segs) == 1 or not q.is_cuda or not cfg.overlap:
+        for ca, cb in segs:
+            _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
+        s_cur = state
+        for i, (ca, cb) in enumerate(segs):
+            s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
+            state_pass(ca, cb, s_cur, s_next)
+            s_cur = s_next
+        return out, s_out, GridStates(states, lo + CHUNK)
+
+    main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+    side.wait_stream(main)  # inputs and buffers are ready on the side stream
+    ready = []
+    with torch.cuda.stream(side):
+        for ca, cb in segs:
+            _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
+            ev = torch.cuda.Event()
+            ev.record(side)
+            ready.append(ev)
+    for x in (q, k, g, beta, *prep):
+        x.record_stream(side)
+    s_cur = state
+    for i, (ca, cb) in enumerate(segs):
+        main.wait_event(ready[i])
+        s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
+        state_pass(ca, cb, s_cur, s_next)
+        s_cur = s_next
     return out, s_out, GridStates(states, lo + CHUNK)
 
 
@@ -448,9 +577,18 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
                            beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,
                            capture: bool = True,
                            ) -> tuple[torch.Tensor, torch.Tensor, Mapping[int, torch.Tensor]]:
-    """reference.chunk_gated_delta_rule on the GPU (see the module docstring)."""
-    return gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, capture,
-                         config_for(q.shape[-1], v.shape[-1]))
+    """reference.chunk_gated_delta_rule on the GPU (see the module docstring); head dims under
+    64 (toy models) take the torch reference (see _SAFE_DOT)."""
+    kd, vd = q.shape[-1], v.shape[-1]
+    if min(kd, vd) < _SAFE_DOT:
+        from engine.kernels import reference  # noqa: PLC0415
+
+        hv = v.shape[1]
+        if q.shape[1] != hv:
+            q = q.repeat_interleave(hv // q.shape[1], dim=1)
+            k = k.repeat_interleave(hv // k.shape[1], dim=1)
+        return reference.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi, capture)
+    return gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, capture, config_for(kd, vd))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,618 @@
+"""GPU timings: the GDN kernels against fla and torch (`bench kernels`), and the engine's cold
+prefill, replay cost and snapshot copies (`bench prefill`), as `sbrbench.bench/v1` rows.
+
+Method (see docs/KERNELS.md): inputs are random (never zeros), every timing is the median of
+repeats measured with CUDA events through triton.testing.do_bench after a warm-up call that is
+kept out of the figures, and each result row says what the hardware achieved (TFLOP/s, GB/s)
+against the FLOP and byte counts defined here.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from engine.config import CHUNK, ModelConfig
+from engine.errors import UserError
+
+SCHEMA = "sbrbench.bench/v1"
+# Dense bf16 tensor-core peak of an H100 SXM / H200 (the datasheet's 989.4 TFLOP/s without
+# sparsity); MFU is reported against it and against the measured 8192^3 matmul rate.
+DENSE_BF16_PEAK_TFLOPS = 989.0
+QWEN3_NEXT = {"B": 1, "H": 16, "HV": 32, "K": 128, "V": 128}
+DEVICE = "cuda"  # every tensor of a bench lives here (tests smoke-run the code on "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty_cache() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise UserError("sbrbench bench needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def gpu_slug(name: str | None) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (the results/<gpu>/ folder name)."""
+    words = re.sub(r"(?i)\bnvidia\b", "", name or "").lower().split()
+    return re.sub(r"[^a-z0-9.-]", "", words[0]) if words else "unknown-gpu"
+
+
+def bench_env() -> dict[str, Any]:
+    """Environment of the run: sbrbench.results' capture when present, plus the GPU details."""
+    try:
+        from sbrbench.results import capture_env  # noqa: PLC0415
+
+        env = capture_env()
+    except ImportError:
+        env = {"host": socket.gethostname(), "python": platform.python_version(),
+               "torch": torch.__version__, "cuda": torch.version.cuda,
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, sm_count=p.multi_processor_count,
+                   gpu_mem_gib=round(p.total_memory / 2**30, 1))
+    try:
+        import triton  # noqa: PLC0415
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    try:
+        import fla  # noqa: PLC0415
+
+        env["fla"] = getattr(fla, "__version__", "?")
+    except ImportError:
+        env["fla"] = None
+    return env
+
+
+def write_doc(path: Path, bench: str, env: dict[str, Any], rows: list[dict[str, Any]],
+              extra: dict[str, Any] | None = None) -> None:
+    """Write one bench file atomically (sbrbench.results when present)."""
+    doc: dict[str, Any] = {"schema": SCHEMA, "bench": bench,
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": env,
+                           **(extra or {}), "rows": rows}
+    try:
+        from sbrbench.results import write_json_atomic  # noqa: PLC0415
+    except ImportError:
+        import json  # noqa: PLC0415
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
+        return
+    write_json_atomic(path, doc)
+
+
+def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median device time of fn() in ms (CUDA events; L2 flushed between repeats)."""
+    fn()  # compile / autotune / allocate: never in the figures
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    try:
+        from triton.testing import do_bench  # noqa: PLC0415
+    except ImportError:
+        return _events_median(fn, n=max(3, int(rep_ms // 5)))
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def _events_median(fn: Callable[[], Any], n: int) -> float:
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+class Ceilings(NamedTuple):
+    matmul_tflops: float  # 8192^3 bf16 torch.matmul on random data
+    copy_gbps: float  # device-to-device copy, bytes read + written
+
+
+def measure_ceilings() -> Ceilings:
+    """The two ceilings the method asks for, measured once on this device."""
+    n = 8192
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    ms = time_ms(lambda: a @ b, rep_ms=200)
+    src = torch.randn(256 * 2**20, device=DEVICE)  # 1 GiB fp32
+    dst = torch.empty_like(src)
+    ms_copy = time_ms(lambda: dst.copy_(src), rep_ms=200)
+    return Ceilings(2 * n**3 / ms / 1e9, 2 * src.numel() * 4 / ms_copy / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def gdn_flops(t: int, hv: int, kd: int, vd: int) -> float:
+    """FLOPs of the chunked gated delta rule (C = 64), counted the same for every impl: per token
+    and value head 2C(3K + 2V) for K K^T, Q K^T, W and U, plus 6KV for W S, Q S and K^T Vn, plus
+    2CV for Aqk Vn."""
+    c = CHUNK
+    return float(t * hv * (2 * c * (3 * kd + 2 * vd) + 6 * kd * vd))
+
+
+def gdn_bytes(t: int, hq: int, hv: int, kd: int, vd: int, out_bytes: int,
+              n_states: int) -> float:
+    """Fewest bytes a call must move: bf16 q, k, v and beta, fp32 g, the fp32 state in and out,
+    the output, and the captured grid states (fp32)."""
+    inputs = t * (2 * hq * kd * 2 + hv * vd * 2 + hv * 4 + hv * 2)
+    states = (2 + n_states) * hv * kd * vd * 4
+    return float(inputs + states + t * hv * vd * out_bytes)
+
+
+def gdn_inputs(t: int, hq: int, hv: int, kd: int, vd: int, seed: int = 0,
+               ) -> tuple[torch.Tensor, ...]:
+    """Random Qwen3-Next-like GDN inputs on the GPU: raw bf16 q, k [T, H, K], v [T, HV, V], the
+    model's log decay g (fp32) and sigmoid beta (bf16), a small fp32 initial state."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE)
+
+    a_log = torch.log(torch.rand(hv, generator=gen, device=DEVICE) * 15 + 1)
+    dt_bias = rnd(hv) - 4
+    g = -a_log.exp() * torch.nn.functional.softplus(rnd(t, hv) + dt_bias)
+    return (rnd(t, hq, kd).bfloat16(), rnd(t, hq, kd).bfloat16(), rnd(t, hv, vd).bfloat16(),
+            g, torch.sigmoid(rnd(t, hv)).bfloat16(), rnd(hv, kd, vd) * 0.05)
+
+
+def _fla_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+            beta: torch.Tensor, s0: torch.Tensor) -> Callable[[], Any] | None:
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn  # noqa: PLC0415
+    except ImportError:
+        return None
+    args = (q[None], k[None], v[None], g[None], beta[None])
+    h0 = s0[None].contiguous()
+
+    def run() -> Any:
+        return fla_gdn(*args, initial_state=h0, output_final_state=True,
+                       use_qk_l2norm_in_kernel=True)
+
+    return run
+
+
+def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbytes: float,
+         **extra: Any) -> dict[str, Any]:
+    fl = gdn_flops(t, hv, kd, vd)
+    return {"kernel": "gdn_chunk_fwd", "impl": impl, "B": 1, "T": t, "H": hq, "HV": hv,
+            "K": kd, "V": vd, "ms": round(ms, 4), "tflops": round(fl / ms / 1e9, 2),
+            "gbps": round(nbytes / ms / 1e6, 1), **extra}
+
+
+def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
+              configs: Sequence[Any] = (), sweep_at: Sequence[int] = (),
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (production config, capture on
+    and off, q/k grouped and expanded; extra configs at the T values in sweep_at), fla on the
+    same inputs (grouped and expanded q/k) and the torch reference."""
+    rows: list[dict[str, Any]] = []
+    for t in ts:
+        if t % CHUNK:
+            raise UserError(f"--T values must be multiples of {CHUNK}, got {t}")
+        rows += _bench_gdn_at(t, fla, t <= torch_max_t, configs if t in sweep_at else (), log)
+        _empty_cache()
+    return rows
+
+
+def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    from engine.kernels import reference as ref  # noqa: PLC0415
+    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+
+    hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
+    rows: list[dict[str, Any]] = []
+    prod = tg.config_for(kd, vd)
+    q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
+    qx, kx = q.repeat_interleave(hv // hq, 1), k.repeat_interleave(hv // hq, 1)
+    n_states = t // CHUNK
+    runs = [(prod, True, True), (prod, True, False), (prod, False, True)]
+    runs += [(c, True, True) for c in configs if c != prod]
+    for cfg, capture, grouped in runs:
+        qq, kk = (q, k) if grouped else (qx, kx)
+        ms = time_ms(partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg))
+        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_states if capture else 0)
+        rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=capture,
+                         config=cfg._asdict(), production=cfg == prod,
+                         exact=tg.exact_on_sm90(cfg)))
+        log(f"  sbrbench T={t} H={qq.shape[1]} capture={capture} {_cfg_name(cfg)}: {ms:.3f} ms")
+    fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
+    for fn in fla_fns:
+        fla_ms = _guarded_ms(fn, "fla", log) if fn is not None else None
+        if fla_ms is None:
+            break
+        h = hq if fn is fla_fns[0] else hv
+        rows.append(_row("fla", t, h, hv, kd, vd, fla_ms, gdn_bytes(t, h, hv, kd, vd, 2, 0),
+                         capture=False))
+        log(f"  fla      T={t} H={h}: {fla_ms:.3f} ms")
+    ref_ms = _guarded_ms(partial(ref.chunk_gated_delta_rule, qx, kx, v, g, beta, s0, 0, t, True),
+                         "torch", log, warmup_ms=1, rep_ms=1) if with_torch else None
+    if ref_ms is not None:
+        rows.append(_row("torch", t, hv, hv, kd, vd, ref_ms,
+                         gdn_bytes(t, hv, hv, kd, vd, 4, n_states), capture=True))
+        log(f"  torch    T={t}: {ref_ms:.3f} ms")
+    return rows
+
+
+def _guarded_ms(fn: Callable[[], Any], what: str, log: Callable[[str], None],
+                **kw: float) -> float | None:
+    """time_ms, but a failing baseline (not ours) is logged and skipped, not fatal."""
+    try:
+        return time_ms(fn, **kw)
+    except Exception as e:  # noqa: BLE001 - a third-party kernel may fail in many ways
+        log(f"  {what}: failed ({type(e).__name__}: {str(e)[:200]})")
+        _empty_cache()
+        return None
+
+
+def _cfg_name(cfg: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in cfg._asdict().items())
+
+
+def bench_small_kernels(window: int = 512, log: Callable[[str], None] = print,
+                        ) -> list[dict[str, Any]]:
+    """recurrent_step, causal_conv1d and gated_rms_norm at a3b-proxy shapes, Triton vs torch."""
+    from engine.kernels import reference as ref  # noqa: PLC0415
+    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+
+    hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
+    rows: list[dict[str, Any]] = []
+    q, k, v, g, beta, s0 = gdn_inputs(1, hq, hv, kd, vd, seed=1)
+    qx, kx = q[0].repeat_interleave(2, 0), k[0].repeat_interleave(2, 0)
+    step_bytes = 2 * hv * kd * vd * 4
+    fns: list[tuple[str, Callable[[], Any]]] = [
+        ("sbrbench", partial(tg.recurrent_step, q[0], k[0], v[0], g[0], beta[0], s0)),
+        ("torch", partial(ref.recurrent_step, qx, kx, v[0], g[0], beta[0], s0))]
+    for impl, fn in fns:
+        ms = time_ms(fn)
+        rows.append({"kernel": "recurrent_step", "impl": impl, "HV": hv, "K": kd, "V": vd,
+                     "ms": round(ms, 4), "gbps": round(step_bytes / ms / 1e6, 1)})
+        log(f"  recurrent_step {impl}: {ms * 1e3:.1f} us")
+    d = 2 * hq * kd + hv * vd
+    x = torch.randn(window, d, device=DEVICE).bfloat16()
+    w = (torch.randn(d, 4, device=DEVICE) * 0.3).bfloat16()
+    st = torch.randn(3, d, device=DEVICE).bfloat16()
+    conv_bytes = 2 * window * d * 2
+    fns = [("sbrbench", partial(tg.causal_conv1d, x, w, st)),
+           ("torch", partial(ref.causal_conv1d, x, w, st))]
+    for impl, fn in fns:
+        ms = time_ms(fn)
+        rows.append({"kernel": "causal_conv1d", "impl": impl, "T": window, "D": d,
+                     "ms": round(ms, 4), "gbps": round(conv_bytes / ms / 1e6, 1)})
+        log(f"  causal_conv1d {impl}: {ms * 1e3:.1f} us")
+    xo = torch.randn(window, hv, vd, device=DEVICE).bfloat16()
+    z = torch.randn(window, hv, vd, device=DEVICE).bfloat16()
+    wn = torch.ones(vd, device=DEVICE).bfloat16()
+    norm_bytes = 3 * window * hv * vd * 2
+    fns = [("sbrbench", partial(tg.gated_rms_norm, xo, z, wn, 1e-6)),
+           ("torch", partial(ref.gated_rms_norm, xo, z, wn, 1e-6))]
+    for impl, fn in fns:
+        ms = time_ms(fn)
+        rows.append({"kernel": "gated_rms_norm", "impl": impl, "T": window, "HV": hv, "V": vd,
+                     "ms": round(ms, 4), "gbps": round(norm_bytes / ms / 1e6, 1)})
+        log(f"  gated_rms_norm {impl}: {ms * 1e3:.1f} us")
+    return rows
+
+
+def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
+                torch_max_t: int = 16384, sweep_at: Sequence[int] = (),
+                log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench kernels`: write the rows and return (path, rows)."""
+    require_cuda()
+    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+
+    env = bench_env()
+    path = out or Path("results") / gpu_slug(env.get("gpu")) / "bench-kernels.json"
+    ceil = measure_ceilings()
+    log(f"{env.get('gpu')}: matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
+        f"copy {ceil.copy_gbps:.0f} GB/s")
+    configs = sweep_configs(tg) if sweep_at else []
+    extra = {"ceilings": ceil._asdict(), "shape": dict(QWEN3_NEXT), "partial": True}
+    rows: list[dict[str, Any]] = []
+    for t in ts:  # rewritten after each T: a run cut short keeps what it measured
+        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, configs=configs,
+                          sweep_at=sweep_at, log=log)
+        write_doc(path, "kernels", env, rows, extra)
+    rows += bench_small_kernels(log=log)
+    extra.update(partial=False, speedups=speedups(rows))
+    write_doc(path, "kernels", env, rows, extra)
+    return path, rows
+
+
+def sweep_configs(tg: Any) -> list[Any]:
+    """Launch shapes and precisions tried besides the production one (choose, then fix it):
+    the two-stream overlap, and the fast bf16 configuration (not exact on sm_90)."""
+    base = tg.config_for(128, 128)
+    fast = tg.config_for(128, 128, tf32=False)
+    cands = [base._replace(overlap=True), fast, fast._replace(overlap=True)]
+    return [c for c in cands if c != base]
+
+
+def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fla_ms / ours_ms per (T, H) for the production config with capture on."""
+    ours = {(r["T"], r["H"]): r["ms"] for r in rows if r["kernel"] == "gdn_chunk_fwd"
+            and r["impl"] == "sbrbench" and r.get("production") and r.get("capture")}
+    res = []
+    for r in rows:
+        if r["kernel"] == "gdn_chunk_fwd" and r["impl"] == "fla" and (r["T"], r["H"]) in ours:
+            o = ours[(r["T"], r["H"])]
+            res.append({"T": r["T"], "H": r["H"], "fla_ms": r["ms"], "ours_ms": o,
+                        "fla_over_ours": round(r["ms"] / o, 3)})
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# bench prefill
+# ---------------------------------------------------------------------------------------------
+
+
+def model_flops(cfg: ModelConfig, start: int, end: int) -> float:
+    """Model FLOPs of prefilling positions [start, end): dense matmuls (lm_head excluded: one row
+    only), the chunked GDN rule and causal attention scores + values."""
+    n = end - start
+    dense = (cfg.flops_per_token() + cfg.gdn_flops_per_token()) * n
+    per_q = cfg.attn_flops(0)  # FLOPs per (query, key) pair, all attention layers
+    attn = per_q * (end * (end + 1) - start * (start + 1)) / 2
+    return dense + attn
+
+
+def build_model_on_gpu(preset_name: str, dtype: torch.dtype, seed: int = 0) -> Any:
+    """The weights Engine.from_preset(device="cuda") gets (engine.weights.init_random draws on
+    the model's device), built on the GPU directly: no CPU construction of 4B parameters."""
+    from engine.config import preset  # noqa: PLC0415
+    from engine.model.model import HybridModel  # noqa: PLC0415
+    from engine.weights import init_random  # noqa: PLC0415
+
+    with torch.device(DEVICE):
+        model = HybridModel(preset(preset_name))
+    init_random(model, seed)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def _engine(model: Any, dtype: torch.dtype, window: int, kv_tokens: int) -> Any:
+    from engine.runtime import Engine, EngineCacheArgs  # noqa: PLC0415
+    from engine.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+    cfg = model.cfg
+    args = EngineCacheArgs(policy="lru", snapshot_slots=2, exec_window=window,
+                           kv_budget_tokens=kv_tokens)
+    return Engine(model, ByteTokenizer(cfg.vocab_size, cfg.eos_token_id), DEVICE, dtype, args)
+
+
+def bench_prefill_rows(model: Any, dtype: torch.dtype, lengths: Sequence[int],
+                       windows: Sequence[int], reps: int, peak: float,
+                       log: Callable[[str], None] = print,
+                       on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+                       ) -> list[dict[str, Any]]:
+    """Cold prefill (engine.generate, max_tokens=1, use_cache=False) per exec window x length."""
+    from engine.runtime import SamplingParams  # noqa: PLC0415
+
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (max(lengths),), generator=gen).tolist()
+    rows = []
+    for w in windows:
+        eng = _engine(model, dtype, w, max(lengths) + 2 * w)
+        for n in sorted({min(lengths), min(2 * w + 64, max(lengths))}):
+            # warm-up: compile the kernels of windows with and without grid captures
+            eng.generate(ids[:n], SamplingParams(max_tokens=1), use_cache=False)
+        for n in lengths:
+            stats = [eng.generate(ids[:n], SamplingParams(max_tokens=1), use_cache=False).stats
+                     for _ in range(reps)]
+            pre = statistics.median(s.prefill_s for s in stats)
+            ttft = statistics.median(s.ttft_s for s in stats)
+            fl = model_flops(cfg, 0, n)
+            row = {"kernel": "prefill", "impl": "sbrbench", "preset": cfg.name, "window": w,
+                   "tokens": n, "prefill_s": round(pre, 4), "ttft_s": round(ttft, 4),
+                   "tok_s": round(n / pre, 1), "model_tflops": round(fl / pre / 1e12, 1),
+                   "mfu": round(fl / pre / 1e12 / DENSE_BF16_PEAK_TFLOPS, 4),
+                   "mfu_vs_measured": round(fl / pre / 1e12 / peak, 4)}
+            rows.append(row)
+            log(f"  prefill E={w} L={n}: {pre * 1e3:.0f} ms, {row['tok_s']:.0f} tok/s, "
+                f"MFU {row['mfu']:.1%}")
+        del eng
+        _empty_cache()
+        if on_rows is not None:
+            on_rows(rows)
+    return rows
+
+
+def bench_replay_rows(model: Any, dtype: torch.dtype, window: int, depths: Sequence[int],
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One aligned window at several depths (what replay and prefill cost per window/token),
+    and the snapshot save/restore copies of one slot."""
+    cfg = model.cfg
+    dev = torch.device(DEVICE)
+    rows = []
+    cap = max(depths) + window
+    kv = model.kv_buffers(cap, dev, dtype)
+    for kb, vb in kv:
+        kb.normal_()
+        vb.normal_()
+    state = model.zero_state(dev, dtype)
+    state.ssm.normal_(0, 0.05)
+    ids = torch.randint(0, 256, (window,), device=dev)
+    for d in depths:
+        e0 = d // window * window
+        ms = time_ms(partial(model.forward_window, ids, e0, 0, window, state, kv, set()),
+                     warmup_ms=1, rep_ms=50)
+        rows.append({"kernel": "replay_window", "impl": "sbrbench", "preset": cfg.name,
+                     "window": window, "depth": e0, "ms": round(ms, 3),
+                     "ms_per_token": round(ms / window, 5)})
+        log(f"  window E={window} at depth {e0}: {ms:.2f} ms ({ms / window * 1e3:.1f} us/token)")
+    eng = _engine(model, dtype, window, 2 * window)
+    ssm, conv = eng.snap_ssm[0], eng.snap_conv[0]
+    ms_save = time_ms(lambda: (ssm.copy_(state.ssm), conv.copy_(state.conv)))
+    ms_restore = time_ms(lambda: (ssm.clone(), conv.clone()))
+    nbytes = eng.snapshot_bytes
+    for kind, ms in (("snapshot_save", ms_save), ("snapshot_restore", ms_restore)):
+        rows.append({"kernel": kind, "impl": "sbrbench", "preset": cfg.name, "bytes": nbytes,
+                     "ms": round(ms, 4), "gbps": round(2 * nbytes / ms / 1e6, 1)})
+        log(f"  {kind}: {ms * 1e3:.0f} us for {nbytes / 2**20:.1f} MiB")
+    return rows
+
+
+def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence[int],
+                         contexts: Sequence[int], log: Callable[[str], None] = print,
+                         ) -> list[dict[str, Any]]:
+    """The engine's window attention call (SDPA, lower-right causal mask, GQA) per window and
+    context, in TFLOP/s of causal attention work."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.nn.attention.bias import causal_lower_right  # noqa: PLC0415
+
+    rows = []
+    hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    for w in windows:
+        for ctx in (c for c in contexts if c >= w):
+            q = torch.randn(1, hq, w, d, device=DEVICE, dtype=dtype)
+            k = torch.randn(1, hk, ctx, d, device=DEVICE, dtype=dtype)
+            v = torch.randn(1, hk, ctx, d, device=DEVICE, dtype=dtype)
+            mask = causal_lower_right(w, ctx)
+            ms = time_ms(partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
+                                 scale=d ** -0.5, enable_gqa=True))
+            pairs = w * ctx - w * (w - 1) / 2
+            fl = 4 * hq * d * pairs
+            rows.append({"kernel": "attention_window", "impl": "sdpa", "window": w,
+                         "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
+                         "tflops": round(fl / ms / 1e9, 1)})
+            log(f"  attention E={w} ctx={ctx}: {ms:.3f} ms, {fl / ms / 1e9:.0f} TFLOP/s")
+    return rows
+
+
+def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> dict[str, float]:
+    """Device time of one window by kernel family (gemm, attention, gdn, other), in ms."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    dev = torch.device(DEVICE)
+    kv = model.kv_buffers(depth + window, dev, dtype)
+    state = model.zero_state(dev, dtype)
+    ids = torch.randint(0, 256, (window,), device=dev)
+    e0 = depth // window * window
+    model.forward_window(ids, e0, 0, window, state, kv, set())
+    if DEVICE != "cuda":
+        return {}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.forward_window(ids, e0, 0, window, state, kv, set())
+        torch.cuda.synchronize()
+    fam: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if not t_us or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
+            continue
+        name = ev.key.lower()
+        if any(s in name for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+            f = "attention"
+        elif any(s in name for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")):
+            f = "gemm"
+        elif any(s in name for s in ("_seq_kernel", "_solve_kernel", "_qk_kernel", "_conv_kernel",
+                                     "_gnorm_kernel", "_step_kernel")):
+            f = "gdn_triton"
+        else:
+            f = "other"
+        fam[f] = fam.get(f, 0.0) + t_us / 1e3
+    fam["total"] = sum(fam.values())
+    return {k: round(v, 3) for k, v in fam.items()}
+
+
+def graph_window_rows(model: Any, dtype: torch.dtype, window: int, depths: Sequence[int],
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """What-if: one window captured in a CUDA graph and replayed, i.e. the window's device time
+    without the Python launch overhead of the eager engine (a graph per depth)."""
+    if DEVICE != "cuda":
+        return []
+    dev = torch.device(DEVICE)
+    cfg = model.cfg
+    rows = []
+    kv = model.kv_buffers(max(depths) + window, dev, dtype)
+    state = model.zero_state(dev, dtype)
+    ids = torch.randint(0, 256, (window,), device=dev)
+    for d in depths:
+        e0 = d // window * window
+        try:
+            model.forward_window(ids, e0, 0, window, state, kv, set())  # compile, warm caches
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                model.forward_window(ids, e0, 0, window, state, kv, set())
+            ms = time_ms(graph.replay, warmup_ms=1, rep_ms=50)
+        except Exception as e:  # noqa: BLE001 - a what-if measurement must not stop the bench
+            log(f"  graph window E={window} depth {e0}: failed ({type(e).__name__}: {e})")
+            break
+        fl = model_flops(cfg, e0, e0 + window)
+        rows.append({"kernel": "window_graph", "impl": "sbrbench", "preset": cfg.name,
+                     "window": window, "depth": e0, "ms": round(ms, 3),
+                     "model_tflops": round(fl / ms / 1e9, 1),
+                     "mfu": round(fl / ms / 1e9 / DENSE_BF16_PEAK_TFLOPS, 4)})
+        log(f"  graph window E={window} depth {e0}: {ms:.2f} ms, MFU {rows[-1]['mfu']:.1%}")
+        del graph
+    return rows
+
+
+def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int],
+                dtype_name: str, reps: int, out: Path | None,
+                log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench prefill`: write the rows and return (path, rows)."""
+    require_cuda()
+    from engine.kernels.ops import impl_name  # noqa: PLC0415
+    from engine.runtime import DTYPES  # noqa: PLC0415
+
+    if dtype_name not in DTYPES:
+        raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+    dtype = DTYPES[dtype_name]
+    for w in windows:
+        if w <= 0 or w % CHUNK:
+            raise UserError(f"exec windows must be positive multiples of {CHUNK}, got {w}")
+    env = bench_env()
+    path = out or Path("results") / gpu_slug(env.get("gpu")) / "bench-prefill.json"
+    ceil = measure_ceilings()
+    log(f"{env.get('gpu')}: matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
+        f"copy {ceil.copy_gbps:.0f} GB/s")
+    t0 = time.perf_counter()
+    model = build_model_on_gpu(preset_name, dtype)
+    log(f"model {preset_name} built in {time.perf_counter() - t0:.1f} s "
+        f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params)")
+    extra: dict[str, Any] = {"ceilings": ceil._asdict(),
+                             "peak_assumed_tflops": DENSE_BF16_PEAK_TFLOPS, "preset": preset_name,
+                             "dtype": dtype_name, "kernels": impl_name(DEVICE), "partial": True}
+    rows = bench_prefill_rows(model, dtype, lengths, windows, reps, ceil.matmul_tflops, log,
+                              on_rows=lambda r: write_doc(path, "prefill", env, r, extra))
+    best = max((r for r in rows if r["tokens"] == max(lengths)), key=lambda r: r["tok_s"])
+    depths = sorted({0, *[n // 2 for n in lengths], max(lengths) - best["window"]})
+    rows += bench_replay_rows(model, dtype, best["window"], depths, log)
+    rows += bench_attention_rows(model.cfg, dtype, sorted({512, best["window"]}),
+                                 sorted(set(lengths)), log)
+    rows += graph_window_rows(model, dtype, best["window"], depths, log)
+    prof = profile_window(model, best["window"], max(lengths) // 2, dtype)
+    log(f"  one window E={best['window']} at depth {max(lengths) // 2} by family (ms): {prof}")
+    extra.update(partial=False, best_window=best["window"], window_profile_ms=prof)
+    write_doc(path, "prefill", env, rows, extra)
+    return path, rows

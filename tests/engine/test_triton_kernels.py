@@ -1,0 +1,490 @@
+"""Triton GDN kernels against reference.py, and their exactness rules (bitwise resume from a
+grid state, bitwise independence from padding rows).
+
+GPU tests run the compiled kernels on CUDA. CPU tests run the same kernels through Triton's
+interpreter (TRITON_INTERPRET=1, fp32 numpy arithmetic) when triton is installed; they check
+indexing, masking and the algebra, not tensor-core rounding.
+
+Tolerances (relative L2 error against the fp32 reference on the same bf16 inputs): the default
+(tf32) configuration keeps fp32 operands, rounded to tf32 by the tensor cores: ~1e-3 measured
+on an H200. The fast bf16 configuration rounds X, Aqk, the state and Vn to bf16 for the dots
+(accumulation and the carried state stay fp32), as fla does: ~3e-3 measured, 1e-2 worst seen in
+the interpreter. In the interpreter the tf32 dots are exact fp32, so the default matches the
+reference to ~1e-6.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+from engine.kernels import reference as ref
+
+C = 64
+TOL = {False: 2.5e-2, True: 4e-3}  # relative L2 error on the GPU, keyed by cfg.tf32
+INTERP_TOL = {False: 2.5e-2, True: 1e-5}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.double() - b.double()).norm()
+    return float(d / b.double().norm().clamp_min(1e-30))
+
+
+def gdn_inputs(t: int, hv: int, hq: int, kd: int, vd: int, dtype: torch.dtype,
+               device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random GDN inputs shaped like the engine's (g from the Qwen3-Next gate formula)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=gen)
+
+    q = rnd(t, hq, kd).to(dtype)
+    k = rnd(t, hq, kd).to(dtype)
+    v = rnd(t, hv, vd).to(dtype)
+    a_log = torch.log(torch.empty(hv).uniform_(1.0, 16.0, generator=gen))
+    dt_bias = torch.empty(hv).uniform_(-7.0, -2.0, generator=gen)
+    g = -a_log.exp() * torch.nn.functional.softplus(rnd(t, hv) + dt_bias)
+    beta = torch.sigmoid(rnd(t, hv)).to(dtype)
+    s0 = rnd(hv, kd, vd) * 0.05
+    return tuple(x.to(device) for x in (q, k, v, g, beta, s0))
+
+
+def expand(x: torch.Tensor, hv: int) -> torch.Tensor:
+    return x.repeat_interleave(hv // x.shape[1], dim=1)
+
+
+@pytest.fixture
+def poison(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every buffer the kernels allocate starts as NaN (or -1 for integers)."""
+    import engine.kernels.triton_gdn as tg
+
+    def nan_empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(tg, "_empty", nan_empty)
+    yield
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+# (T, HV, H of q/k, K, V)
+# Head dims >= 64 only: smaller ones take the reference (triton_gdn._SAFE_DOT).
+GPU_SHAPES = [
+    pytest.param(64, 2, 2, 64, 64, id="T64-H2-K64"),
+    pytest.param(512, 4, 4, 64, 64, id="T512-H4-K64"),
+    pytest.param(512, 8, 4, 128, 128, id="T512-H8-HQ4-K128"),
+    pytest.param(1024, 32, 16, 128, 128, id="T1024-H32-HQ16-K128"),
+]
+WINDOWS = [pytest.param(0, 1.0, id="full"), pytest.param(2, 0.71, id="lo2-partial"),
+           pytest.param(0, 0.33, id="partial")]
+CONFIGS = [pytest.param(False, id="bf16"), pytest.param(True, id="tf32")]
+# Exactness of the fast bf16 configuration: with Triton 3.6 on sm_90 its state pass gives
+# run-to-run differences at 32 value heads (docs/KERNELS.md), so it is not the default.
+BF16_NOT_EXACT = pytest.mark.xfail(reason="bf16 state pass nondeterministic on sm_90 / Triton "
+                                   "3.6 (not the production config)", strict=False)
+EXACT_CONFIGS = [pytest.param(False, id="bf16", marks=BF16_NOT_EXACT),
+                 pytest.param(True, id="tf32")]
+
+
+def _cfg(tf32: bool):  # type: ignore[no-untyped-def]
+    import engine.kernels.triton_gdn as tg
+
+    return tg.config_for(128, 128, tf32=tf32)
+
+
+def _window(t: int, lo_chunks: int, frac: float) -> tuple[int, int]:
+    lo = min(lo_chunks * C, t - C)
+    hi = max(lo + 1, int(t * frac))
+    return lo, min(hi, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", CONFIGS)
+@pytest.mark.parametrize("lo_chunks,frac", WINDOWS)
+@pytest.mark.parametrize("t,hv,hq,kd,vd", GPU_SHAPES)
+def test_chunk_matches_reference(poison: None, t: int, hv: int, hq: int, kd: int, vd: int,
+                                 lo_chunks: int, frac: float, tf32: bool) -> None:
+    import engine.kernels.triton_gdn as tg
+
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.bfloat16, "cuda", seed=t + hv)
+    lo, hi = _window(t, lo_chunks, frac)
+    out, s, st = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, lo, hi, True, _cfg(tf32))
+    ro, rs, rst = ref.chunk_gated_delta_rule(expand(q, hv), expand(k, hv), v, g, beta, s0, lo,
+                                             hi, True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(s).all()
+    assert (out[:lo] == 0).all() and (out[hi:] == 0).all()
+    assert sorted(st) == sorted(rst)
+    tol = TOL[tf32]
+    assert rel_err(out[lo:hi], ro[lo:hi]) < tol
+    assert rel_err(s, rs) < tol
+    for r in rst:
+        assert torch.isfinite(st[r]).all()
+        assert rel_err(st[r], rst[r]) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", EXACT_CONFIGS)
+@pytest.mark.parametrize("t,hv,hq,kd,vd", GPU_SHAPES[1:])
+def test_chunk_resume_is_bitwise(t: int, hv: int, hq: int, kd: int, vd: int,
+                                 tf32: bool) -> None:
+    """Restarting at any grid row from its captured state gives the run-through numbers."""
+    import engine.kernels.triton_gdn as tg
+
+    cfg = _cfg(tf32)
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.bfloat16, "cuda", seed=7)
+    out, s, st = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 0, t, True, cfg)
+    for r in (C, t // 2, t - C):
+        o2, s2, st2 = tg.gdn_chunk_fwd(q, k, v, g, beta, st[r].clone(), r, t, True, cfg)
+        assert torch.equal(o2[r:], out[r:])
+        assert torch.equal(s2, s)
+        for row in st2:
+            assert torch.equal(st2[row], st[row])
+    assert torch.equal(st[t], s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", EXACT_CONFIGS)
+@pytest.mark.parametrize("t,hv,hq,kd,vd", GPU_SHAPES[1:])
+def test_chunk_padding_is_ignored(t: int, hv: int, hq: int, kd: int, vd: int,
+                                  tf32: bool) -> None:
+    """Valid rows are bitwise independent of what padding rows hold (NaN, inf, data), and of
+    the valid rows after them (a window that later grows)."""
+    import engine.kernels.triton_gdn as tg
+
+    cfg = _cfg(tf32)
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.bfloat16, "cuda", seed=11)
+    lo, hi = C, t - C // 2 - 3
+    out, s, st = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, lo, hi, True, cfg)
+    for fill in (float("nan"), float("inf"), 1e4):
+        xs = [x.clone() for x in (q, k, v, g, beta)]
+        for x in xs:
+            x[:lo] = fill
+            x[hi:] = fill
+        o2, s2, st2 = tg.gdn_chunk_fwd(*xs, s0, lo, hi, True, cfg)
+        assert torch.equal(o2, out) and torch.equal(s2, s)
+        assert all(torch.equal(st2[r], st[r]) for r in st)
+    # the same rows inside a longer valid range
+    o3, _, st3 = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, lo, t, True, cfg)
+    assert torch.equal(o3[:hi], out[:hi])
+    assert all(torch.equal(st3[r], st[r]) for r in st)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32", EXACT_CONFIGS)
+def test_chunk_is_deterministic(tf32: bool) -> None:
+    """Repeated calls on the same inputs give the same bits (a miscompiled shared-memory reuse
+    once showed up here as run-to-run differences)."""
+    import engine.kernels.triton_gdn as tg
+
+    cfg = _cfg(tf32)
+    q, k, v, g, beta, s0 = gdn_inputs(1024, 32, 16, 128, 128, torch.bfloat16, "cuda", seed=13)
+    out, s, st = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 989, True, cfg)
+    for _ in range(10):
+        o2, s2, st2 = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 989, True, cfg)
+        assert torch.equal(o2, out) and torch.equal(s2, s)
+        assert torch.equal(st2.buffer, st.buffer)
+
+
+@pytest.mark.gpu
+def test_chunk_segments_are_invisible() -> None:
+    """The prep/state-pass overlap (segments on two streams) does not change a bit."""
+    import engine.kernels.triton_gdn as tg
+
+    cfg = tg.config_for(128, 128)
+    assert not cfg.overlap
+    q, k, v, g, beta, s0 = gdn_inputs(4096, 32, 16, 128, 128, torch.bfloat16, "cuda", seed=17)
+    ref_run = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 128, 4000, True, cfg)
+    for seg in (0, 1, 7, 16):
+        o, s, st = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 128, 4000, True,
+                                    cfg._replace(overlap=True, seg_chunks=seg))
+        assert torch.equal(o, ref_run[0]) and torch.equal(s, ref_run[1])
+        assert torch.equal(st.buffer, ref_run[2].buffer)
+
+
+@pytest.mark.gpu
+def test_small_heads_take_the_reference() -> None:
+    import engine.kernels.triton_gdn as tg
+
+    q, k, v, g, beta, s0 = gdn_inputs(128, 4, 2, 32, 32, torch.bfloat16, "cuda", seed=19)
+    out, s, st = tg.chunk_gated_delta_rule(q, k, v, g, beta, s0, 0, 100, True)
+    ro, rs, rst = ref.chunk_gated_delta_rule(expand(q, 4), expand(k, 4), v, g, beta, s0, 0,
+                                             100, True)
+    assert torch.equal(out, ro) and torch.equal(s, rs) and sorted(st) == sorted(rst)
+
+
+@pytest.mark.gpu
+def test_chunk_long_window_in_one_call() -> None:
+    """T = 16k in one call (the kernel takes any multiple of 64), close to the reference."""
+    import engine.kernels.triton_gdn as tg
+
+    t, hv, hq, kd, vd = 16384, 4, 2, 128, 128
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.bfloat16, "cuda", seed=3)
+    out, s, st = tg.chunk_gated_delta_rule(q, k, v, g, beta, s0, 0, t, True)
+    ro, rs, _ = ref.chunk_gated_delta_rule(expand(q, hv), expand(k, hv), v, g, beta, s0, 0, t,
+                                           False)
+    assert len(st) == t // C
+    assert rel_err(out, ro) < TOL[tg.config_for(kd, vd).tf32]
+    assert rel_err(s, rs) < TOL[tg.config_for(kd, vd).tf32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hv,hq,kd,vd", [(4, 4, 32, 32), (32, 16, 128, 128)],
+                         ids=["H4-K32", "H32-HQ16-K128"])
+def test_recurrent_step_matches_reference(poison: None, hv: int, hq: int, kd: int,
+                                          vd: int) -> None:
+    import engine.kernels.triton_gdn as tg
+
+    q, k, v, g, beta, s0 = gdn_inputs(8, hv, hq, kd, vd, torch.bfloat16, "cuda", seed=5)
+    s, rs = s0, s0
+    for i in range(8):
+        o, s = tg.recurrent_step(q[i], k[i], v[i], g[i], beta[i], s)
+        ro, rs = ref.recurrent_step(expand(q, hv)[i], expand(k, hv)[i], v[i], g[i], beta[i], rs)
+        assert rel_err(o, ro) < 1e-5
+    assert rel_err(s, rs) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,d", [(1, 96), (512, 8192), (77, 300)], ids=["T1-D96", "T512-D8192",
+                                                                          "T77-D300"])
+def test_causal_conv1d(poison: None, t: int, d: int) -> None:
+    import engine.kernels.triton_gdn as tg
+
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t + 40, d, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(d, 4, generator=gen) * 0.3).to("cuda", torch.bfloat16)
+    st = torch.randn(3, d, generator=gen).to("cuda", torch.bfloat16)
+    y = tg.causal_conv1d(x[:t], w, st)
+    torch.testing.assert_close(y, ref.causal_conv1d(x[:t], w, st), atol=2e-2, rtol=1e-2)
+    # rows do not depend on the call's extent: split the call, carry the state
+    full = tg.causal_conv1d(x, w, st)
+    a = tg.causal_conv1d(x[:t], w, st)
+    b = tg.causal_conv1d(x[t:], w, ref.conv_state_after(x, st, t))
+    assert torch.equal(torch.cat([a, b]), full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,h,d", [(512, 32, 128), (3, 4, 32)], ids=["T512-H32-D128",
+                                                                     "T3-H4-D32"])
+def test_gated_rms_norm(poison: None, t: int, h: int, d: int) -> None:
+    import engine.kernels.triton_gdn as tg
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(t, h, d, generator=gen).to("cuda", torch.bfloat16)
+    z = torch.randn(t, h, d, generator=gen).to("cuda", torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(d, generator=gen)).to("cuda", torch.bfloat16)
+    torch.testing.assert_close(tg.gated_rms_norm(x, z, w, 1e-6),
+                               ref.gated_rms_norm(x, z, w, 1e-6), atol=1.6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.gpu
+def test_engine_parity_on_gpu() -> None:
+    """Cold vs warm on the GPU with the Triton kernels: bitwise-identical tokens and digests."""
+    from engine.kernels import ops
+    from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+
+    assert ops.impl_name("cuda") == "triton"
+    eng = Engine.from_preset("small", device="cuda", dtype="bfloat16",
+                             cache=EngineCacheArgs(policy="lru", snapshot_interval=256,
+                                                   exec_window=256))
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (700,), generator=gen).tolist()
+    b = a + torch.randint(0, 256, (300,), generator=gen).tolist()
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    cold = eng.generate(b, p, use_cache=False)
+    eng.generate(a, p, session="s")
+    warm = eng.generate(b, p, session="s")
+    assert warm.stats.snapshot_pos > 0
+    assert warm.tokens == cold.tokens
+    assert warm.stats.logits_sha256 == cold.stats.logits_sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU, through Triton's interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def test_kernels_through_the_triton_interpreter() -> None:
+    """Runs this file's test_interp_* tests in a fresh process with TRITON_INTERPRET=1 (Triton
+    reads that variable when it is imported, and this process may have imported it already)."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests cover the compiled kernels")
+    if INTERPRETING:
+        pytest.skip("already inside the interpreter run")
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    res = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p",
+                          "no:cacheprovider", "-k", "test_interp_"],
+                         env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def itg() -> ModuleType:
+    """triton_gdn with its kernels in Triton's interpreter (only inside the run above)."""
+    if not INTERPRETING:
+        pytest.skip("runs inside test_kernels_through_the_triton_interpreter")
+    import triton.runtime.interpreter as ti
+
+    orig = ti._patch_lang_tensor
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        # numpy >= 2.4 refuses int() of the 1-element arrays that the interpreter uses for
+        # scalar kernel arguments (loop bounds); read the element instead.
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    ti._patch_lang_tensor = patched
+    return importlib.import_module("engine.kernels.triton_gdn")
+
+
+@pytest.mark.parametrize("tf32", CONFIGS)
+@pytest.mark.parametrize("lo,hi", [(0, 192), (64, 150), (128, 129)],
+                         ids=["full", "lo64-partial", "one-row"])
+def test_interp_chunk_matches_reference(itg: ModuleType, lo: int, hi: int, tf32: bool) -> None:
+    t, hv, hq, kd, vd = 192, 4, 2, 32, 32
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.float32, "cpu", seed=lo + hi)
+    cfg = itg.GdnConfig(bv=16, tf32=tf32)
+    out, s, st = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, lo, hi, True, cfg)
+    ro, rs, rst = ref.chunk_gated_delta_rule(expand(q, hv), expand(k, hv), v, g, beta, s0, lo,
+                                             hi, True)
+    assert (out[:lo] == 0).all() and (out[hi:] == 0).all()
+    assert sorted(st) == sorted(rst)
+    tol = INTERP_TOL[tf32]
+    assert rel_err(out[lo:hi], ro[lo:hi]) < tol
+    assert rel_err(s, rs) < tol
+    assert all(rel_err(st[r], rst[r]) < tol for r in rst)
+
+
+def test_interp_chunk_resume_and_padding(itg: ModuleType) -> None:
+    t, hv, hq, kd, vd = 256, 2, 2, 32, 32
+    cfg = itg.GdnConfig(bv=32, tf32=False)
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.float32, "cpu", seed=2)
+    out, s, st = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 0, t, True, cfg)
+    o2, s2, _ = itg.gdn_chunk_fwd(q, k, v, g, beta, st[128].clone(), 128, t, True, cfg)
+    assert torch.equal(o2[128:], out[128:]) and torch.equal(s2, s)
+    xs = [x.clone() for x in (q, k, v, g, beta)]
+    for x in xs:
+        x[:64] = float("nan")
+        x[200:] = float("inf")
+    o3, s3, st3 = itg.gdn_chunk_fwd(*xs, st[64].clone(), 64, 200, True, cfg)
+    o4, s4, st4 = itg.gdn_chunk_fwd(q, k, v, g, beta, st[64].clone(), 64, 200, True, cfg)
+    assert torch.equal(o3, o4) and torch.equal(s3, s4)
+    assert torch.isfinite(o3).all()
+    assert sorted(st3) == [128, 192] and torch.equal(st3[192], st[192])
+
+
+def test_interp_chunk_segments_are_invisible(itg: ModuleType) -> None:
+    t, hv, hq, kd, vd = 320, 2, 1, 32, 32
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.float32, "cpu", seed=8)
+    base = itg.GdnConfig(bv=32, tf32=False)
+    o1, s1, st1 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 300, True, base)
+    o2, s2, st2 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 300, True,
+                                    base._replace(seg_chunks=2))
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and torch.equal(st1.buffer, st2.buffer)
+
+
+def test_interp_chunk_poisoned_buffers(itg: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    def nan_empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(itg, "_empty", nan_empty)
+    q, k, v, g, beta, s0 = gdn_inputs(256, 2, 1, 32, 32, torch.float32, "cpu", seed=4)
+    out, s, st = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 170, True,
+                                   itg.GdnConfig(bv=16, tf32=True))
+    assert torch.isfinite(out).all() and torch.isfinite(s).all()
+    assert all(torch.isfinite(st[r]).all() for r in st)
+
+
+def test_interp_step_conv_norm(itg: ModuleType) -> None:
+    q, k, v, g, beta, s0 = gdn_inputs(3, 4, 2, 32, 32, torch.float32, "cpu", seed=6)
+    o, s = itg.recurrent_step(q[0], k[0], v[0], g[0], beta[0], s0)
+    ro, rs = ref.recurrent_step(expand(q, 4)[0], expand(k, 4)[0], v[0], g[0], beta[0], s0)
+    assert rel_err(o, ro) < 1e-5 and rel_err(s, rs) < 1e-5
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 300, generator=gen)
+    w = torch.randn(300, 4, generator=gen) * 0.3
+    st = torch.randn(3, 300, generator=gen)
+    torch.testing.assert_close(itg.causal_conv1d(x, w, st), ref.causal_conv1d(x, w, st))
+    full = itg.causal_conv1d(x, w, st)
+    split = torch.cat([itg.causal_conv1d(x[:10], w, st),
+                       itg.causal_conv1d(x[10:], w, ref.conv_state_after(x, st, 10))])
+    assert torch.equal(full, split)
+
+    xs = torch.randn(5, 4, 32, generator=gen)
+    zs = torch.randn(5, 4, 32, generator=gen)
+    ws = 1 + 0.1 * torch.randn(32, generator=gen)
+    torch.testing.assert_close(itg.gated_rms_norm(xs, zs, ws, 1e-6),
+                               ref.gated_rms_norm(xs, zs, ws, 1e-6))
+
+
+def test_interp_engine_warm_equals_cold(itg: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's window loop on the Triton kernels (CPU, interpreted): warm == cold bitwise,
+    and the logits stay close to the reference kernels'."""
+    from engine.kernels import ops
+    from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+
+    args = EngineCacheArgs(policy="lru", snapshot_interval=64, exec_window=128)
+    p = SamplingParams(max_tokens=2, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (150,), generator=gen).tolist()
+    b = a + torch.randint(0, 256, (40,), generator=gen).tolist()
+    ref_eng = Engine.from_preset("tiny", cache=args)
+    ref_cold = ref_eng.generate(b, p, use_cache=False)
+
+    monkeypatch.setattr(ops, "_pick", lambda name, x: getattr(itg, name))
+    monkeypatch.setattr(itg, "_SAFE_DOT", 16)  # the tiny preset's 32-dim heads: no sm_90 here
+    eng = Engine.from_preset("tiny", cache=args)
+    cold = eng.generate(b, p, use_cache=False)
+    eng.generate(a, p, session="s")
+    warm = eng.generate(b, p, session="s")
+    assert warm.stats.snapshot_pos > 0
+    assert warm.tokens == cold.tokens
+    assert warm.stats.logits_sha256 == cold.stats.logits_sha256
+    assert cold.tokens[0] == ref_cold.tokens[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# bench helpers (sbrbench/bench.py, CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_counts_and_names() -> None:
+    from engine.config import preset
+    from sbrbench import bench
+
+    # 180 kFLOP per token and value head at K = V = 128, C = 64
+    assert bench.gdn_flops(1, 1, 128, 128) == 2 * 64 * (3 * 128 + 2 * 128) + 6 * 128 * 128
+    assert bench.gdn_bytes(64, 16, 32, 128, 128, 4, 1) > bench.gdn_bytes(64, 16, 32, 128, 128, 4, 0)
+    assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert bench.gpu_slug("NVIDIA H200") == "h200"
+    cfg = preset("tiny")
+    whole = bench.model_flops(cfg, 0, 256)
+    assert whole == pytest.approx(bench.model_flops(cfg, 0, 128) + bench.model_flops(cfg, 128, 256))
+
+
+def test_bench_cli_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from engine.errors import UserError
+    from sbrbench.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = CliRunner().invoke(app, ["bench", "kernels", "--T", "4096"])
+    assert isinstance(res.exception, UserError) and "CUDA" in str(res.exception)
+    res = CliRunner().invoke(app, ["bench", "prefill", "--lengths", "4096,x"])
+    assert isinstance(res.exception, UserError) and "--lengths" in str(res.exception)

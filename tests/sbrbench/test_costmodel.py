@@ -1,0 +1,158 @@
+"""Cost model: formula, fit, files, defaults, and calibration on the tiny engine."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError, UserError
+from sbrbench import costmodel as cm
+from sbrbench.costmodel import CalibPoint, CostModel, Sample
+
+
+@pytest.mark.parametrize(("s", "L"), [(0, 1), (0, 100), (64, 100), (128, 129), (50, 50)])
+def test_attention_work_is_the_sum_of_context_lengths(s: int, L: int) -> None:
+    assert cm.attention_work(s, L) == sum(p + 1 for p in range(s, L))
+
+
+def test_ttft_and_its_split() -> None:
+    m = CostModel(a=2e-4, b=3e-9, c=0.01, restore=0.005, decode=0.002)
+    t = m.timing(128, 640, 1000)
+    assert t.restore_s == 0.005
+    assert t.ttft_s == pytest.approx(m.ttft(128, 640, 1000))
+    assert t.ttft_s == pytest.approx(t.restore_s + t.replay_s + t.prefill_s + t.overhead_s)
+    assert t.replay_s == pytest.approx(2e-4 * 512 + 3e-9 * cm.attention_work(128, 640))
+    cold = m.timing(0, 0, 1000)
+    assert cold.restore_s == 0 and cold.replay_s == 0
+    assert m.e2e(1.0, 5) == pytest.approx(1.0 + 4 * 0.002)
+    # replaying from a shallower snapshot costs more
+    assert m.ttft(0, 640, 1000) > m.ttft(128, 640, 1000) > m.ttft(576, 640, 1000) - 0.005
+
+
+def test_fit_recovers_known_coefficients() -> None:
+    true = CostModel(a=1.5e-4, b=2e-9, c=0.02, restore=0.004)
+    rnd = random.Random(0)
+    samples = []
+    for _ in range(12):
+        L = rnd.randrange(256, 8192)
+        s = rnd.choice([0, rnd.randrange(0, L // 64) * 64])
+        m = rnd.randrange(s, L - 16) // 16 * 16
+        y = true.ttft(s, m, L)
+        samples.append(Sample(CalibPoint(s, max(m, s), L), y, [y], 0.001))
+    coef, stats = cm.fit(samples)
+    for k in ("a", "b", "c", "restore"):
+        assert coef[k] == pytest.approx(getattr(true, k), rel=1e-3, abs=1e-6), k
+    assert stats["max_rel_err"] < 1e-3 and coef["decode"] == pytest.approx(0.001)
+
+
+def test_fit_needs_points() -> None:
+    with pytest.raises(UserError, match="at least 4"):
+        cm.fit([Sample(CalibPoint(0, 0, 100), 0.1, [0.1], None)])
+
+
+def test_save_load_roundtrip_and_bad_files(tmp_path: Path) -> None:
+    m = CostModel(
+        a=1e-4,
+        b=1e-9,
+        c=0.01,
+        restore=0.001,
+        decode=0.003,
+        source="fit:engine",
+        preset="tiny",
+        device="cpu",
+        dtype="float32",
+        meta={"fit": {"r2": 0.99}},
+    )
+    p = tmp_path / "cm.json"
+    cm.save(m, p)
+    back = cm.load(p)
+    assert back.coefficients() == m.coefficients()
+    assert (back.source, back.preset, back.device) == ("fit:engine", "tiny", "cpu")
+    assert back.meta["fit"] == {"r2": 0.99} and back.describe()["path"]
+    doc = json.loads(p.read_text())
+    doc["a"] = -1
+    p.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="'a' must be a finite number >= 0"):
+        cm.load(p)
+    p.write_text(json.dumps({"schema": "sbrbench.result/v1"}))
+    with pytest.raises(UserError, match="not a cost model"):
+        cm.load(p)
+    p.write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        cm.load(p)
+
+
+def test_analytic_a3b_proxy_is_in_a_plausible_range() -> None:
+    m = cm.analytic("a3b-proxy")
+    assert m.source == "analytic" and m.preset == "a3b-proxy"
+    ttft_12k = m.ttft(0, 0, 12000)
+    assert 0.05 < ttft_12k < 1.0  # ~3B active parameters on one H100
+    assert m.b * cm.attention_work(0, 12000) < m.a * 12000  # quadratic part minor at 12k
+
+
+def test_default_costmodel_resolution(tmp_path: Path) -> None:
+    assert cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path).source == "analytic"
+    cpu = CostModel(a=1e-3, b=0, c=0.1, restore=0, source="fit:engine", preset="tiny", device="cpu")
+    cm.save(cpu, tmp_path / "sim" / "costmodel-cpu-tiny.json")
+    assert cm.default_costmodel("tiny", "cpu", results_dir=tmp_path).source == "fit:engine"
+    assert cm.default_costmodel("tiny", "cuda", results_dir=tmp_path).source == "analytic"
+    gpu = CostModel(
+        a=1e-5,
+        b=1e-10,
+        c=0.02,
+        restore=1e-4,
+        source="fit:engine",
+        preset="a3b-proxy",
+        device="cuda",
+        meta={"gpu": "NVIDIA H100 80GB HBM3"},
+    )
+    cm.save(gpu, tmp_path / "costmodel-h100.json")
+    got = cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path)
+    assert got.source == "fit:engine" and got.a == 1e-5
+    assert cm.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+
+
+@pytest.mark.parametrize(
+    "bad", [CalibPoint(64, 32, 100), CalibPoint(10, 10, 100), CalibPoint(0, 96, 100)]
+)
+def test_bad_calibration_points(bad: CalibPoint) -> None:
+    with pytest.raises(UserError, match="calibration point"):
+        cm.check_point(bad)
+
+
+def test_calibrate_tiny_engine_controls_restore_and_replay(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sbrbench.cli import app
+
+    out = tmp_path / "cm.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--preset",
+            "tiny",
+            "--reps",
+            "1",
+            "--points",
+            "0:0:96,0:0:200,0:128:200,64:64:200,64:128:200",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "sbrbench.costmodel/v1" and doc["source"] == "fit:engine"
+    pts = doc["meta"]["points"]
+    assert [(p["s"], p["m"], p["L"]) for p in pts] == [
+        (0, 0, 96),
+        (0, 0, 200),
+        (0, 128, 200),
+        (64, 64, 200),
+        (64, 128, 200),
+    ]
+    assert all(p["ttft_s"] > 0 for p in pts) and doc["meta"]["fit"]["n"] == 5
+    assert min(doc[k] for k in ("a", "b", "c", "restore")) >= 0
