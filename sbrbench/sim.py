@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol
 
 from engine.cache.manager import CacheConfig, CacheManager
 from engine.cache.policies import POLICIES
-from engine.cache.radix import RadixCache, RadixNode
+from engine.cache.radix import RadixNode
 from engine.cache.snapshots import SnapshotEntry
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
@@ -127,73 +127,6 @@ def model_config(preset_name: str = "tiny", checkpoint: str | None = None) -> Mo
     return preset(preset_name)
 
 
-# ----------------------------------------------------------------------------- fast radix walk
-
-
-class _FastRadix(RadixCache):
-    """`RadixCache` with two copies saved on long prompts, same results.
-
-    `find` walks `tokens` up to `pos` without first copying `tokens[:pos]`, and a partial match
-    first tries the whole remaining prefix in one compare before binary-searching (`find` always
-    matches fully; the search then costs one compare instead of ~log2(pages) prefix compares).
-    Applied only while engine/cache/radix.py holds the exact `_walk`/`find` this was derived
-    from (`_RADIX_SOURCES`); otherwise the simulator runs the engine's own code unchanged.
-    """
-
-    def find(self, tokens: Sequence[int], pos: int) -> RadixNode | None:
-        if pos <= 0 or pos % self.page_size or pos > len(tokens):
-            return super().find(tokens, pos)  # its error message
-        toks = tokens if type(tokens) is tuple else tuple(tokens[:pos])
-        path, m = self._walk(toks, pos)
-        return path[-1] if m == pos else None
-
-    def _walk(self, toks: tuple[int, ...], limit: int) -> tuple[list[RadixNode], int]:
-        ps = self.page_size
-        node = self.root
-        path: list[RadixNode] = []
-        pos = 0
-        while pos < limit:
-            child = node.children.get(toks[pos : pos + ps])
-            if child is None:
-                break
-            clen = len(child.tokens)
-            if pos + clen <= limit and child.tokens == toks[pos : pos + clen]:
-                path.append(child)
-                pos += clen
-                node = child
-                continue
-            lo, hi = 1, min(clen, limit - pos) // ps
-            if hi > 1 and child.tokens[: hi * ps] == toks[pos : pos + hi * ps]:
-                lo = hi
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                cut = mid * ps
-                if child.tokens[:cut] == toks[pos : pos + cut]:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            path.append(self._split(child, lo))
-            pos += lo * ps
-            break
-        return path, pos
-
-
-_RADIX_SOURCES = {"_walk": "055e56021f0c9a91", "find": "a9f2997aaa7b2b63"}
-
-
-def _radix_unchanged() -> bool:
-    import inspect
-
-    for name, digest in _RADIX_SOURCES.items():
-        src = inspect.getsource(getattr(RadixCache, name))
-        if hashlib.sha256(src.encode()).hexdigest()[:16] != digest:
-            return False
-    return True
-
-
-FAST_RADIX = _radix_unchanged()
-
-
 # ----------------------------------------------------------------------------- one request
 
 
@@ -236,8 +169,6 @@ class Simulator:
         on_admit: AdmitHook | None = None,
     ) -> None:
         self.cm = CacheManager(cfg)
-        if FAST_RADIX and type(self.cm.radix) is RadixCache:
-            self.cm.radix.__class__ = _FastRadix
         self.cost = cost
         self.max_context = max_context
         self.on_admit = on_admit

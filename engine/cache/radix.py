@@ -158,7 +158,8 @@ class RadixCache:
                 f"pos must be a positive multiple of page_size {self.page_size} "
                 f"and <= len(tokens) {len(tokens)}, got {pos}"
             )
-        path, m = self._walk(tuple(tokens[:pos]), pos)
+        toks = tokens if type(tokens) is tuple else tuple(tokens[:pos])  # no copy of long tuples
+        path, m = self._walk(toks, pos)
         return path[-1] if m == pos else None
 
     def path_to(self, node: RadixNode) -> list[RadixNode]:
@@ -311,6 +312,8 @@ class RadixCache:
                 continue
             # Partial: the first page matches (dict key); binary-search the last matching page.
             lo, hi = 1, min(clen, limit - pos) // ps
+            if hi > 1 and child.tokens[: hi * ps] == toks[pos : pos + hi * ps]:
+                lo = hi  # the whole reachable part matches: one compare instead of log2(pages)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 cut = mid * ps

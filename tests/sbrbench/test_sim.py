@@ -543,28 +543,3 @@ def test_bypass_reference_refuses_a_newcomer_never_used_again() -> None:
     assert bypass.rows[2].snapshot_pos == 128 and bypass.stats["admit_refused"] >= 1
 
 
-def test_fast_radix_walk_matches_the_engines() -> None:
-    from engine.cache.radix import RadixCache
-
-    rnd = random.Random(7)
-    trees = [RadixCache(4, 10_000), sim._FastRadix(4, 10_000)]
-    seqs = []
-    for _ in range(60):
-        base = rnd.choice(seqs) if seqs and rnd.random() < 0.7 else ()
-        cut = rnd.randrange(0, len(base) + 1) // 4 * 4
-        seq = tuple(base[:cut]) + tuple(rnd.randrange(3) for _ in range(rnd.randrange(4, 40)))
-        seqs.append(seq)
-        n = len(seq) // 4 * 4
-        for t in trees:
-            t.insert(seq[:n], t.alloc(n // 4))
-        probe = rnd.choice(seqs)
-        pos = rnd.randrange(1, len(probe) // 4 + 1) * 4 if len(probe) >= 4 else 0
-        if pos:
-            a, b = (t.find(probe, pos) for t in trees)
-            assert (a is None) == (b is None)
-            assert a is None or b is None or (a.start, a.end) == (b.start, b.end)
-        m = [t.match(probe) for t in trees]
-        assert m[0].length == m[1].length
-        assert [(x.start, x.end) for x in m[0].path] == [(x.start, x.end) for x in m[1].path]
-    shape = [sorted((n.start, n.end, n.tokens) for n in t.iter_nodes()) for t in trees]
-    assert shape[0] == shape[1]
