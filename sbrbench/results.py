@@ -216,6 +216,10 @@ def load_result(path: Path) -> dict[str, Any]:
 
 def policy_of(doc: dict[str, Any]) -> str:
     """The policy a result was measured under (or the target kind when it has none)."""
+    if str(doc.get("schema", "")).startswith("sbrbench.decay"):  # no policy: name the model
+        src = doc.get("source")
+        label = src.get("name") or src.get("path") if isinstance(src, dict) else src
+        return str(label or "?")
     eng = doc.get("engine") or {}
     pol = eng.get("policy") if isinstance(eng, dict) else None
     if pol:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -24,6 +25,12 @@ from sbrbench.scenarios import (
 )
 from sbrbench.stats import metric_values
 
+# A small Mooncake-format trace of our own, so the tests need nothing outside the repo.
+_TRACE = Path(tempfile.mkdtemp(prefix="sbr-trace-")) / "mini.jsonl"
+_TRACE.write_text("".join(
+    json.dumps({"timestamp": i * 10, "input_length": 16 + 8 * i, "output_length": 2,
+                "hash_ids": list(range(2 + i))}) + "\n" for i in range(6)))
+
 SMALL = {
     "deep-resume": [
         "depth=600",
@@ -35,7 +42,7 @@ SMALL = {
     ],
     "round-robin": ["convs=3", "rounds=2", "first_tokens=40", "reply_tokens=4"],
     "parity": ["convs=2", "turns=2", "first_tokens=40", "pressure=2", "reply_tokens=4"],
-    "trace": ["limit=5", "block_tokens=8"],
+    "trace": ["limit=5", "block_tokens=8", f"trace={_TRACE}"],
 }
 
 
