@@ -492,20 +492,7 @@ def test_openapi_documents_openai_errors(client: httpx.Client) -> None:
     assert "text/event-stream" in chat["200"]["content"]
 
 
-def _run_is_placeholder() -> bool:
-    r = subprocess.run(
-        [sys.executable, "-m", "sbrbench.cli", "run", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return "Not built yet" in r.stdout or "--target" not in r.stdout
-
-
 def test_round_robin_scenario_over_http(server: str, tmp_path: Path) -> None:
-    if _run_is_placeholder():
-        pytest.skip("`sbrbench run --target http` is still a placeholder (sbrbench/cli_run.py)")
     out = tmp_path / "rr.json"
     cmd = [
         sys.executable,
