@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,10 +52,8 @@ def split_policies(text: str) -> list[str]:
         raise UserError("--policy: no policy given")
     if len(set(pols)) != len(pols):
         raise UserError(f"--policy {text!r}: a policy is listed twice")
-    try:
-        from engine.cache.policies import POLICIES
-    except ImportError:  # engine.cache not built yet: the engine itself will check the name
-        return pols
+    from engine.cache.policies import POLICIES
+
     for p in pols:
         if p not in POLICIES or p == "belady":
             known = ", ".join(k for k in POLICIES if k != "belady")
@@ -101,14 +97,10 @@ def make_spec(
 
 
 def load_sim_target() -> Any:
-    """sbrbench.sim.SimTarget, or a UserError while the simulator is not built."""
-    if importlib.util.find_spec("sbrbench.sim") is None:
-        raise UserError("--target sim: not built yet (sbrbench/sim.py is missing)")
-    mod = importlib.import_module("sbrbench.sim")
-    cls = getattr(mod, "SimTarget", None)
-    if cls is None:
-        raise UserError("--target sim: not built yet (sbrbench.sim has no SimTarget)")
-    return cls
+    """sbrbench.sim.SimTarget (imported lazily: the simulator is not needed for other targets)."""
+    from sbrbench.sim import SimTarget
+
+    return SimTarget
 
 
 def make_target(args: TargetArgs, spec: CacheSpec) -> Target:

@@ -225,14 +225,8 @@ class EngineTarget:
         seed: int = 0,
     ) -> EngineTarget:
         """Engine.from_preset / from_checkpoint with the cache settings of `spec`."""
-        try:
-            from engine import runtime
-        except ImportError as e:
-            if getattr(e, "name", None) in ("engine.runtime", "engine"):
-                raise UserError(
-                    "--target engine: the engine is not built yet (engine/runtime.py is missing)"
-                ) from None
-            raise
+        from engine import runtime
+
         cache = runtime.EngineCacheArgs(**_kwargs_for(runtime.EngineCacheArgs, spec))
         if checkpoint:
             # a checkpoint has its weights: the seed only drives the workload

@@ -317,19 +317,6 @@ def test_run_cli_user_errors(tmp_path: Path, fake_targets) -> None:
         assert code == 2 and msg in text, (args, text)
 
 
-def test_sim_target_not_built_is_a_user_error(monkeypatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "sbrbench.sim" else real(name, *a),
-    )
-    with pytest.raises(UserError, match="not built yet"):
-        cli_run.load_sim_target()
-
-
 def test_error_mid_run_keeps_rows_and_says_why(tmp_path: Path, fake_targets) -> None:
     trace = tmp_path / "t.jsonl"
     good = '{"timestamp": %d, "input_length": 700, "output_length": 3, "hash_ids": [0, %d]}'
