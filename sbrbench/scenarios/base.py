@@ -245,6 +245,13 @@ def turn_plan_lengths(rng: random.Random, p: dict[str, Any]) -> tuple[str, int]:
     return "user", rng.randint(p["user_min"], p["user_max"])
 
 
+def add_agentic_turn(conv: Conversation, rng: random.Random, p: dict[str, Any],
+                     text: TextGen) -> None:
+    """Append the next agentic turn (a tool output or a user message) to `conv`."""
+    role, n = turn_plan_lengths(rng, p)
+    conv.add(role, text.tool_output(n) if role == "tool" else text.prose(n))
+
+
 TURN_PARAMS: dict[str, Param] = {
     "user_min": Param(int, "shortest user message (tokens)", 1),
     "user_max": Param(int, "longest user message (tokens)", 1),

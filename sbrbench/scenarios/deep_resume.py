@@ -17,6 +17,7 @@ from sbrbench.scenarios.base import (
     Scenario,
     Step,
     TextGen,
+    add_agentic_turn,
     turn_plan_lengths,
 )
 
@@ -56,8 +57,7 @@ class DeepResume(Scenario):
             conv.add("system", self.text.prose(p["system_tokens"]))
         turn = 0
         while conv.depth < p["depth"]:
-            role, n = turn_plan_lengths(self.rng, p)
-            conv.add(role, self.text.tool_output(n) if role == "tool" else self.text.prose(n))
+            add_agentic_turn(conv, self.rng, p, self.text)
             yield [
                 Step(
                     conv.request(p["reply_tokens"]),

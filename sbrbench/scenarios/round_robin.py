@@ -13,7 +13,7 @@ from sbrbench.scenarios.base import (
     Scenario,
     Step,
     TextGen,
-    turn_plan_lengths,
+    add_agentic_turn,
 )
 
 
@@ -53,10 +53,7 @@ class RoundRobin(Scenario):
             wave = []
             for c, conv in enumerate(convs):
                 if rnd:
-                    role, n = turn_plan_lengths(self.rng, p)
-                    conv.add(
-                        role, self.text.tool_output(n) if role == "tool" else self.text.prose(n)
-                    )
+                    add_agentic_turn(conv, self.rng, p, self.text)
                 wave.append(
                     Step(
                         conv.request(p["reply_tokens"]),
