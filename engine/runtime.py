@@ -23,13 +23,13 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from engine.cache.manager import CacheConfig, CacheManager, Plan
+from engine.cache.settings import EngineCacheArgs
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
 from engine.kernels.ops import impl_name
@@ -54,21 +54,6 @@ def parse_bytes(text: str | int) -> int:
     base = 1024 if binary or unit == "" else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
     return int(num * base ** power)
-
-
-@dataclass(slots=True)
-class EngineCacheArgs:
-    """Prefix-cache settings of an engine (what `--policy`, `--snapshot-*` flags set)."""
-
-    policy: str = "adaptive"
-    policy_opts: dict[str, Any] = field(default_factory=dict)
-    snapshot_slots: int | None = 16
-    snapshot_budget_bytes: int | None = None  # overrides snapshot_slots when set
-    snapshot_interval: int = 4096
-    page_size: int = 16
-    kv_budget_tokens: int = 262144
-    exec_window: int | None = None  # None: 64 on CPU, 2048 on CUDA (docs/KERNELS.md)
-    enabled: bool = True
 
 
 class SamplingParams(NamedTuple):

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, Protocol
 from engine.cache.manager import CacheConfig, CacheManager
 from engine.cache.policies import POLICIES
 from engine.cache.radix import RadixNode
+from engine.cache.settings import EngineCacheArgs
 from engine.cache.snapshots import SnapshotEntry
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
@@ -42,20 +43,8 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 # ----------------------------------------------------------------------------- configuration
 
 
-@dataclass(slots=True)
-class SimCacheArgs:
-    """The engine's cache settings (`engine.runtime.EngineCacheArgs`: same fields, same defaults;
-    mirrored here so the simulator needs no torch, and a test keeps the two equal)."""
-
-    policy: str = "adaptive"
-    policy_opts: dict[str, Any] = field(default_factory=dict)
-    snapshot_slots: int | None = 16
-    snapshot_budget_bytes: int | None = None  # overrides snapshot_slots when set
-    snapshot_interval: int = 4096
-    page_size: int = 16
-    kv_budget_tokens: int = 262144
-    exec_window: int | None = None
-    enabled: bool = True
+# The engine's own settings class (torch-free), so both start from the same defaults.
+SimCacheArgs = EngineCacheArgs
 
 
 def args_from_spec(spec: CacheSpec) -> SimCacheArgs:

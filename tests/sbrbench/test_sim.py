@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from pathlib import Path
@@ -38,12 +37,6 @@ def _cfg(
 
 
 # ----------------------------------------------------------------------------- engine parity
-
-
-def test_sim_cache_args_mirror_engine_defaults() -> None:
-    from engine.runtime import EngineCacheArgs
-
-    assert dataclasses.asdict(sim.SimCacheArgs()) == dataclasses.asdict(EngineCacheArgs())
 
 
 @pytest.mark.parametrize("policy", ["lru", "forecast", "tail-pin", "two-tier", "marconi"])
