@@ -33,6 +33,7 @@ from engine.cache.settings import EngineCacheArgs
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
 from engine.kernels.ops import impl_name
+from engine.model.graphs import DecodeGraphs
 from engine.model.model import HybridModel, RecurrentState
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from engine.weights import init_random, load_checkpoint
@@ -121,6 +122,9 @@ class Engine:
         self.args = cache or EngineCacheArgs()
         a = self.args
         self.window = a.exec_window or (2048 if self.device.type == "cuda" else 64)
+        self.cuda_graphs = (self.device.type == "cuda"
+                            and os.environ.get("SBR_CUDA_GRAPHS", "1") != "0")
+        self._graphs: DecodeGraphs | None = None
         if self.window % CHUNK or self.window <= 0:
             raise UserError(f"exec window must be a positive multiple of {CHUNK}")
         if CHUNK % a.page_size:
@@ -203,6 +207,7 @@ class Engine:
             "page_size": a.page_size, "kv_budget_tokens": a.kv_budget_tokens,
             "exec_window": self.window, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "kernels": impl_name(self.device),
+            "cuda_graphs": self.cuda_graphs,
             "cache_enabled": a.enabled,
             "params": sum(p.numel() for p in self.model.parameters()),
         }
@@ -301,10 +306,17 @@ class Engine:
         elif self._stops(tok, p):
             finish = "stop"
         else:
+            graphs = self._decode_graphs()
+            if graphs is not None:
+                graphs.start(state_L)
             state_cur = state_L
             for i in range(1, p.max_tokens):
-                h, state_cur = self.model.step(out[-1], L + i - 1, state_cur, kv)
-                tok = _sample(self.model.logits(h)[0], p, gen)
+                if graphs is not None:
+                    logits = graphs.step(out[-1], L + i - 1, kv)
+                else:
+                    h, state_cur = self.model.step(out[-1], L + i - 1, state_cur, kv)
+                    logits = self.model.logits(h)
+                tok = _sample(logits[0], p, gen)
                 out.append(tok)
                 if on_token is not None and on_token(tok) is False:
                     finish = "cancelled"
@@ -328,6 +340,15 @@ class Engine:
             prefill_s=prefill_s, ttft_s=t_first - t0, decode_s=t_dec - t_first,
             finalize_s=t_end - t_dec, e2e_s=t_end - t0)
         return GenerateResult(out, st, finish)
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """The captured decode step (CUDA only; SBR_CUDA_GRAPHS=0 turns it off), built on
+        first use."""
+        if not self.cuda_graphs:
+            return None
+        if self._graphs is None:
+            self._graphs = DecodeGraphs(self.model, self.device, self.dtype)
+        return self._graphs
 
     def _stops(self, tok: int, p: SamplingParams) -> bool:
         eos = self.tokenizer.eos_id

@@ -42,6 +42,13 @@ def main() -> None:
         vb[:depth].normal_()
     step = lambda: model.step(7, depth, state, kv)  # noqa: E731
     print(f"decode step at depth {depth}: {timed(step) * 1e3:.2f} ms")
+    if gpu:
+        from engine.model.graphs import DecodeGraphs
+
+        graphs = DecodeGraphs(model, dev, torch.bfloat16)
+        graphs.start(state)
+        gstep = lambda: graphs.step(7, depth, kv)  # noqa: E731
+        print(f"decode step (CUDA graphs) at depth {depth}: {timed(gstep) * 1e3:.2f} ms")
     for E in (512, 2048, 4096):
         ids = torch.randint(0, min(1000, cfg.vocab_size), (E,), device=dev)
         e0 = depth // E * E
