@@ -6,10 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.config import ModelConfig
 from engine.model.norm import RMSNorm
+
+# On CUDA, SDPA may pick cuDNN, which builds a new graph for every new key length: ~4.6 ms of
+# host time per call, 12 layers x every decode step (measured on the H200 host,
+# scripts/gpu_decode_diag.py). Flash attention has no per-shape set-up.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rope_cos_sin(cfg: ModelConfig, pos: torch.Tensor,
@@ -62,8 +68,13 @@ class GatedAttention(nn.Module):
         # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
         qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, keys, vals))
         mask = causal_lower_right(q.shape[0], keys.shape[0]) if causal else None
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.d ** -0.5,
-                                           enable_gqa=True)
+        if q.is_cuda:
+            with sdpa_kernel(_CUDA_SDPA):
+                o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                                   scale=self.d ** -0.5, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                               scale=self.d ** -0.5, enable_gqa=True)
         return o[0].transpose(0, 1)
 
     def forward_window(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
