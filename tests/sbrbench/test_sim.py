@@ -516,8 +516,9 @@ def test_branch_admission_reaches_the_manager_and_the_oracle(tmp_path: Path) -> 
     stream = _trace_slice(tmp_path, 200)
     a3b = preset("a3b-proxy")
     args = sim.SimCacheArgs(snapshot_slots=8, kv_budget_tokens=1 << 22)
-    on_cfg = sim.cache_config(args, a3b, "bfloat16", branch_admission=True)
-    off_cfg = sim.cache_config(args, a3b, "bfloat16")
+    on_cfg = sim.cache_config(args, a3b, "bfloat16")  # the default
+    off_cfg = sim.cache_config(args, a3b, "bfloat16", branch_admission=False)
+    assert on_cfg.branch_admission
     bel = sim.ORACLES["belady"]
     on = sim.run_policy(stream, on_cfg, bel, COST).summary()
     off = sim.run_policy(stream, off_cfg, bel, COST).summary()
