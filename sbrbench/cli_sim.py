@@ -68,12 +68,12 @@ class Setup:
         kv_budget_tokens: int | None,
         costmodel: Path | None,
         link_replies: bool,
-        branch_admission: bool = False,
+        branch_admission: bool = True,
     ) -> None:
         if (trace is None) == (scenario is None):
             raise UserError("give exactly one of --trace FILE or --scenario NAME")
         self.model = sim.model_config(preset)
-        self.extra = {"branch_admission": True} if branch_admission else {}
+        self.extra = {"branch_admission": branch_admission}
         self.preset, self.dtype = preset, dtype
         from sbrbench.costmodel import resolve
 
@@ -407,7 +407,9 @@ def register(app: typer.Typer) -> None:
             True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
         ),
         branch_admission: bool = typer.Option(
-            False, help="manager option: also admit at the match's branch point (engine: off)"
+            True,
+            "--branch-admission/--no-branch-admission",
+            help="manager option: also admit at the match's branch point (engine default: on)",
         ),
         rows: bool = typer.Option(False, "--rows", help="keep per-request decisions in the JSON"),
         oracles: bool = typer.Option(
@@ -496,7 +498,9 @@ def register(app: typer.Typer) -> None:
             True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
         ),
         branch_admission: bool = typer.Option(
-            False, help="manager option: also admit at the match's branch point (engine: off)"
+            True,
+            "--branch-admission/--no-branch-admission",
+            help="manager option: also admit at the match's branch point (engine default: on)",
         ),
         metric: str = typer.Option("replay_tokens", help=f"table/plot metric: {METRICS}"),
         seed: int = typer.Option(0, help="scenario seed"),

@@ -45,7 +45,7 @@ class CacheConfig(NamedTuple):
     policy_opts: dict[str, Any] = {}  # never mutated
     # Also admit at the deepest grid position of the matched prefix when the request branches
     # off a cached path there (Marconi's branch points); free: the replay passes through it.
-    branch_admission: bool = False
+    branch_admission: bool = True
 
 
 class Plan(NamedTuple):

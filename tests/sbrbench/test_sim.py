@@ -516,8 +516,9 @@ def test_branch_admission_reaches_the_manager_and_the_oracle(tmp_path: Path) -> 
     stream = _trace_slice(tmp_path, 200)
     a3b = preset("a3b-proxy")
     args = sim.SimCacheArgs(snapshot_slots=8, kv_budget_tokens=1 << 22)
-    on_cfg = sim.cache_config(args, a3b, "bfloat16", branch_admission=True)
-    off_cfg = sim.cache_config(args, a3b, "bfloat16")
+    on_cfg = sim.cache_config(args, a3b, "bfloat16")  # the default
+    off_cfg = sim.cache_config(args, a3b, "bfloat16", branch_admission=False)
+    assert on_cfg.branch_admission
     bel = sim.ORACLES["belady"]
     on = sim.run_policy(stream, on_cfg, bel, COST).summary()
     off = sim.run_policy(stream, off_cfg, bel, COST).summary()
@@ -536,3 +537,17 @@ def test_bypass_reference_refuses_a_newcomer_never_used_again() -> None:
     assert bypass.rows[2].snapshot_pos == 128 and bypass.stats["admit_refused"] >= 1
 
 
+
+
+def test_belady_knows_the_next_use_of_a_branch_point_snapshot() -> None:
+    S = _seq(10, 256)
+    A, B, C = S + _seq(11, 100), S + _seq(12, 100), S + _seq(13, 100)
+    stream = sim.ListStream([_req(A), _req(B), _req(C)])
+    # B branches off A at 256 (admitted there, then at its own 320): with two slots belady must
+    # keep the branch snapshot, used by C, over A's 320, never used again (a tie at 'never'
+    # would evict the shallower, the branch snapshot)
+    run = sim.run_policy(stream, _cfg("lru", 2), sim.ORACLES["belady"], COST)
+    assert [r.snapshot_pos for r in run.rows] == [0, 0, 256]
+    off = sim.run_policy(stream, _cfg("lru", 2)._replace(branch_admission=False),
+                         sim.ORACLES["belady"], COST)
+    assert off.rows[2].snapshot_pos == 0  # no snapshot at the branch point without it

@@ -69,6 +69,17 @@ def test_cold_then_warm_turn_restores_the_prompt_end_snapshot():
     assert plan2.snapshot.in_use == 0  # released by finish
 
 
+def test_branch_point_is_admitted_by_default_and_not_when_off():
+    for on in (True, False):
+        cm = manager() if on else manager(branch_admission=False)
+        system = fresh(200)
+        serve(cm, system + fresh(100))
+        plan, _ = serve(cm, system + fresh(100))  # branches off the first at 192 (page 12)
+        assert plan.matched == 192 and plan.snapshot is None
+        assert plan.admit_positions == ([192, 256] if on else [256])
+        assert (cm.radix.find(system, 192).snapshot is not None) == on
+
+
 def test_match_leaves_at_least_one_token_to_compute():
     cm = manager()
     p = fresh(320)  # a whole number of pages
