@@ -208,7 +208,7 @@ class Engine:
             "exec_window": self.window, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "kernels": impl_name(self.device),
             "cuda_graphs": self.cuda_graphs,
-            "cache_enabled": a.enabled,
+            "cache_enabled": a.enabled, "branch_admission": self.cm.cfg.branch_admission,
             "params": sum(p.numel() for p in self.model.parameters()),
         }
 

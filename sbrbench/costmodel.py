@@ -216,11 +216,13 @@ def default_costmodel(
 ) -> CostModel:
     """The cost model the simulator uses when none is given.
 
-    1. a GPU fit committed as `results/costmodel-<gpu>.json` for this preset (the lead's);
+    1. a GPU fit committed as `results/costmodel-<gpu>.json` or `results/<gpu>/costmodel.json`
+       (what the GPU reproduction writes) for this preset;
     2. on `device` cpu: the committed CPU fit `results/sim/costmodel-cpu-<preset>.json`;
     3. the analytic H100 estimate of the preset (a3b-proxy's when the preset is unknown here).
     """
-    fits = sorted(results_dir.glob("costmodel-*.json")) if results_dir.is_dir() else []
+    fits = (sorted(results_dir.glob("costmodel-*.json"))
+            + sorted(results_dir.glob("*/costmodel.json")) if results_dir.is_dir() else [])
     for p in fits:
         try:
             cm = load(p)

@@ -115,6 +115,20 @@ def test_default_costmodel_resolution(tmp_path: Path) -> None:
     assert cm.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
 
 
+def test_default_costmodel_finds_a_gpu_results_dir(tmp_path: Path) -> None:
+    """What `sbrbench calibrate` writes in the GPU reproduction (results/<gpu>/costmodel.json)
+    is picked up; a fit of another preset is not."""
+    other = CostModel(a=2e-5, b=0, c=0.01, restore=0, source="fit:engine", preset="small",
+                      device="cuda")
+    cm.save(other, tmp_path / "h200" / "costmodel.json")
+    assert cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path).source == "analytic"
+    fit = CostModel(a=3e-5, b=1e-10, c=0.025, restore=0, source="fit:engine", preset="a3b-proxy",
+                    device="cuda", meta={"gpu": "NVIDIA H200"})
+    cm.save(fit, tmp_path / "h200" / "costmodel.json")
+    got = cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path)
+    assert got.source == "fit:engine" and got.a == 3e-5
+
+
 @pytest.mark.parametrize(
     "bad", [CalibPoint(64, 32, 100), CalibPoint(10, 10, 100), CalibPoint(0, 96, 100)]
 )
