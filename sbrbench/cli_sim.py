@@ -587,10 +587,34 @@ def register(app: typer.Typer) -> None:
             help="JSON [results/costmodel-<gpu>.json on GPU, "
             "results/sim/costmodel-cpu-<preset>.json on CPU]",
         ),
+        refit: Path | None = typer.Option(
+            None, help="refit the points stored in this cost model JSON instead of timing an "
+            "engine (no GPU needed)"),
+        window: int | None = typer.Option(
+            None, help="with --refit: fit aligned windows of this many rows (0: per position; "
+            "default: the better of both, by worst relative error)"),
+        check: list[Path] | None = typer.Option(
+            None, help="engine result JSONs: print modelled vs measured mean TTFT per phase "
+            "and store it in the output (repeatable)"),
     ) -> None:
         """Fit the simulator's TTFT cost model on the real engine (NNLS over timed points)."""
         from sbrbench import costmodel as cmod
 
+        if window is not None and refit is None:
+            raise UserError("--window needs --refit (a fresh calibration uses the engine's)")
+        if refit is not None:
+            if out is None:
+                raise UserError("--refit needs --out (the source file is kept as measured)")
+            model = cmod.refit(refit, window)
+            _check(model, check)
+            cmod.save(model, out)
+            fit = model.meta["fit"]
+            console.print(
+                f"refit of {refit}: window {model.window or 'none (per position)'}; "
+                f"a = {model.a:.3e} s/row, b = {model.b:.3e} s/pair, c = {model.c:.3e} s, "
+                f"restore = {model.restore:.3e} s; r2 = {fit['r2']:.4f}, "
+                f"max rel err = {fit['max_rel_err']:.2%} -> {out}")
+            return
         pts = cmod.parse_points(points) if points else None
         t = Table(title=f"calibrate {preset} on {device} ({dtype})", title_justify="left")
         for col in ("s", "m", "L", "ttft s (best)", "decode s/tok"):
@@ -622,6 +646,7 @@ def register(app: typer.Typer) -> None:
                 if device != "cpu"
                 else cmod.RESULTS_DIR / "sim" / f"costmodel-cpu-{preset}.json"
             )
+        _check(model, check)
         cmod.save(model, out)
         console.print(t)
         fit = model.meta["fit"]
@@ -630,3 +655,20 @@ def register(app: typer.Typer) -> None:
             f"restore = {model.restore:.3e} s, decode = {model.decode:.3e} s/token; "
             f"r2 = {fit['r2']}, max rel err = {fit['max_rel_err']:.2%} -> {out}"
         )
+
+
+def _check(model: CostModel, paths: list[Path] | None) -> None:
+    """`calibrate --check`: modelled vs measured TTFT per phase, printed and kept in meta."""
+    from sbrbench import costmodel as cmod
+
+    if not paths:
+        return
+    rows = cmod.validate(model, paths)
+    t = Table(title="modelled vs measured mean TTFT", title_justify="left")
+    for col in ("file", "phase", "n", "measured s", "modelled s", "ratio"):
+        t.add_column(col, justify="left" if col in ("file", "phase") else "right")
+    for r in rows:
+        t.add_row(r["file"], r["phase"], str(r["n"]), f"{r['measured_s']:.4f}",
+                  f"{r['predicted_s']:.4f}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
+    console.print(t)
+    model.meta["validation"] = rows

@@ -9,6 +9,11 @@ positions attend to, the quadratic part. `decode` (seconds per generated token a
 gives a modelled end-to-end time. `sbrbench calibrate` fits the coefficients by non-negative
 least squares on `Engine.generate` timings at controlled (s, m, L) points; `analytic()` derives
 them from FLOPs and bandwidth when no fit exists (see docs/SIMULATOR.md).
+
+With `window = E > 0` the model charges what an engine of fixed aligned windows (ours) computes:
+every window of E rows touching [s, L) in full, padding included, and each window's E queries
+against its keys [0, e0 + E). Then replay that falls inside the window of the new tokens costs
+nothing, which is what the GPU engine shows (results/h200/NOTES.md).
 """
 
 from __future__ import annotations
@@ -42,6 +47,28 @@ H100 = {
 }
 
 
+def windows(s: int, L: int, window: int) -> tuple[int, int]:
+    """(first, last + 1) window index of the aligned windows of `window` rows covering [s, L)."""
+    if L <= s:
+        return 0, 0
+    return s // window, -(-L // window)
+
+
+def window_rows(s: int, L: int, window: int) -> int:
+    """Rows computed for [s, L) in aligned windows (padding included)."""
+    k0, k1 = windows(s, L, window)
+    return (k1 - k0) * window
+
+
+def window_attention_work(s: int, L: int, window: int) -> int:
+    """(query, key) pairs of the aligned windows covering [s, L): window k's E queries attend to
+    keys [0, kE + q] for q in 0..E-1 (causal, bottom-right)."""
+    k0, k1 = windows(s, L, window)
+    n = k1 - k0
+    sum_k = (k0 + k1 - 1) * n // 2
+    return window * window * sum_k + n * window * (window + 1) // 2
+
+
 def attention_work(s: int, L: int) -> int:
     """(query, key) pairs computed when positions [s, L) each attend to keys 0..p."""
     if L <= s:
@@ -73,27 +100,41 @@ class CostModel:
     device: str | None = None
     dtype: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    window: int = 0  # 0: per position; E > 0: aligned windows of E rows (module docstring)
 
     def __post_init__(self) -> None:
         for name in ("a", "b", "c", "restore", "decode"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"cost model: '{name}' must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ConfigError(f"cost model: 'window' must be an integer >= 0, got {self.window!r}")
+
+    def work(self, s: int, L: int) -> tuple[int, int]:
+        """(rows computed, attention pairs) for positions [s, L)."""
+        if self.window:
+            return window_rows(s, L, self.window), window_attention_work(s, L, self.window)
+        return max(L - s, 0), attention_work(s, L)
 
     def ttft(self, s: int, m: int, L: int) -> float:
         """Modelled TTFT of a request restoring at s, cached KV up to m, prompt length L."""
-        return (
-            self.a * (L - s)
-            + self.b * attention_work(s, L)
-            + self.c
-            + (self.restore if s > 0 else 0.0)
-        )
+        rows, pairs = self.work(s, L)
+        return self.a * rows + self.b * pairs + self.c + (self.restore if s > 0 else 0.0)
 
     def timing(self, s: int, m: int, L: int) -> Timing:
-        """`ttft` split into restore, replay [s, m), prefill [m, L) and the constant."""
+        """`ttft` split into restore, replay [s, m), prefill [m, L) and the constant. Windowed:
+        a window is replay when it ends at or before m (as the engine counts it)."""
         restore = self.restore if s > 0 else 0.0
-        replay = self.a * (m - s) + self.b * attention_work(s, m)
-        prefill = self.a * (L - m) + self.b * attention_work(m, L)
+        if self.window:
+            E = self.window
+            cut = max(min(m // E * E, L), s)  # windows wholly before m are replay
+            r_rows, r_pairs = self.work(s, cut) if cut > s else (0, 0)
+            rows, pairs = self.work(s, L)
+            replay = self.a * r_rows + self.b * r_pairs
+            prefill = self.a * (rows - r_rows) + self.b * (pairs - r_pairs)
+        else:
+            replay = self.a * (m - s) + self.b * attention_work(s, m)
+            prefill = self.a * (L - m) + self.b * attention_work(m, L)
         return Timing(restore, replay, prefill, self.c, restore + replay + prefill + self.c)
 
     def e2e(self, ttft_s: float, generated: int) -> float:
@@ -106,6 +147,7 @@ class CostModel:
             "c": self.c,
             "restore": self.restore,
             "decode": self.decode,
+            "window": self.window,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -131,7 +173,8 @@ class CostModel:
 
 FORMULA = (
     "ttft = a*(replay+new) + b*sum_{p=s}^{L-1}(p+1) + c + restore*[s>0]; "
-    "e2e = ttft + decode*(generated-1)"
+    "e2e = ttft + decode*(generated-1); with window E > 0, rows and pairs are those of the "
+    "aligned E-row windows covering [s, L)"
 )
 
 
@@ -155,6 +198,7 @@ def load(path: str | Path) -> CostModel:
             device=doc.get("device"),
             dtype=doc.get("dtype"),
             meta=dict(doc.get("meta") or {}),
+            window=int(doc.get("window", 0)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{p}: bad cost model ({type(e).__name__}: {e})") from None
@@ -324,15 +368,17 @@ def measure_point(
     return st.ttft_s, dec
 
 
-def fit(samples: Sequence[Sample]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Non-negative least squares of ttft on [L - s, attention_work, 1, s > 0]."""
+def fit(samples: Sequence[Sample], window: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+    """Non-negative least squares of ttft on [rows, attention pairs, 1, s > 0] (rows and pairs
+    per position, or of aligned windows when window > 0)."""
     import numpy as np
     from scipy.optimize import nnls
 
     if len(samples) < 4:
         raise UserError(f"calibration needs at least 4 points, got {len(samples)}")
+    shape = CostModel(0, 0, 0, 0, window=window)
     X = np.array(
-        [[p.L - p.s, attention_work(p.s, p.L), 1.0, float(p.s > 0)] for p, *_ in samples],
+        [[*shape.work(p.s, p.L), 1.0, float(p.s > 0)] for p, *_ in samples],
         dtype=np.float64,
     )
     y = np.array([smp.ttft_s for smp in samples], dtype=np.float64)
@@ -350,12 +396,86 @@ def fit(samples: Sequence[Sample]) -> tuple[dict[str, float], dict[str, Any]]:
         "rmse_s": float(np.sqrt((resid**2).mean())),
         "max_rel_err": float(np.max(np.abs(resid) / np.maximum(y, 1e-12))),
         "weighting": "relative (1/ttft)",
+        "window": window,
     }
     decs = [smp.decode_s_per_token for smp in samples if smp.decode_s_per_token is not None]
     names = ("a", "b", "c", "restore")
     out = {k: float(v) for k, v in zip(names, coef, strict=True)}
     out["decode"] = float(statistics.median(decs)) if decs else 0.0
     return out, stats
+
+
+def best_fit(samples: Sequence[Sample],
+             window: int) -> tuple[dict[str, float], dict[str, Any], int]:
+    """Fit per position and, when the engine's exec window is known, per aligned window; keep
+    the one with the smaller worst relative error (both fits' stats are kept)."""
+    coef, stats = fit(samples)
+    if window <= 0:
+        return coef, stats, 0
+    wcoef, wstats = fit(samples, window)
+    chosen = (wcoef, wstats, window) if wstats["max_rel_err"] < stats["max_rel_err"] \
+        else (coef, stats, 0)
+    chosen[1]["alternatives"] = {"per_position": {k: v for k, v in stats.items()
+                                                  if k != "alternatives"},
+                                 f"window_{window}": {k: v for k, v in wstats.items()
+                                                      if k != "alternatives"}}
+    return chosen
+
+
+def refit(path: str | Path, window: int | None = None) -> CostModel:
+    """Refit a calibration file's stored points (meta.points) without an engine: with its own
+    exec window (best of per-position and windowed, as `calibrate`), or the `window` given
+    (0: per position)."""
+    src = load(path)
+    pts = src.meta.get("points")
+    if not isinstance(pts, list) or not pts:
+        raise UserError(f"{path}: no calibration points stored (meta.points)")
+    try:
+        samples = [Sample(CalibPoint(int(p["s"]), int(p["m"]), int(p["L"])), float(p["ttft_s"]),
+                          [float(x) for x in p.get("ttft_all_s") or [p["ttft_s"]]],
+                          None if p.get("decode_s_per_token") is None
+                          else float(p["decode_s_per_token"]))
+                   for p in pts]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad calibration point ({type(e).__name__}: {e})") from None
+    for smp in samples:
+        check_point(smp.point)
+    if window is None:
+        coef, stats, win = best_fit(samples, int(src.meta.get("exec_window") or 0))
+    else:
+        if window < 0:
+            raise UserError(f"--window must be >= 0, got {window}")
+        (coef, stats), win = fit(samples, window), window
+    meta = {k: v for k, v in src.meta.items() if k not in ("path", "fit")}
+    meta["fit"] = stats
+    meta["refit_of"] = src.meta.get("path")
+    return CostModel(a=coef["a"], b=coef["b"], c=coef["c"], restore=coef["restore"],
+                     decode=coef["decode"], window=win, source=src.source, preset=src.preset,
+                     device=src.device, dtype=src.dtype, meta=meta)
+
+
+def validate(model: CostModel, paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Mean modelled vs measured TTFT per phase of engine result files (each row's restore
+    position, cached tokens and prompt length are what the model is given)."""
+    from sbrbench.results import load_result
+
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        doc = load_result(Path(p))
+        by_phase: dict[str, list[tuple[float, float]]] = {}
+        for r in doc.get("rows") or []:
+            if r.get("ttft_s") is None or r.get("error") or r.get("snapshot_pos") is None:
+                continue
+            pred = model.ttft(int(r["snapshot_pos"]), int(r.get("cached_tokens") or 0),
+                              int(r["prompt_tokens"]))
+            by_phase.setdefault(str(r.get("phase")), []).append((float(r["ttft_s"]), pred))
+        for ph, vals in by_phase.items():
+            meas = statistics.fmean(v[0] for v in vals)
+            pred = statistics.fmean(v[1] for v in vals)
+            out.append({"file": _display_path(Path(p)), "phase": ph, "n": len(vals),
+                        "measured_s": meas, "predicted_s": pred,
+                        "ratio": pred / meas if meas > 0 else None})
+    return out
 
 
 def calibrate(
@@ -406,13 +526,14 @@ def calibrate(
         samples.append(smp)
         if on_sample is not None:
             on_sample(smp)
-    coef, stats = fit(samples)
     from sbrbench.results import capture_env, now_iso
 
     env = capture_env()
     info = engine.describe()
+    coef, stats, win = best_fit(samples, int(info.get("exec_window") or 0))
     return CostModel(
-        **coef,
+        a=coef["a"], b=coef["b"], c=coef["c"], restore=coef["restore"], decode=coef["decode"],
+        window=win,
         source="fit:engine",
         preset=preset_name,
         device="cpu" if device == "cpu" else "cuda",

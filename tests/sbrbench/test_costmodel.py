@@ -170,3 +170,61 @@ def test_calibrate_tiny_engine_controls_restore_and_replay(tmp_path: Path) -> No
     ]
     assert all(p["ttft_s"] > 0 for p in pts) and doc["meta"]["fit"]["n"] == 5
     assert min(doc[k] for k in ("a", "b", "c", "restore")) >= 0
+    # The stored points refit without an engine: per position reproduces the same numbers, and a
+    # window is fitted when asked; both need --out, and --window needs --refit.
+    again = tmp_path / "again.json"
+    res = CliRunner().invoke(app, ["calibrate", "--refit", str(out), "--window", "0",
+                                   "--out", str(again)])
+    assert res.exit_code == 0, res.output
+    src, ref = cm.load(out), cm.load(again)
+    if src.window == 0:
+        assert ref.coefficients() == pytest.approx(src.coefficients())
+    assert ref.window == 0 and ref.meta["refit_of"]
+    res = CliRunner().invoke(app, ["calibrate", "--refit", str(out), "--window", "64",
+                                   "--out", str(again)])
+    assert res.exit_code == 0 and cm.load(again).window == 64
+    res = CliRunner().invoke(app, ["calibrate", "--refit", str(out)])
+    assert isinstance(res.exception, UserError) and "--out" in str(res.exception)
+    res = CliRunner().invoke(app, ["calibrate", "--window", "64"])
+    assert isinstance(res.exception, UserError) and "--refit" in str(res.exception)
+
+
+@pytest.mark.parametrize(("s", "L", "E"), [(0, 1, 64), (0, 64, 64), (0, 65, 64), (64, 200, 64),
+                                           (128, 129, 128), (2048, 24000, 2048), (50, 50, 64)])
+def test_windowed_work_is_what_the_windows_compute(s: int, L: int, E: int) -> None:
+    """Every aligned window touching [s, L) runs all E rows; row r of window e0 attends to
+    e0 + r + 1 keys (the engine's fixed aligned windows)."""
+    starts = range(s // E * E, L, E) if L > s else range(0)
+    assert cm.window_rows(s, L, E) == len(starts) * E
+    assert cm.window_attention_work(s, L, E) == sum(e0 + r + 1 for e0 in starts for r in range(E))
+
+
+def test_windowed_model_charges_whole_windows() -> None:
+    m = CostModel(a=1e-5, b=1e-10, c=0.01, restore=0.0, window=2048)
+    # Replay inside the window of the new tokens costs nothing more ...
+    assert m.ttft(20480, 21000, 21100) == pytest.approx(m.ttft(20480, 20480, 21100))
+    # ... replay across windows costs whole windows, and the split adds up.
+    t = m.timing(0, 21000, 21100)
+    assert t.replay_s == pytest.approx(1e-5 * 10 * 2048 + 1e-10 * cm.window_attention_work(
+        0, 20480, 2048))
+    assert t.ttft_s == pytest.approx(m.ttft(0, 21000, 21100))
+    assert t.ttft_s == pytest.approx(t.replay_s + t.prefill_s + t.overhead_s)
+    assert CostModel(a=1e-5, b=0, c=0, restore=0).ttft(20480, 21000, 21100) < m.ttft(
+        20480, 21000, 21100)
+    with pytest.raises(ConfigError):
+        CostModel(a=1e-5, b=0, c=0, restore=0, window=-1)
+
+
+def test_windowed_fit_recovers_a_windowed_engine() -> None:
+    """Timings made by a windowed model are fitted exactly with its window, and the best-fit
+    choice picks the window over per-position."""
+    truth = CostModel(a=3e-5, b=5e-10, c=0.003, restore=0.0, window=2048)
+    pts = [CalibPoint(s, m, L) for s, m, L in [(0, 0, 1024), (0, 0, 4096), (0, 0, 8192),
+                                               (0, 0, 16384), (0, 3568, 4096), (2048, 2048, 4096),
+                                               (4096, 4096, 8192), (8192, 8192, 16384)]]
+    samples = [Sample(p, truth.ttft(*p), [truth.ttft(*p)], None) for p in pts]
+    coef, stats, win = cm.best_fit(samples, 2048)
+    assert win == 2048 and stats["max_rel_err"] < 1e-6
+    assert coef["a"] == pytest.approx(3e-5, rel=1e-4)
+    assert coef["c"] == pytest.approx(0.003, rel=1e-3)
+    assert stats["alternatives"]["per_position"]["max_rel_err"] > 0.05
