@@ -199,9 +199,10 @@ def run_one(
                 scenario, target, on_row, concurrency=getattr(target, "max_concurrency", 1)
             )
     except BaseException as e:
-        writer.finish(partial=True, reason=f"{type(e).__name__}: {e}")
+        writer.finish(partial=True, reason=f"{type(e).__name__}: {e}",
+                      extra={"target": target.describe()})
         raise
-    extra = {}
+    extra: dict[str, Any] = {"target": target.describe()}  # what the run learned (dropped fields)
     stats = getattr(target, "cache_stats", None)
     if callable(stats):
         try:

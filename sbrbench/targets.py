@@ -321,6 +321,16 @@ class _Retryable(Exception):
     """A failure worth another attempt (connection, timeout, 429, 5xx)."""
 
 
+class _Rejected(StreamError):
+    """HTTP 400/422: the server refused the request body."""
+
+
+# Fields we add beyond the strict OpenAI API (vLLM and SGLang accept them; api.openai.com answers
+# 400 "Unrecognized request argument supplied: ignore_eos"). Dropped once, for the rest of the
+# run, when a 400/422 names them; recorded in the result's target description.
+_OPTIONAL_FIELDS = ("ignore_eos",)
+
+
 def normalize_base_url(url: str) -> str:
     """`http://h:8000`, `http://h:8000/`, `http://h:8000/v1/` -> `http://h:8000/v1`."""
     url = url.strip().rstrip("/")
@@ -364,6 +374,7 @@ class HttpTarget:
             limits=httpx.Limits(max_connections=self.concurrency + 2),
         )
         self._lock = threading.Lock()
+        self.dropped_fields: list[str] = []
         self.server_info: dict[str, Any] = {}
         if not self.model:
             self.model = self._first_model()
@@ -388,7 +399,7 @@ class HttpTarget:
         except (ValueError, KeyError, IndexError, TypeError):
             raise UserError(f"{url}: no model listed; pass --model") from None
 
-    def send(self, req: Request) -> Response:
+    def _body(self, req: Request) -> dict[str, Any]:
         body = {
             "model": self.model,
             "messages": chat_messages(req.messages),
@@ -401,6 +412,12 @@ class HttpTarget:
             **({"user": req.session} if req.session else {}),
             **self.extra_body,
         }
+        for k in self.dropped_fields:
+            body.pop(k, None)
+        return body
+
+    def send(self, req: Request) -> Response:
+        body = self._body(req)
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -409,6 +426,20 @@ class HttpTarget:
                 return self._stream(body)
             except _Retryable as e:
                 last = str(e)
+            except _Rejected as e:
+                named = [k for k in _OPTIONAL_FIELDS
+                         if k in body and k in str(e) and k not in self.extra_body]
+                if not named:
+                    return Response(error=str(e))
+                with self._lock:
+                    self.dropped_fields.extend(k for k in named if k not in self.dropped_fields)
+                body = self._body(req)
+                try:  # the same attempt again, without the refused field
+                    return self._stream(body)
+                except _Retryable as e2:
+                    last = str(e2)
+                except StreamError as e2:
+                    return Response(error=str(e2))
             except StreamError as e:
                 return Response(error=str(e))
         return Response(error=f"{last} (after {self.retries + 1} attempts)")
@@ -426,6 +457,8 @@ class HttpTarget:
                     )
                     if r.status_code == 429 or r.status_code >= 500:
                         raise _Retryable(msg)
+                    if r.status_code in (400, 422):
+                        raise _Rejected(msg)
                     raise StreamError(msg)
                 return _read_sse(r.iter_lines(), t0)
         except httpx.TimeoutException as e:
@@ -452,6 +485,7 @@ class HttpTarget:
             "retries": self.retries,
             "timeout_s": self.timeout_s,
             "tokens": "utf-8 bytes of the streamed text",
+            "dropped_fields": list(self.dropped_fields),
         }
 
     def engine_info(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 9 on the GPU machine: the headline reproduction, in one call. Writes JSON + log to $OUT.
+# Issue 9 on the GPU machine: the headline reproduction, one part per device call. Writes JSON + log to $OUT.
 #   bash scripts/gpu_reproduce.sh [part]   part: all | deep1 | deep2 | checks | benches
 set -uo pipefail
 OUT=${OUT:-/tmp/sbr-out}

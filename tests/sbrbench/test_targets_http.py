@@ -64,6 +64,10 @@ class Stub(BaseHTTPRequestHandler):
         if mode == "err400":
             self._send(400, b'{"error": {"message": "bad messages"}}')
             return
+        if mode == "strict" and "ignore_eos" in body:  # api.openai.com's answer
+            self._send(400, b'{"error": {"message": "Unrecognized request argument supplied: '
+                       b'ignore_eos", "type": "invalid_request_error"}}')
+            return
         if mode == "flaky" and Stub.attempts[mode] % 2 == 1:
             self._send(503, b"busy")
             return
@@ -78,6 +82,7 @@ class Stub(BaseHTTPRequestHandler):
                 b"data: [DONE]\n\n",
             ],
             "flaky": [_chunk("x"), _chunk(finish="length"), b"data: [DONE]\n\n"],
+            "strict": [_chunk("ok"), _chunk(finish="stop"), b"data: [DONE]\n\n"],
             "malformed": [_chunk("Hi"), b"data: {this is not json\n\n", b"data: [DONE]\n\n"],
             "garbage": [b"HTTP/1.1 nonsense\n\n"],
             "nodone": [_chunk("Hi")],
@@ -258,3 +263,17 @@ def test_run_against_good_server(server: str, tmp_path: Path) -> None:
     # the second turn sends the first reply back as the assistant message
     second = [b for b in Stub.bodies if len(b["messages"]) > 2][0]
     assert {"role": "assistant", "content": "Hello"} in second["messages"]
+
+
+def test_a_strict_server_refusing_ignore_eos_is_served_without_it(server: str) -> None:
+    """A 400 naming a field we add (ignore_eos) drops it for the rest of the run, once; a 400
+    naming nothing we add stays a row error."""
+    t = _target(server, model="strict")
+    r1 = t.send(REQ)
+    r2 = t.send(REQ)
+    assert r1.error is None and r2.error is None and r1.text == "ok"
+    assert t.dropped_fields == ["ignore_eos"] and t.describe()["dropped_fields"] == ["ignore_eos"]
+    assert Stub.attempts["strict"] == 3  # refused once, then two plain requests
+    assert "ignore_eos" in Stub.bodies[0] and all("ignore_eos" not in b for b in Stub.bodies[1:])
+    bad = _target(server, model="err400").send(REQ)
+    assert bad.error is not None and "bad messages" in bad.error and Stub.attempts["err400"] == 1
