@@ -32,7 +32,6 @@ class DecodeGraphs:
             raise ValueError("CUDA graphs need a CUDA device")
         self.m = model
         cfg = model.cfg
-        self.dtype = dtype
         st = model.zero_state(device, dtype)
         self.ssm, self.conv = st.ssm, st.conv
         self.tok = torch.zeros(1, dtype=torch.long, device=device)
@@ -116,9 +115,6 @@ class DecodeGraphs:
         """Load the recurrent state the next `step` continues from."""
         self.ssm.copy_(state.ssm)
         self.conv.copy_(state.conv)
-
-    def state(self) -> RecurrentState:
-        return RecurrentState(self.ssm.clone(), self.conv.clone())
 
     def step(self, token: int, pos: int,
              kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
