@@ -154,9 +154,10 @@ def compare_decay(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- printing
 
 
-def _describe(doc: dict[str, Any], path: Path) -> dict[str, Any]:
+def _describe(doc: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
     return {
-        "path": str(path),
+        "path": ",".join(str(p) for p in paths),
+        "files": len(paths),
         "label": doc.get("label"),
         "policy": policy_of(doc),
         "partial": bool(doc.get("partial")),
@@ -187,16 +188,46 @@ def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
         console.print(parity_table(cmp["parity"]))
 
 
+def pool_results(paths: list[Path]) -> dict[str, Any]:
+    """Repetitions of one run (same scenario and policy) as one result: rows concatenated, so
+    `compare` gives the pooled ratio and its interval. Parity files compare request by request
+    and are not pooled."""
+    docs = [load_result(p) for p in paths]
+    first = docs[0]
+    for p, d in zip(paths[1:], docs[1:], strict=True):
+        if d["scenario"] != first["scenario"] or policy_of(d) != policy_of(first):
+            raise UserError(f"cannot pool {p} ({d['scenario']}, {policy_of(d)}) with {paths[0]} "
+                            f"({first['scenario']}, {policy_of(first)}): repetitions only")
+    if first["scenario"] == "parity":
+        raise UserError("parity results compare request by request: one file per side")
+    return {**first, "rows": [r for d in docs for r in d["rows"]],
+            "partial": any(d.get("partial") for d in docs)}
+
+
+def _side(spec: str | Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """A compare argument: one file, or repetitions joined by commas (pooled)."""
+    paths = [Path(p) for p in str(spec).split(",") if p.strip()]
+    if not paths:
+        raise UserError(f"no file in {str(spec)!r}")
+    return paths, (pool_results(paths) if len(paths) > 1 else None)
+
+
 def compare_files(
-    path_a: Path, path_b: Path, json_out: Path | None = None, seed: int = 0
+    spec_a: str | Path, spec_b: str | Path, json_out: Path | None = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Load, check, compare, print; write the comparison JSON when asked."""
-    da, db = load_json(path_a), load_json(path_b)
+    """Load, check, compare, print; write the comparison JSON when asked. Each side is one file
+    or several repetitions joined by commas (results only; rows pooled)."""
+    paths_a, pooled_a = _side(spec_a)
+    paths_b, pooled_b = _side(spec_b)
+    path_a, path_b = paths_a[0], paths_b[0]
+    da = pooled_a if pooled_a is not None else load_json(path_a)
+    db = pooled_b if pooled_b is not None else load_json(path_b)
     ka, kb = file_kind(da), file_kind(db)
     if ka != kb:
         raise UserError(f"cannot compare a {ka} file ({path_a}) with a {kb} file ({path_b})")
     if ka == "result":
-        da, db = load_result(path_a), load_result(path_b)
+        da = pooled_a if pooled_a is not None else load_result(path_a)
+        db = pooled_b if pooled_b is not None else load_result(path_b)
         if not da["rows"] or not db["rows"]:
             empty = path_a if not da["rows"] else path_b
             raise UserError(f"{empty}: result has no rows")
@@ -211,14 +242,17 @@ def compare_files(
         "schema": COMPARE_SCHEMA,
         "created": now_iso(),
         **cmp,
-        "a": _describe(da, path_a),
-        "b": _describe(db, path_b),
+        "a": _describe(da, paths_a),
+        "b": _describe(db, paths_b),
     }
     for side in ("a", "b"):
         if doc[side]["partial"]:
             console.print(f"[yellow]note: {doc[side]['path']} is partial (interrupted run)")
+    def name(paths: list[Path]) -> str:
+        return paths[0].name if len(paths) == 1 else f"{paths[0].name} +{len(paths) - 1} pooled"
+
     print_comparison(
-        cmp, f"{doc['a']['policy']} ({path_a.name})", f"{doc['b']['policy']} ({path_b.name})"
+        cmp, f"{doc['a']['policy']} ({name(paths_a)})", f"{doc['b']['policy']} ({name(paths_b)})"
     )
     if json_out:
         write_json_atomic(json_out, doc)
@@ -345,12 +379,14 @@ def build_report(root: Path) -> tuple[str, int, list[str]]:
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     def compare_cmd(
-        a: Path = typer.Argument(..., help="result (or decay) JSON A"),
-        b: Path = typer.Argument(..., help="result (or decay) JSON B"),
+        a: str = typer.Argument(..., help="result (or decay) JSON A; repetitions of one run "
+                                "joined by commas are pooled (a1.json,a2.json)"),
+        b: str = typer.Argument(..., help="result (or decay) JSON B (likewise)"),
         json_out: Path | None = typer.Option(None, "--json", help="write the comparison here"),
         seed: int = typer.Option(0, help="bootstrap seed"),
     ) -> None:
-        """Compare two result files: ratio A/B, bootstrap ci95, Mann-Whitney p; parity match."""
+        """Compare two result files (or pooled repetitions): ratio A/B, bootstrap ci95,
+        Mann-Whitney p; parity match."""
         compare_files(a, b, json_out, seed)
 
     @app.command("report")

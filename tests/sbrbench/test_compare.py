@@ -100,6 +100,33 @@ def test_compare_user_errors(tmp_path: Path) -> None:
         assert "\n" not in text.strip()
 
 
+def test_compare_pools_repetitions(tmp_path: Path) -> None:
+    """a1,a2 vs b1,b2: rows pooled per side (n adds up, the ratio is of pooled means); pooling
+    different policies or parity files is refused."""
+    a1 = _result(tmp_path / "a1.json", "deep-resume", _resume_rows([2.0, 2.2], [3000, 3100]),
+                 "forecast")
+    a2 = _result(tmp_path / "a2.json", "deep-resume", _resume_rows([1.8, 2.0], [3000, 2900]),
+                 "forecast")
+    b1 = _result(tmp_path / "b1.json", "deep-resume", _resume_rows([0.2, 0.3], [40, 16]),
+                 "tail-pin")
+    b2 = _result(tmp_path / "b2.json", "deep-resume", _resume_rows([0.25, 0.25], [32, 0]),
+                 "tail-pin")
+    out = tmp_path / "cmp.json"
+    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out)])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    ttft = doc["phases"]["resume"]["ttft_s"]
+    assert ttft["a"]["n"] == 4 and ttft["b"]["n"] == 4
+    assert ttft["ratio"] == pytest.approx(8.0 / 1.0)
+    assert doc["a"]["files"] == 2 and doc["a"]["path"] == f"{a1},{a2}" and "pooled" in text
+    code, text = invoke(["compare", f"{a1},{b1}", str(b2)])
+    assert code == 2 and "repetitions only" in text
+    p1 = _result(tmp_path / "p1.json", "parity", _resume_rows([0.1], [0]))
+    p2 = _result(tmp_path / "p2.json", "parity", _resume_rows([0.1], [0]))
+    code, text = invoke(["compare", f"{p1},{p2}", str(p1)])
+    assert code == 2 and "request by request" in text
+
+
 def _parity_rows(tokens: list[list[int]], digests: list[str], replays: list[int]) -> list[dict]:
     return [
         {
