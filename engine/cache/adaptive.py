@@ -16,7 +16,11 @@ the victim is not admitted (Policy.should_admit). A deep idle conversation keeps
 one-shot pressure (surv(1) of one-shots -> 0), in round-robin each conversation keeps its deepest
 (the dominated ladder goes first), and a shared system-prompt snapshot lives on its hit rate.
 The options (surv, rate, freq, censor, foreign) switch parts off for ablations (results/sim/
-ADAPTIVE.md); all on is the rule above.
+ADAPTIVE.md); all on is the rule above. Round-3 options, off by default because they lost on
+the tuning traces (ADAPTIVE.md, "Round 3"): aging ("gdsf": priority = L at last use + value, L
+rises to each victim's priority; "static": same without the idle term; "evict": inflation in
+eviction only, not in admission), thin (a dominated snapshot's value scaled by thin x the share
+of [below, next deeper) it covers) and admit_margin (admit if margin x newcomer >= victim).
 """
 
 from __future__ import annotations
@@ -53,14 +57,20 @@ class Adaptive(Policy):
                  surv_a: float = 0.5, surv_b: float = 1.0, freq_w: float = 1.0,
                  censor: bool = True, horizon: float = 8.0, foreign: bool = True,
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
-                 aging: str = "off", thin: bool = False) -> None:
+                 aging: str = "off", thin: float = 0.0,
+                 admit_margin: float = 1.0) -> None:
         super().__init__()
         if not 0 <= delta <= 1:
             raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
         if aging not in AGING:
             raise ConfigError(f"adaptive aging must be one of {', '.join(AGING)}, got {aging!r}")
         self.aging = aging
-        self.thin = bool(thin)
+        if admit_margin <= 0:
+            raise ConfigError(f"adaptive admit_margin must be > 0, got {admit_margin}")
+        self.admit_margin = float(admit_margin)
+        if thin < 0:
+            raise ConfigError(f"adaptive thin must be >= 0, got {thin}")
+        self.thin = float(thin)
         self._L = 0.0  # GDSF inflation: the priority of the last policy victim
         self._base: dict[int, float] = {}  # entry id -> L at its last use (admit or hit)
         self._chosen: tuple[int, float] | None = None  # (victim id, its priority)
@@ -91,7 +101,8 @@ class Adaptive(Policy):
     def options(self) -> dict[str, Any]:
         return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
-                "horizon": self.horizon, "aging": self.aging, "thin": self.thin}
+                "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
+                "admit_margin": self.admit_margin}
 
     # ---- session statistics ----------------------------------------------------------------
     def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
@@ -229,7 +240,7 @@ class Adaptive(Policy):
                 if above:
                     cover *= self.delta
                     if self.thin:  # a resume uniform in [below, next deeper): replay it saves
-                        cover *= (min(above) - e.pos) / max(1, min(above) - below)
+                        cover *= self.thin * (min(above) - e.pos) / max(1, min(above) - below)
                 out[e.id] = p * cover + (self._base.get(e.id, 0.0) if aging else 0.0)
         return out
 
@@ -265,7 +276,7 @@ class Adaptive(Policy):
         if not self.admit_control:
             return True
         vals = self.values([victim], tick, inflate=self.aging != "evict")
-        if self.admit_value(pos, session, node, tick) >= vals[victim.id]:
+        if self.admit_margin * self.admit_value(pos, session, node, tick) >= vals[victim.id]:
             return True
         self._chosen = None  # the victim stays: the inflation value does not move
         return False
