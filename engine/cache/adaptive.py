@@ -16,7 +16,11 @@ the victim is not admitted (Policy.should_admit). A deep idle conversation keeps
 one-shot pressure (surv(1) of one-shots -> 0), in round-robin each conversation keeps its deepest
 (the dominated ladder goes first), and a shared system-prompt snapshot lives on its hit rate.
 The options (surv, rate, freq, censor, foreign) switch parts off for ablations (results/sim/
-ADAPTIVE.md); all on is the rule above.
+ADAPTIVE.md); all on is the rule above. Round-3 options, off by default because they lost on
+the tuning traces (ADAPTIVE.md, "Round 3"): aging ("gdsf": priority = L at last use + value, L
+rises to each victim's priority; "static": same without the idle term; "evict": inflation in
+eviction only, not in admission), thin (a dominated snapshot's value scaled by thin x the share
+of [below, next deeper) it covers) and admit_margin (admit if margin x newcomer >= victim).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from engine.errors import ConfigError
 if TYPE_CHECKING:
     from engine.cache.radix import RadixNode
     from engine.cache.snapshots import SessionInfo, SnapshotEntry
+
+
+AGING = ("off", "gdsf", "static", "evict")
 
 
 def _on_path(shallow: RadixNode, deep: RadixNode) -> bool:
@@ -49,10 +56,24 @@ class Adaptive(Policy):
                  surv: bool = True, rate: bool = True, freq: bool = True,
                  surv_a: float = 0.5, surv_b: float = 1.0, freq_w: float = 1.0,
                  censor: bool = True, horizon: float = 8.0, foreign: bool = True,
-                 flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0) -> None:
+                 flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
+                 aging: str = "off", thin: float = 0.0,
+                 admit_margin: float = 1.0) -> None:
         super().__init__()
         if not 0 <= delta <= 1:
             raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
+        if aging not in AGING:
+            raise ConfigError(f"adaptive aging must be one of {', '.join(AGING)}, got {aging!r}")
+        self.aging = aging
+        if admit_margin <= 0:
+            raise ConfigError(f"adaptive admit_margin must be > 0, got {admit_margin}")
+        self.admit_margin = float(admit_margin)
+        if thin < 0:
+            raise ConfigError(f"adaptive thin must be >= 0, got {thin}")
+        self.thin = float(thin)
+        self._L = 0.0  # GDSF inflation: the priority of the last policy victim
+        self._base: dict[int, float] = {}  # entry id -> L at its last use (admit or hit)
+        self._chosen: tuple[int, float] | None = None  # (victim id, its priority)
         self.delta = float(delta)
         self.admit_control = bool(admit_control)
         self.surv = bool(surv)
@@ -80,7 +101,8 @@ class Adaptive(Policy):
     def options(self) -> dict[str, Any]:
         return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
-                "horizon": self.horizon}
+                "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
+                "admit_margin": self.admit_margin}
 
     # ---- session statistics ----------------------------------------------------------------
     def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
@@ -120,14 +142,21 @@ class Adaptive(Policy):
 
     def on_admit(self, entry: SnapshotEntry, tick: int) -> None:
         self._note(entry.session)
+        self._base[entry.id] = self._L
 
     def on_hit(self, entry: SnapshotEntry, tick: int) -> None:
         self._note(entry.session)
+        self._base[entry.id] = self._L
         if self._current is not None and self._current != entry.session:
             self._foreign[entry.id] = self._foreign.get(entry.id, 0) + 1
 
     def on_evict(self, entry: SnapshotEntry, tick: int) -> None:
         self._foreign.pop(entry.id, None)
+        self._base.pop(entry.id, None)
+        if self._chosen is not None and self._chosen[0] == entry.id:
+            # GDSF: the inflation value rises to the priority of the policy's victim
+            self._L = max(self._L, self._chosen[1])
+        self._chosen = None
 
     def _fresh_prior(self) -> float:
         return (len(self._returned) + 0.5) / (len(self._seen) + 1.0)
@@ -143,6 +172,7 @@ class Adaptive(Policy):
         return (more + self.surv_a) / (have + self.surv_b)
 
     def _return_prob(self, session: str, tick: int, tau_fresh: float) -> float:
+        """P(S); with aging "static" the idle time does not enter (the inflation ages instead)."""
         info = self.sessions.get(session) if self.sessions is not None else None
         if info is None:
             return self._fresh_prior()
@@ -156,7 +186,7 @@ class Adaptive(Policy):
             prior = 1.0
         else:
             prior = self._fresh_prior()
-        idle = max(0, tick - info.last_tick)
+        idle = 0 if self.aging == "static" else max(0, tick - info.last_tick)
         if self.rate:
             return prior / (tau + idle)
         return prior / (1.0 + idle / tau)
@@ -183,13 +213,16 @@ class Adaptive(Policy):
         return self.freq_w * rate
 
     # ---- values ------------------------------------------------------------------------------
-    def values(self, entries: list[SnapshotEntry], tick: int) -> dict[int, float]:
-        """value(e) for each entry id (all live entries take part in gap/dominance)."""
+    def values(self, entries: list[SnapshotEntry], tick: int,
+               inflate: bool = True) -> dict[int, float]:
+        """value(e) for each entry id (all live entries take part in gap/dominance); with
+        aging and `inflate`, plus the inflation value at e's last use (its GDSF priority)."""
         assert self.index is not None, "policy not bound to an index"
         by_session: dict[str, list[SnapshotEntry]] = {}
         for e in self.index.entries.values():
             by_session.setdefault(e.session, []).append(e)
         tau_fresh = self._tau_fresh()
+        aging = inflate and self.aging != "off"
         prob: dict[str, float] = {}
         out: dict[int, float] = {}
         wanted = {e.id for e in entries}
@@ -199,11 +232,16 @@ class Adaptive(Policy):
                 if e.id not in wanted:
                     continue
                 below = self._below(e)
-                deeper = any(_on_path(e.node, x.node) for x in live[i + 1:])
+                above = [x.pos for x in live[i + 1:] if _on_path(e.node, x.node)]
                 if session not in prob:
                     prob[session] = self._return_prob(session, tick, tau_fresh)
                 p = max(prob[session], self._freq(e, tick))
-                out[e.id] = p * (e.pos - below) * (self.delta if deeper else 1.0)
+                cover = float(e.pos - below)
+                if above:
+                    cover *= self.delta
+                    if self.thin:  # a resume uniform in [below, next deeper): replay it saves
+                        cover *= self.thin * (min(above) - e.pos) / max(1, min(above) - below)
+                out[e.id] = p * cover + (self._base.get(e.id, 0.0) if aging else 0.0)
         return out
 
     @staticmethod
@@ -216,7 +254,9 @@ class Adaptive(Policy):
 
     def victim(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry | None:
         vals = self.values(candidates, tick)
-        return min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
+        v = min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
+        self._chosen = (v.id, vals[v.id])
+        return v
 
     def admit_value(self, pos: int, session: str, node: RadixNode, tick: int) -> float:
         """Value a snapshot at `pos` would have if admitted now (for admission control)."""
@@ -227,15 +267,19 @@ class Adaptive(Policy):
             x = x.parent
         if x is not None and x.snapshot is not None:
             below = x.snapshot.pos
-        return self._return_prob(session, tick, self._tau_fresh()) * (pos - below)
+        base = self._L if self.aging in ("gdsf", "static") else 0.0
+        return self._return_prob(session, tick, self._tau_fresh()) * (pos - below) + base
 
     def should_admit(self, node: RadixNode, pos: int, session: str, tick: int,
                      victim: SnapshotEntry) -> bool:
         """Refuse a newcomer worth less than the cheapest victim (only when the pool is full)."""
         if not self.admit_control:
             return True
-        vals = self.values([victim], tick)
-        return self.admit_value(pos, session, node, tick) >= vals[victim.id]
+        vals = self.values([victim], tick, inflate=self.aging != "evict")
+        if self.admit_margin * self.admit_value(pos, session, node, tick) >= vals[victim.id]:
+            return True
+        self._chosen = None  # the victim stays: the inflation value does not move
+        return False
 
 
 POLICIES["adaptive"] = Adaptive

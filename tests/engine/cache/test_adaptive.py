@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from engine.cache.manager import CacheConfig, CacheManager
 
 PS, CHUNK = 16, 64
@@ -113,3 +115,74 @@ def test_should_admit_refuses_a_newcomer_worth_less_than_the_victim():
     before = cm.index.counters["admit_refused"]
     request(cm, fresh(rng, 70), "late", reply=1)
     assert cm.index.counters["admit_refused"] == before + 1
+
+
+def _entry(cm: CacheManager, session: str, pos: int):
+    return next(e for e in cm.index.entries.values() if e.session == session and e.pos == pos)
+
+
+def test_thin_evicts_the_dominated_snapshot_nearest_the_next_deeper_one():
+    # One session's ladder 0 < 1024 < 1088 < 4096 (tail): 1088 sits next to 1024 and saves
+    # little over it; 1024 covers [0, 1024). Plain delta ranks the dominated ones by the
+    # replay below them (evicts 1024's neighbour only if shallower); thinning evicts 1024.
+    rng = random.Random(5)
+    conv = fresh(rng, 4200)
+    victims = {}
+    for thin in (0.0, 1.0):
+        cm = manager(slots=4, thin=thin)
+        for p in (1024, 1088, 4096):  # prefixes of one conversation: a ladder of snapshots
+            request(cm, conv[:p], "s", reply=0)
+        request(cm, fresh(rng, 300), "other", reply=0)  # fills the pool (4 entries)
+        victim = cm.policy.victim(cm.index.candidates(), cm.tick)
+        victims[thin] = victim.pos
+    assert victims[0.0] == 1088  # delta * gap: 0.05 * 64 < 0.05 * 1024
+    assert victims[1.0] == 1024  # thinning: 1024 * (1088-1024)/1088 < 64 * (4096-1088)/3072
+
+
+def test_gdsf_aging_inflation_rises_to_each_victims_priority():
+    # GDSF: L becomes the priority of every policy victim, and an entry's priority is its value
+    # plus L at its last use, so snapshots admitted after evictions start above idle old ones.
+    rng = random.Random(6)
+    cm = manager(slots=4, aging="gdsf", admit_control=False)
+    pol = cm.policy
+    conv = fresh(rng, 1500)
+    for _ in range(4):
+        request(cm, conv, "deep", reply=0)
+        conv = grow(conv, rng, 100)
+    chosen: list[tuple[int, float]] = []
+    pick = pol.victim
+
+    def spy(candidates, tick):
+        v = pick(candidates, tick)
+        chosen.append(pol._chosen)
+        return v
+
+    pol.victim = spy
+    for i in range(12):
+        before = set(cm.index.entries)
+        request(cm, fresh(rng, 300), f"one{i}", reply=0)
+        (vid,) = before - set(cm.index.entries)
+        prios = [pr for c_id, pr in chosen if c_id == vid]
+        assert prios and pol._L >= prios[-1]
+        assert pol._L == pytest.approx(max(pr for _, pr in chosen))
+    assert pol._L > 0
+    newest = max(cm.index.entries.values(), key=lambda e: e.id)
+    raw = pol.values([newest], cm.tick, inflate=False)[newest.id]
+    assert pol.values([newest], cm.tick)[newest.id] - raw == pytest.approx(pol._base[newest.id])
+    assert pol._base[newest.id] > 0
+
+
+def test_admit_margin_admits_what_plain_admission_control_refuses():
+    rng = random.Random(4)
+    refused = {}
+    for margin in (1.0, 1e6):
+        cm = manager(slots=4, admit_margin=margin)
+        convs = {f"c{i}": fresh(rng, 1000) for i in range(4)}
+        for _ in range(3):
+            for name in convs:
+                request(cm, convs[name], name)
+                convs[name] = grow(convs[name], rng, 100)
+        for i in range(20):
+            request(cm, fresh(rng, 70), f"x{i}", reply=1)
+        refused[margin] = cm.index.counters["admit_refused"]
+    assert refused[1.0] > 0 and refused[1e6] == 0
