@@ -415,10 +415,14 @@ def register(app: typer.Typer) -> None:
         oracles: bool = typer.Option(
             True, "--oracles/--no-oracles", help="add belady and belady-gain (the references)"
         ),
+        warmup: int = typer.Option(
+            0, help="count only the requests after the first N (they still fill the cache)"),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="result JSON [results/sim-<time>.json]"),
     ) -> None:
         """Simulate policies on a trace or scenario stream at one snapshot budget (+ Belady)."""
+        if warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {warmup}")
         from sbrbench.results import timestamp, write_json_atomic
 
         if snapshot_slots is not None and snapshot_budget:
@@ -452,12 +456,15 @@ def register(app: typer.Typer) -> None:
             budget=_budget(snapshot_budget),
         )
         future, future_s = _future(setup, cfg, vs)
+        if warmup and warmup >= len(setup.stream):
+            raise UserError(f"--warmup {warmup} leaves none of the {len(setup.stream)} requests")
         runs = _run_all(setup, cfg, vs, future, f"{cfg.snapshot_slots} slots")
-        summaries = {name: r.summary() for name, r in runs.items()}
+        summaries = {name: r.summary(warmup) for name, r in runs.items()}
         sim.versus_belady(summaries)
         doc: dict[str, Any] = {
             "schema": sim.SIM_SCHEMA,
             **setup.header(),
+            "warmup_requests": warmup,
             "cache": _cache_info(cfg),
             "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
             "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
@@ -469,7 +476,10 @@ def register(app: typer.Typer) -> None:
         write_json_atomic(path, doc)
         console.print(
             sim_table(
-                summaries, f"{len(setup.stream)} requests, {cfg.snapshot_slots} slots -> {path}"
+                summaries,
+                f"{len(setup.stream)} requests"
+                + (f" (first {warmup} not counted)" if warmup else "")
+                + f", {cfg.snapshot_slots} slots -> {path}",
             )
         )
 

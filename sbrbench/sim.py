@@ -625,8 +625,17 @@ class PolicyRun:
     wall_s: float
     slots: int
 
-    def summary(self) -> dict[str, Any]:
-        return summarize(self.rows, self.stats, self.wall_s, self.phases)
+    def summary(self, warmup: int = 0) -> dict[str, Any]:
+        """Totals over the requests after the first `warmup` (which still drive the cache: a
+        slice of a longer trace then starts with a filled pool and learned session statistics).
+        The manager's counters (hits, evictions, admits) cover the whole stream."""
+        if not 0 <= warmup < max(len(self.rows), 1):
+            raise UserError(
+                f"warm-up of {warmup} requests leaves none of {len(self.rows)} to count")
+        out = summarize(self.rows[warmup:], self.stats, self.wall_s, self.phases[warmup:])
+        if warmup:
+            out["warmup_requests"] = warmup
+        return out
 
 
 def run_policy(

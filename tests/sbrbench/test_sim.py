@@ -445,6 +445,27 @@ def test_cli_sim_on_a_trace(tmp_path: Path) -> None:
     assert doc["cache"]["snapshot_slots"] == 4 and doc["costmodel"]["source"]
 
 
+def test_cli_sim_warmup_counts_only_the_rest(tmp_path: Path) -> None:
+    """--warmup N: the first N requests fill the cache but are not counted; the counted totals
+    equal the per-request rows after N of the same run."""
+    _trace_slice(tmp_path, 200)
+    out = tmp_path / "sim.json"
+    args = ["sim", "--trace", str(tmp_path / "slice.jsonl"), "--policy", "lru,adaptive",
+            "--snapshot-slots", "4", "--rows", "--out", str(out)]
+    code, text = _invoke([*args, "--warmup", "120"])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["warmup_requests"] == 120 and "first 120 not counted" in text
+    for name, s in doc["summary"]["policies"].items():
+        assert s["requests"] == 80 and s["warmup_requests"] == 120
+        assert s["replay_tokens"] == sum(doc["rows"][name]["replay_tokens"][120:])
+    assert doc["summary"]["policies"]["belady"]["replay_vs_belady"] == 1.0
+    code, text = _invoke([*args, "--warmup", "200"])
+    assert code == 2 and "leaves none" in text
+    code, text = _invoke([*args, "--warmup", "-1"])
+    assert code == 2 and "--warmup" in text
+
+
 def test_cli_sweep_grid_and_plot(tmp_path: Path) -> None:
     _trace_slice(tmp_path, 150)
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
