@@ -125,16 +125,11 @@ class CostModel:
         """`ttft` split into restore, replay [s, m), prefill [m, L) and the constant. Windowed:
         a window is replay when it ends at or before m (as the engine counts it)."""
         restore = self.restore if s > 0 else 0.0
-        if self.window:
-            E = self.window
-            cut = max(min(m // E * E, L), s)  # windows wholly before m are replay
-            r_rows, r_pairs = self.work(s, cut) if cut > s else (0, 0)
-            rows, pairs = self.work(s, L)
-            replay = self.a * r_rows + self.b * r_pairs
-            prefill = self.a * (rows - r_rows) + self.b * (pairs - r_pairs)
-        else:
-            replay = self.a * (m - s) + self.b * attention_work(s, m)
-            prefill = self.a * (L - m) + self.b * attention_work(m, L)
+        cut = max(min(m // self.window * self.window, L), s) if self.window else m
+        r_rows, r_pairs = self.work(s, cut)
+        rows, pairs = self.work(s, L)
+        replay = self.a * r_rows + self.b * r_pairs
+        prefill = self.a * (rows - r_rows) + self.b * (pairs - r_pairs)
         return Timing(restore, replay, prefill, self.c, restore + replay + prefill + self.c)
 
     def e2e(self, ttft_s: float, generated: int) -> float:
