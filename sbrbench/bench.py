@@ -68,6 +68,9 @@ def bench_env() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, sm_count=p.multi_processor_count,
                    gpu_mem_gib=round(p.total_memory / 2**30, 1))
+        from engine.kernels.ops import gdn_config  # noqa: PLC0415
+
+        env["gdn_config"] = gdn_config("cuda")
     try:
         import triton  # noqa: PLC0415
 
@@ -238,21 +241,27 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
     runs += [(c, True, True) for c in configs if c != prod]
     for cfg, capture, grouped in runs:
         qq, kk = (q, k) if grouped else (qx, kx)
-        ms = time_ms(partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg))
+        ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg)
+        ms = time_ms(ours)
         nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_states if capture else 0)
+        rep = repeatable(ours) if capture and grouped else None
         rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=capture,
-                         config=cfg._asdict(), production=cfg == prod,
-                         exact=tg.exact_on_sm90(cfg)))
-        log(f"  sbrbench T={t} H={qq.shape[1]} capture={capture} {_cfg_name(cfg)}: {ms:.3f} ms")
+                         config=cfg._asdict(), config_name=tg.config_name(cfg),
+                         production=cfg == prod, exact=tg.exact_on_sm90(cfg),
+                         repeatable=rep))
+        log(f"  sbrbench T={t} H={qq.shape[1]} capture={capture} {tg.config_name(cfg)}: "
+            f"{ms:.3f} ms" + ("" if rep is None else f" repeatable={rep}"))
     fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
     for fn in fla_fns:
         fla_ms = _guarded_ms(fn, "fla", log) if fn is not None else None
         if fla_ms is None:
             break
         h = hq if fn is fla_fns[0] else hv
+        rep = repeatable(fn) if fn is not None and fn is fla_fns[0] else None
         rows.append(_row("fla", t, h, hv, kd, vd, fla_ms, gdn_bytes(t, h, hv, kd, vd, 2, 0),
-                         capture=False))
-        log(f"  fla      T={t} H={h}: {fla_ms:.3f} ms")
+                         capture=False, repeatable=rep))
+        log(f"  fla      T={t} H={h}: {fla_ms:.3f} ms" +
+            ("" if rep is None else f" repeatable={rep}"))
     ref_ms = _guarded_ms(partial(ref.chunk_gated_delta_rule, qx, kx, v, g, beta, s0, 0, t, True),
                          "torch", log, warmup_ms=1, rep_ms=1) if with_torch else None
     if ref_ms is not None:
@@ -260,6 +269,28 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
                          gdn_bytes(t, hv, hv, kd, vd, 4, n_states), capture=True))
         log(f"  torch    T={t}: {ref_ms:.3f} ms")
     return rows
+
+
+def _flat(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list):
+        return [t for y in x for t in _flat(y)]
+    buf = getattr(x, "buffer", None)  # GridStates
+    return [buf] if isinstance(buf, torch.Tensor) else []
+
+
+def repeatable(fn: Callable[[], Any], n: int = 10) -> bool:
+    """Whether n more calls return bitwise the tensors of the first (outputs, final state and
+    grid states): the run-to-run determinism that exact parity needs."""
+    first = [t.clone() for t in _flat(fn())]
+    for _ in range(n):
+        again = _flat(fn())
+        if len(again) != len(first):
+            return False
+        if not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)):
+            return False
+    return True
 
 
 def _guarded_ms(fn: Callable[[], Any], what: str, log: Callable[[str], None],
@@ -271,10 +302,6 @@ def _guarded_ms(fn: Callable[[], Any], what: str, log: Callable[[str], None],
         log(f"  {what}: failed ({type(e).__name__}: {str(e)[:200]})")
         _empty_cache()
         return None
-
-
-def _cfg_name(cfg: Any) -> str:
-    return ",".join(f"{k}={v}" for k, v in cfg._asdict().items())
 
 
 def bench_small_kernels(window: int = 512, log: Callable[[str], None] = print,
@@ -349,11 +376,19 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
 
 def sweep_configs(tg: Any) -> list[Any]:
     """Launch shapes and precisions tried besides the production one (choose, then fix it):
-    the two-stream overlap, and the fast bf16 configuration (not exact on sm_90)."""
+    every named configuration, the two-stream overlap of the v3 pipeline, and launch shapes
+    of the split pipeline's state pass."""
     base = tg.config_for(128, 128)
-    fast = tg.config_for(128, 128, tf32=False)
-    cands = [base._replace(overlap=True), fast, fast._replace(overlap=True)]
-    return [c for c in cands if c != base]
+    named = [tg.config_for(128, 128, name=n) for n in tg.NAMED_CONFIGS]
+    split = tg.config_for(128, 128, name="split")
+    cands = named + [tg.config_for(128, 128, name="exact-tf32")._replace(overlap=True)]
+    cands += [split._replace(bv=64), split._replace(stages=1), split._replace(stages=3),
+              split._replace(bv=64, warps=8), split._replace(bv=16)]
+    out: list[Any] = []
+    for c in cands:
+        if c != base and c not in out:
+            out.append(c)
+    return out
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

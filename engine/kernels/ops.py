@@ -60,3 +60,11 @@ def impl_name(device: torch.device | str) -> str:
     if torch.device(device).type == "cuda" and _triton_mod() is not None:
         return "triton"
     return "reference"
+
+
+def gdn_config(device: torch.device | str) -> str | None:
+    """The Triton chunk kernel's configuration name on this device (SBR_GDN_CONFIG), or None
+    where the torch reference runs."""
+    if impl_name(device) != "triton":
+        return None
+    return str(_triton_mod().production_name())

@@ -67,6 +67,7 @@ class GdnConfig(NamedTuple):
     qk_warps: int = 4  # warps of the Aqk / row-factor kernel
     tf32: bool = True  # X and Aqk stored fp32 and tf32 products, or bf16 throughout
     state_tf32: bool | None = None  # state-pass dots in tf32 (None: as `tf32`), else bf16
+    split: bool = False  # W/U materialised, 2-dot state pass, output in a parallel kernel
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -74,6 +75,14 @@ DEFAULT_CONFIG = GdnConfig()
 # Triton 3.6 on sm_90 its state pass is not deterministic at 32 value heads (see _SAFE_DOT and
 # docs/KERNELS.md), so it is not exact and not the default. Kept for benchmarks.
 FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
+# The split pipeline (v4): X kept fp32 (tf32 merges), W = X diag(f_w) k and U = X diag(beta) v
+# formed by a parallel kernel (tf32) and stored bf16, a state pass with two bf16 dots per chunk
+# (Vn = U - W S, S <- e^g S + k^T (f_k Vn)) that also stores each chunk's entry state (bf16) and
+# Vn, and the output in a parallel kernel: O = f_q (q S_c) + Aqk Vn.
+SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=2, bv=32)
+NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
+                 "split": SPLIT_CONFIG,
+                 "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1)}
 
 
 def exact_on_sm90(cfg: GdnConfig) -> bool:
@@ -91,10 +100,35 @@ def exact_on_sm90(cfg: GdnConfig) -> bool:
 _SAFE_DOT = 64
 
 
-def config_for(kd: int, vd: int, tf32: bool | None = None) -> GdnConfig:
-    """The launch shape for head dims (kd, vd): the production (exact, tf32) one, or with
-    tf32=False the fast bf16 one (not exact on sm_90, see FAST_BF16_CONFIG)."""
-    cfg = FAST_BF16_CONFIG if tf32 is False else DEFAULT_CONFIG
+def config_name(cfg: GdnConfig) -> str:
+    """A configuration's name: the NAMED_CONFIGS key it equals (up to bv for small heads), or
+    that key plus the fields that differ."""
+    best = ""
+    for name, base in NAMED_CONFIGS.items():
+        diff = {k: v for k, v in cfg._asdict().items() if base._asdict()[k] != v}
+        text = name + "".join(f",{k}={v}" for k, v in diff.items())
+        if not best or len(text) < len(best):
+            best = text
+    return best
+
+
+def production_name() -> str:
+    """The configuration the engine uses: `SBR_GDN_CONFIG` (a NAMED_CONFIGS key) or the
+    default, exact-tf32."""
+    name = os.environ.get("SBR_GDN_CONFIG", "exact-tf32")
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"SBR_GDN_CONFIG={name!r}: expected one of {sorted(NAMED_CONFIGS)}")
+    return name
+
+
+def config_for(kd: int, vd: int, tf32: bool | None = None, name: str | None = None,
+               ) -> GdnConfig:
+    """The launch shape for head dims (kd, vd): the production one (production_name()), a
+    named one, or with tf32=False the fast bf16 one (not exact on sm_90, see
+    FAST_BF16_CONFIG)."""
+    if name is None:
+        name = "fast-bf16" if tf32 is False else production_name()
+    cfg = NAMED_CONFIGS[name]
     return cfg._replace(bv=min(cfg.bv, vd))
 
 
@@ -423,6 +457,110 @@ def _seq_kernel(q, k, v, fac, glast, xmat, aqk, s0, out, states, s_out,
     tl.store(_tile(s_out + hkv, K, V, V, 0, v0, K, BV), s)
 
 
+# ---------------------------------------------------------------------------------------------
+# chunked gated delta rule, split pipeline (cfg.split): W/U, a 2-dot state pass, the output
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _xdot(a, b, TF32: tl.constexpr, EMU: tl.constexpr):
+    # fp32 a times raw b, tf32 products (exact fp32 in the interpreter), or bf16 operands
+    if TF32:
+        return tl.dot(a, b.to(tl.float32), input_precision="tf32")
+    else:
+        return _bdot(a, b, None, EMU)
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
+def _wu_kernel(k, v, fac, xmat, w, u, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, t,
+               HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BD: tl.constexpr, EMU: tl.constexpr):
+    # W = X diag(f_w) k and U = X diag(beta) v of one chunk of one value head (the decayed,
+    # normalised keys and the beta-scaled values through the UT transform), tf32 products of
+    # the fp32 X (scaled by the row factors) and the raw tiles; stored in w/u's dtype.
+    i_c = tl.program_id(0) + c0
+    i_h = tl.program_id(1)
+    r0 = i_c * 64
+    o_c = tl.arange(0, 64)
+    fb = fac + (r0 + o_c) * HV + i_h
+    plane = t * HV
+    f_w = tl.load(fb + 2 * plane)
+    bt = tl.load(fb + 3 * plane)
+    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64)).to(tl.float32)
+    xw = x * f_w[None, :]
+    xb = x * bt[None, :]
+    kb = k + (i_h // GRP) * sk_h
+    vb = v + i_h * sv_h
+    for j in tl.static_range(K // BD):
+        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BD, 64, BD))
+        wt = _xdot(xw, kt, True, EMU)
+        tl.store(_tile(w + i_h * K, t, K, HV * K, r0, j * BD, 64, BD), wt.to(w.dtype.element_ty))
+    for j in tl.static_range(V // BD):
+        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD))
+        ut = _xdot(xb, vt, True, EMU)
+        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
+def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h,
+                 lo, hi, c0, c1, cs, t,
+                 HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
+                 STAGES: tl.constexpr, EMU: tl.constexpr):
+    # One value head, BV state columns, chunk after chunk, two dots on the state's path:
+    #   h[c] = S (entry state, for the output kernel);  Vn = U - W S;  S <- e^gc_last S +
+    #   k^T (f_k Vn). Vn is stored for the output kernel; the state after chunk c goes to
+    #   states[c - cs] when CAPTURE (and the chunk ends by hi); s_out gets the last one.
+    i_v = tl.program_id(0)
+    i_h = tl.program_id(1)
+    v0 = i_v * BV
+    hkv = i_h * (K * V)
+    kb = k + (i_h // GRP) * sk_h
+    o_c = tl.arange(0, 64)
+    plane = t * HV
+    s = tl.load(_tile(s0 + hkv, K, V, V, 0, v0, K, BV))
+    for c in tl.range(c0, c1, num_stages=STAGES):
+        r0 = c * 64
+        hp = hbuf + (c - cs).to(tl.int64) * (HV * K * V) + hkv
+        tl.store(_tile(hp, K, V, V, 0, v0, K, BV), s.to(hbuf.dtype.element_ty))
+        f_k = tl.load(fac + (r0 + o_c) * HV + i_h + plane)
+        decay = tl.load(glast + c * HV + i_h)
+        wt = tl.load(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K))
+        ut = tl.load(_tile(u + i_h * V, t, V, HV * V, r0, v0, 64, BV)).to(tl.float32)
+        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
+        vn = ut - _sdot(wt, s, None, TF32, EMU)
+        tl.store(_tile(vnbuf + i_h * V, t, V, HV * V, r0, v0, 64, BV),
+                 vn.to(vnbuf.dtype.element_ty))
+        s = _sdot(tl.trans(kt), f_k[:, None] * vn, s * decay, TF32, EMU)
+        if CAPTURE:
+            if r0 + 64 <= hi:
+                sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
+                tl.store(_tile(sp, K, V, V, 0, v0, K, BV), s)
+    tl.store(_tile(s_out + hkv, K, V, V, 0, v0, K, BV), s)
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "cs", "t"])
+def _out_kernel(q, hbuf, vnbuf, aqk, fac, out, sq_t, sq_h, lo, hi, c0, cs, t,
+                HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr):
+    # O = f_q (q h[c]) + Aqk Vn for one chunk of one value head (parallel over chunks).
+    # Padding rows come out as exact zeros: their q and Aqk rows are zero.
+    i_c = tl.program_id(0) + c0
+    i_h = tl.program_id(1)
+    r0 = i_c * 64
+    o_c = tl.arange(0, 64)
+    f_q = tl.load(fac + (r0 + o_c) * HV + i_h)
+    qt = _load_raw(_tile(q + (i_h // GRP) * sq_h, hi, K, sq_t, r0, 0, 64, K))
+    at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+    hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
+    for j in tl.static_range(V // BV):
+        ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
+        vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
+        o = f_q[:, None] * _sdot(qt, ht, None, TF32, EMU)
+        o = _sdot(at, vt, o, TF32, EMU)
+        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV), o)
+
+
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
     """A [T, H, D] tensor whose last dim is contiguous (a view when it already is)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -451,12 +589,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             raise ValueError(f"head dims must be powers of two >= 16, got K={kd} V={vd}")
 
 
+def _state_tf32(cfg: GdnConfig) -> bool:
+    return cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32
+
+
 def _alloc_prep(t: int, hv: int, kd: int, cfg: GdnConfig, dev: torch.device) -> ChunkPrep:
     mid = torch.float32 if cfg.tf32 else torch.bfloat16
+    # split: X feeds only the parallel W/U kernel (kept fp32); Aqk feeds the output's dots
+    xdt = torch.float32 if cfg.split else mid
+    adt = (torch.float32 if _state_tf32(cfg) else torch.bfloat16) if cfg.split else mid
     return ChunkPrep(_empty(4, t, hv, dtype=torch.float32, device=dev),
                      _empty(t // CHUNK, hv, dtype=torch.float32, device=dev),
-                     _empty(t, hv, CHUNK, dtype=mid, device=dev),
-                     _empty(t, hv, CHUNK, dtype=mid, device=dev))
+                     _empty(t, hv, CHUNK, dtype=xdt, device=dev),
+                     _empty(t, hv, CHUNK, dtype=adt, device=dev))
 
 
 def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -464,7 +609,8 @@ def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.
     """The state-independent half of the chunked rule for chunks ca .. cb-1."""
     t, hq, kd = q.shape
     hv = prep.glast.shape[1]
-    tf32 = cfg.tf32 or _EMU_BF16
+    # raw-input products are exact in bf16 too; split keeps tf32 only for X's merges
+    tf32 = (cfg.tf32 and not cfg.split) or _EMU_BF16
     _solve_kernel[(cb - ca, hv)](
         k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), lo, hi, ca, t,
@@ -531,6 +677,9 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     n_states = (hi // CHUNK - c0) if capture else 0
     states = _empty(max(n_states, 0), hv, kd, vd, dtype=torch.float32, device=dev)
     prep = _alloc_prep(t, hv, kd, cfg, dev)
+    if cfg.split:
+        _split_fwd(q, k, v, g, beta, state, lo, hi, capture, cfg, prep, out, s_out, states)
+        return out, s_out, GridStates(states, lo + CHUNK)
     segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
 
     def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
@@ -571,6 +720,39 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         state_pass(ca, cb, s_cur, s_next)
         s_cur = s_next
     return out, s_out, GridStates(states, lo + CHUNK)
+
+
+def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+               beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
+               cfg: GdnConfig, prep: ChunkPrep, out: torch.Tensor, s_out: torch.Tensor,
+               states: torch.Tensor) -> None:
+    """The split pipeline (cfg.split, see SPLIT_CONFIG) into out / s_out / states."""
+    t, hq, kd = q.shape
+    hv, vd = v.shape[1], v.shape[2]
+    bv = min(cfg.bv, vd)
+    dev = q.device
+    c0, c1 = lo // CHUNK, -(-hi // CHUNK)
+    grp = hv // hq
+    st32 = _state_tf32(cfg)
+    mid = torch.float32 if st32 else torch.bfloat16
+    w = _empty(t, hv, kd, dtype=mid, device=dev)
+    u = _empty(t, hv, vd, dtype=mid, device=dev)
+    vn = _empty(t, hv, vd, dtype=mid, device=dev)
+    hbuf = _empty(c1 - c0, hv, kd, vd, dtype=mid, device=dev)
+    _launch_prep(q, k, g, beta, prep, lo, hi, c0, c1, cfg)
+    _wu_kernel[(c1 - c0, hv)](
+        k, v, prep.fac, prep.xmat, w, u, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        lo, hi, c0, t, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, kd, vd), EMU=_EMU_BF16,
+        num_warps=4)
+    _seq2_kernel[(vd // bv, hv)](
+        k, w, u, prep.fac, prep.glast, state, hbuf, vn, states if capture else s_out, s_out,
+        k.stride(0), k.stride(1), lo, hi, c0, c1, c0, t,
+        HV=hv, GRP=grp, K=kd, V=vd, BV=bv, CAPTURE=bool(capture), TF32=st32,
+        STAGES=cfg.stages, EMU=_EMU_BF16, num_warps=cfg.warps)
+    _out_kernel[(c1 - c0, hv)](
+        q, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), lo, hi, c0, c0, t,
+        HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16,
+        num_warps=4)
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 6, kernel run 5 (split pipeline) on the GPU machine, one part per device call.
+#   bash scripts/gpu_kernels_v4.sh [part]   part: kernels | prefill
+set -uo pipefail
+OUT=${OUT:-/tmp/sbr-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+S="python3 -m sbrbench.cli"
+part=${1:-kernels}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+run() { echo "+ $*"; "$@" 2>&1 | tail -${TAIL:-40}; }
+if [ "$part" = kernels ]; then
+  TAIL=30 run timeout 240 python3 -m pytest -q -m gpu tests/engine/test_triton_kernels.py -p no:cacheprovider -rf
+  TAIL=60 run python3 scripts/gpu_kernel_profile.py 16384
+  SBR_GDN_CONFIG=split run $S bench kernels --T 4096,8192,16384,65536 --sweep-at 16384 \
+    --out "$OUT/bench-kernels.json"
+fi
+if [ "$part" = prefill ]; then
+  for c in exact-tf32 split; do
+    SBR_GDN_CONFIG=$c run $S bench prefill --preset a3b-proxy --lengths 16384 --windows 2048,4096 \
+      --reps 2 --out "$OUT/bench-prefill-$c.json"
+  done
+fi
+ls -la "$OUT"
