@@ -68,6 +68,10 @@ class GdnConfig(NamedTuple):
     tf32: bool = True  # X and Aqk stored fp32 and tf32 products, or bf16 throughout
     state_tf32: bool | None = None  # state-pass dots in tf32 (None: as `tf32`), else bf16
     split: bool = False  # W/U materialised, 2-dot state pass, output in a parallel kernel
+    prep_tf32: bool | None = None  # raw-input products of the prep in tf32 (None: tf32 and
+    # not split); both are exact products, the flag only picks the instruction
+    qk_stages: int = 2  # pipelining of the Aqk kernel's loads
+    kt_ptr: bool = False  # split state pass: k^T loaded through a transposed block pointer
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -79,7 +83,8 @@ FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
 # formed by a parallel kernel (tf32) and stored bf16, a state pass with two bf16 dots per chunk
 # (Vn = U - W S, S <- e^g S + k^T (f_k Vn)) that also stores each chunk's entry state (bf16) and
 # Vn, and the output in a parallel kernel: O = f_q (q S_c) + Aqk Vn.
-SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=2, bv=32)
+SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=3, bv=32,
+                                       prep_tf32=True)
 NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
                  "split": SPLIT_CONFIG,
                  "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1)}
@@ -243,7 +248,7 @@ def _load_raw(bp):
 def _qk_kernel(q, k, g, beta, fac, glast, aqk,
                sq_t, sq_h, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t, scale,
                HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-               TF32: tl.constexpr):
+               TF32: tl.constexpr, STAGES: tl.constexpr):
     # The rest of one chunk of one value head that does not depend on the state:
     # - the causal scores Aqk = tril(q_i.k_j Gamma_ij) (q normalised and scaled by 1/sqrt(K));
     # - per-row factors for the state pass: f_q = e^gc |q|^-1 / sqrt(K), f_k = e^(gc_last - gc)
@@ -266,7 +271,7 @@ def _qk_kernel(q, k, g, beta, fac, glast, aqk,
     a_qk = tl.zeros([64, 64], dtype=tl.float32)
     ssq = tl.zeros([64], dtype=tl.float32)
     ssk = tl.zeros([64], dtype=tl.float32)
-    for j in tl.range(0, K // BK, num_stages=2):
+    for j in tl.range(0, K // BK, num_stages=STAGES):
         qt = _load_raw(_tile(qb, hi, K, sq_t, r0, j * BK, 64, BK))
         kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BK, 64, BK))
         a_qk = _rdot(qt, tl.trans(kt), a_qk, TF32)
@@ -474,10 +479,10 @@ def _xdot(a, b, TF32: tl.constexpr, EMU: tl.constexpr):
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
 def _wu_kernel(k, v, fac, xmat, w, u, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, t,
                HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BD: tl.constexpr, EMU: tl.constexpr):
+               BD: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr):
     # W = X diag(f_w) k and U = X diag(beta) v of one chunk of one value head (the decayed,
-    # normalised keys and the beta-scaled values through the UT transform), tf32 products of
-    # the fp32 X (scaled by the row factors) and the raw tiles; stored in w/u's dtype.
+    # normalised keys and the beta-scaled values through the UT transform): X times the raw
+    # tiles scaled by their row factors, bf16 operands (as fla) or tf32; stored in w/u's dtype.
     i_c = tl.program_id(0) + c0
     i_h = tl.program_id(1)
     r0 = i_c * 64
@@ -486,18 +491,16 @@ def _wu_kernel(k, v, fac, xmat, w, u, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, t,
     plane = t * HV
     f_w = tl.load(fb + 2 * plane)
     bt = tl.load(fb + 3 * plane)
-    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64)).to(tl.float32)
-    xw = x * f_w[None, :]
-    xb = x * bt[None, :]
+    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
     kb = k + (i_h // GRP) * sk_h
     vb = v + i_h * sv_h
     for j in tl.static_range(K // BD):
-        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BD, 64, BD))
-        wt = _xdot(xw, kt, True, EMU)
+        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BD, 64, BD)).to(tl.float32)
+        wt = _sdot(x, kt * f_w[:, None], None, TF32, EMU)
         tl.store(_tile(w + i_h * K, t, K, HV * K, r0, j * BD, 64, BD), wt.to(w.dtype.element_ty))
     for j in tl.static_range(V // BD):
-        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD))
-        ut = _xdot(xb, vt, True, EMU)
+        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
+        ut = _sdot(x, vt * bt[:, None], None, TF32, EMU)
         tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
 
 
@@ -506,7 +509,7 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h
                  lo, hi, c0, c1, cs, t,
                  HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
-                 STAGES: tl.constexpr, EMU: tl.constexpr):
+                 STAGES: tl.constexpr, KT_PTR: tl.constexpr, EMU: tl.constexpr):
     # One value head, BV state columns, chunk after chunk, two dots on the state's path:
     #   h[c] = S (entry state, for the output kernel);  Vn = U - W S;  S <- e^gc_last S +
     #   k^T (f_k Vn). Vn is stored for the output kernel; the state after chunk c goes to
@@ -527,11 +530,15 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h
         decay = tl.load(glast + c * HV + i_h)
         wt = tl.load(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K))
         ut = tl.load(_tile(u + i_h * V, t, V, HV * V, r0, v0, 64, BV)).to(tl.float32)
-        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
+        if KT_PTR:
+            ktt = tl.load(tl.make_block_ptr(kb, (K, hi), (1, sk_t), (0, r0), (K, 64), (0, 1)),
+                          boundary_check=(1,), padding_option="zero")
+        else:
+            ktt = tl.trans(_load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K)))
         vn = ut - _sdot(wt, s, None, TF32, EMU)
         tl.store(_tile(vnbuf + i_h * V, t, V, HV * V, r0, v0, 64, BV),
                  vn.to(vnbuf.dtype.element_ty))
-        s = _sdot(tl.trans(kt), f_k[:, None] * vn, s * decay, TF32, EMU)
+        s = _sdot(ktt, f_k[:, None] * vn, s * decay, TF32, EMU)
         if CAPTURE:
             if r0 + 64 <= hi:
                 sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
@@ -596,8 +603,9 @@ def _state_tf32(cfg: GdnConfig) -> bool:
 def _alloc_prep(t: int, hv: int, kd: int, cfg: GdnConfig, dev: torch.device) -> ChunkPrep:
     mid = torch.float32 if cfg.tf32 else torch.bfloat16
     # split: X feeds only the parallel W/U kernel (kept fp32); Aqk feeds the output's dots
-    xdt = torch.float32 if cfg.split else mid
-    adt = (torch.float32 if _state_tf32(cfg) else torch.bfloat16) if cfg.split else mid
+    xdt = adt = mid
+    if cfg.split:
+        xdt = adt = torch.float32 if _state_tf32(cfg) else torch.bfloat16
     return ChunkPrep(_empty(4, t, hv, dtype=torch.float32, device=dev),
                      _empty(t // CHUNK, hv, dtype=torch.float32, device=dev),
                      _empty(t, hv, CHUNK, dtype=xdt, device=dev),
@@ -610,7 +618,8 @@ def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.
     t, hq, kd = q.shape
     hv = prep.glast.shape[1]
     # raw-input products are exact in bf16 too; split keeps tf32 only for X's merges
-    tf32 = (cfg.tf32 and not cfg.split) or _EMU_BF16
+    p32 = (cfg.tf32 and not cfg.split) if cfg.prep_tf32 is None else cfg.prep_tf32
+    tf32 = p32 or _EMU_BF16
     _solve_kernel[(cb - ca, hv)](
         k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), lo, hi, ca, t,
@@ -620,7 +629,8 @@ def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.
         q, k, g, beta, prep.fac, prep.glast, prep.aqk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), lo, hi, ca, t, kd ** -0.5,
-        HV=hv, GRP=hv // hq, K=kd, BK=min(64, kd), TF32=tf32, num_warps=cfg.qk_warps)
+        HV=hv, GRP=hv // hq, K=kd, BK=min(64, kd), TF32=tf32, STAGES=cfg.qk_stages,
+        num_warps=cfg.qk_warps)
 
 
 def chunk_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, hv: int,
@@ -739,21 +749,64 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     u = _empty(t, hv, vd, dtype=mid, device=dev)
     vn = _empty(t, hv, vd, dtype=mid, device=dev)
     hbuf = _empty(c1 - c0, hv, kd, vd, dtype=mid, device=dev)
-    _launch_prep(q, k, g, beta, prep, lo, hi, c0, c1, cfg)
-    _wu_kernel[(c1 - c0, hv)](
-        k, v, prep.fac, prep.xmat, w, u, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        lo, hi, c0, t, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, kd, vd), EMU=_EMU_BF16,
-        num_warps=4)
-    _seq2_kernel[(vd // bv, hv)](
-        k, w, u, prep.fac, prep.glast, state, hbuf, vn, states if capture else s_out, s_out,
-        k.stride(0), k.stride(1), lo, hi, c0, c1, c0, t,
-        HV=hv, GRP=grp, K=kd, V=vd, BV=bv, CAPTURE=bool(capture), TF32=st32,
-        STAGES=cfg.stages, EMU=_EMU_BF16, num_warps=cfg.warps)
-    _out_kernel[(c1 - c0, hv)](
-        q, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), lo, hi, c0, c0, t,
-        HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16,
-        num_warps=4)
 
+    def parallel_in(ca: int, cb: int) -> None:  # prep and W/U of chunks ca .. cb-1
+        _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
+        _wu_kernel[(cb - ca, hv)](
+            k, v, prep.fac, prep.xmat, w, u, k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), lo, hi, ca, t, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, kd, vd),
+            TF32=st32, EMU=_EMU_BF16, num_warps=4)
+
+    def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
+        _seq2_kernel[(vd // bv, hv)](
+            k, w, u, prep.fac, prep.glast, s_in, hbuf, vn, states if capture else s_next,
+            s_next, k.stride(0), k.stride(1), lo, hi, ca, cb, c0, t,
+            HV=hv, GRP=grp, K=kd, V=vd, BV=bv, CAPTURE=bool(capture), TF32=st32,
+            STAGES=cfg.stages, KT_PTR=cfg.kt_ptr, EMU=_EMU_BF16, num_warps=cfg.warps)
+
+    def output(ca: int, cb: int) -> None:
+        _out_kernel[(cb - ca, hv)](
+            q, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), lo, hi, ca, c0, t,
+            HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16,
+            num_warps=4)
+
+    segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
+    overlap = cfg.overlap and q.is_cuda and len(segs) > 1
+    if not overlap:
+        for ca, cb in segs:
+            parallel_in(ca, cb)
+        s_cur = state
+        for i, (ca, cb) in enumerate(segs):
+            s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
+            state_pass(ca, cb, s_cur, s_next)
+            s_cur = s_next
+        output(c0, c1)
+        return
+    # Two streams: the side stream prepares segment i+1 and writes the output of segment i
+    # while the main stream runs segment i's state pass (which fills few SMs).
+    main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+    side.wait_stream(main)
+    for x in (q, k, v, g, beta, state, out, states, w, u, vn, hbuf, *prep):
+        x.record_stream(side)
+    ready = [torch.cuda.Event() for _ in segs]
+    done = [torch.cuda.Event() for _ in segs]
+    with torch.cuda.stream(side):
+        parallel_in(*segs[0])
+        ready[0].record(side)
+    s_cur = state
+    for i, (ca, cb) in enumerate(segs):
+        main.wait_event(ready[i])
+        s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
+        state_pass(ca, cb, s_cur, s_next)
+        done[i].record(main)
+        s_cur = s_next
+        with torch.cuda.stream(side):
+            if i + 1 < len(segs):
+                parallel_in(*segs[i + 1])
+                ready[i + 1].record(side)
+            side.wait_event(done[i])
+            output(ca, cb)
+    main.wait_stream(side)
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,

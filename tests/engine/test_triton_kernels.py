@@ -198,12 +198,12 @@ def test_chunk_is_deterministic(name: str) -> None:
 
 
 @pytest.mark.gpu
-def test_chunk_segments_are_invisible() -> None:
+@pytest.mark.parametrize("name", ["exact-tf32", "split"])
+def test_chunk_segments_are_invisible(name: str) -> None:
     """The prep/state-pass overlap (segments on two streams) does not change a bit."""
     import engine.kernels.triton_gdn as tg
 
-    cfg = tg.config_for(128, 128)
-    assert not cfg.overlap
+    cfg = tg.config_for(128, 128, name=name)._replace(overlap=False)
     q, k, v, g, beta, s0 = gdn_inputs(4096, 32, 16, 128, 128, torch.bfloat16, "cuda", seed=17)
     ref_run = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 128, 4000, True, cfg)
     for seg in (0, 1, 7, 16):
@@ -389,10 +389,11 @@ def test_interp_chunk_resume_and_padding(itg: ModuleType, name: str) -> None:
     assert sorted(st3) == [128, 192] and torch.equal(st3[192], st[192])
 
 
-def test_interp_chunk_segments_are_invisible(itg: ModuleType) -> None:
+@pytest.mark.parametrize("name", ["fast-bf16", "split"])
+def test_interp_chunk_segments_are_invisible(itg: ModuleType, name: str) -> None:
     t, hv, hq, kd, vd = 320, 2, 1, 32, 32
     q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.float32, "cpu", seed=8)
-    base = itg.GdnConfig(bv=32, tf32=False)
+    base = itg.NAMED_CONFIGS[name]._replace(bv=32)
     o1, s1, st1 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 300, True, base)
     o2, s2, st2 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 300, True,
                                     base._replace(seg_chunks=2))
