@@ -16,9 +16,12 @@ part=${1:-kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run() { echo "+ $*"; "$@" 2>&1 | tail -${TAIL:-40}; }
 if [ "$part" = kernels ]; then
-  TAIL=30 run timeout 240 python3 -m pytest -q -m gpu tests/engine/test_triton_kernels.py -p no:cacheprovider -rf
+  TAIL=30 run python3 scripts/gpu_split_diag.py
+  TAIL=30 run timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/engine/test_triton_kernels.py \
+    -p no:cacheprovider -rf ${TEST_K:+-k "$TEST_K"}
   TAIL=60 run python3 scripts/gpu_kernel_profile.py 16384
-  SBR_GDN_CONFIG=split run $S bench kernels --T 4096,8192,16384,65536 --sweep-at 16384 \
+  SBR_GDN_CONFIG=split run $S bench kernels --T ${TS:-4096,8192,16384,65536} \
+    --sweep-at ${SWEEP:-16384} \
     --out "$OUT/bench-kernels.json"
 fi
 if [ "$part" = prefill ]; then
