@@ -382,9 +382,9 @@ def sweep_configs(tg: Any) -> list[Any]:
     named = [tg.config_for(128, 128, name=n) for n in tg.NAMED_CONFIGS]
     split = tg.config_for(128, 128, name="split")
     cands = named + [tg.config_for(128, 128, name="exact-tf32")._replace(overlap=True)]
-    cands += [split._replace(prep_tf32=False, qk_stages=1), split._replace(kt_ptr=True),
+    cands += [split._replace(fuse_prep=False), split._replace(kt_ptr=True),
               split._replace(overlap=True), split._replace(overlap=True, kt_ptr=True),
-              split._replace(stages=2), split._replace(bv=64)]
+              split._replace(stages=4), split._replace(bv=64), split._replace(qk_warps=8)]
     out: list[Any] = []
     for c in cands:
         if c != base and c not in out:

@@ -36,14 +36,11 @@ def main() -> None:
     inputs = (q, k, v, g, beta, s0)
     split = tg.config_for(128, 128, name="split")
     variants = {
-        "exact-tf32": tg.config_for(128, 128, name="exact-tf32"),
         "split": split,
-        "split,prep_tf32=False,qk_stages=1": split._replace(prep_tf32=False, qk_stages=1),
-        "split,prep_tf32=False": split._replace(prep_tf32=False),
-        "split,kt_ptr": split._replace(kt_ptr=True),
+        "split,fuse_prep=False": split._replace(fuse_prep=False),
         "split,overlap": split._replace(overlap=True, seg_chunks=4),
+        "split,qk_warps=8": split._replace(qk_warps=8),
         "split-tf32": tg.config_for(128, 128, name="split-tf32"),
-        "fast-bf16,qk_stages=1": tg.config_for(128, 128, name="fast-bf16")._replace(qk_stages=1),
     }
     for name, cfg in variants.items():
         for lo, hi in ((0, t), (64, 989)):

@@ -72,6 +72,7 @@ class GdnConfig(NamedTuple):
     # not split); both are exact products, the flag only picks the instruction
     qk_stages: int = 2  # pipelining of the Aqk kernel's loads
     kt_ptr: bool = False  # split state pass: k^T loaded through a transposed block pointer
+    fuse_prep: bool = True  # split: Aqk, factors, W and U in one kernel (_prep2_kernel)
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -79,12 +80,13 @@ DEFAULT_CONFIG = GdnConfig()
 # Triton 3.6 on sm_90 its state pass is not deterministic at 32 value heads (see _SAFE_DOT and
 # docs/KERNELS.md), so it is not exact and not the default. Kept for benchmarks.
 FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
-# The split pipeline (v4): X kept fp32 (tf32 merges), W = X diag(f_w) k and U = X diag(beta) v
-# formed by a parallel kernel (tf32) and stored bf16, a state pass with two bf16 dots per chunk
-# (Vn = U - W S, S <- e^g S + k^T (f_k Vn)) that also stores each chunk's entry state (bf16) and
-# Vn, and the output in a parallel kernel: O = f_q (q S_c) + Aqk Vn.
+# The split pipeline (v4), fla's structure on our contract: X = (I + L)^-1 (_solve_kernel, bf16
+# out), then one parallel kernel forms Aqk, the row factors, W = X diag(f_w) k and
+# U = X diag(beta) v (bf16, as fla); a state pass with two bf16 dots per chunk (Vn = U - W S,
+# S <- e^g S + k^T (f_k Vn)) stores each chunk's entry state (bf16), Vn and, with capture, the
+# fp32 grid states; the output comes from a parallel kernel: O = f_q (q S_c) + Aqk Vn.
 SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=3, bv=32,
-                                       prep_tf32=True)
+                                       prep_tf32=False, qk_stages=1)
 NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
                  "split": SPLIT_CONFIG,
                  "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1)}
@@ -504,6 +506,53 @@ def _wu_kernel(k, v, fac, xmat, w, u, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, t,
         tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
 
 
+@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
+def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
+                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
+                  scale, HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, BD: tl.constexpr, TF32: tl.constexpr,
+                  STF32: tl.constexpr, EMU: tl.constexpr):
+    # _qk_kernel and _wu_kernel in one pass over a chunk of one value head (split pipeline):
+    # the causal scores Aqk, the factors f_q (plane 0) and f_k (plane 1), e^gc_last, then
+    # W = X diag(f_w) k and U = X diag(beta) v. One load of the q and k tiles, no loop.
+    i_c = tl.program_id(0) + c0
+    i_h = tl.program_id(1)
+    r0 = i_c * 64
+    o_c = tl.arange(0, 64)
+    rows = r0 + o_c
+    ok = (rows >= lo) & (rows < hi)
+    kb = k + (i_h // GRP) * sk_h
+    qb = q + (i_h // GRP) * sq_h
+    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+    gcv = tl.cumsum(gv, 0)
+    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
+    tl.store(glast + i_c * HV + i_h, tl.exp(g_last))
+    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    qt = _load_raw(_tile(qb, hi, K, sq_t, r0, 0, 64, K))
+    kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
+    a_qk = _rdot(qt, tl.trans(kt), None, TF32)
+    qf = qt.to(tl.float32)
+    kf = kt.to(tl.float32)
+    rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
+    rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
+    low = o_c[:, None] >= o_c[None, :]
+    sc = a_qk * rq[:, None] * rk[None, :]
+    sc = tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
+    tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
+    fb = fac + rows * HV + i_h
+    tl.store(fb, rq * tl.exp(gcv))
+    tl.store(fb + t * HV, rk * tl.exp(g_last - gcv))
+    f_w = rk * bfull * tl.exp(gcv)
+    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+    wt = _sdot(x, kf * f_w[:, None], None, STF32, EMU)
+    tl.store(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K), wt.to(w.dtype.element_ty))
+    vb = v + i_h * sv_h
+    for j in tl.static_range(V // BD):
+        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
+        ut = _sdot(x, vt * bfull[:, None], None, STF32, EMU)
+        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
+
+
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
 def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h,
                  lo, hi, c0, c1, cs, t,
@@ -751,6 +800,20 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     hbuf = _empty(c1 - c0, hv, kd, vd, dtype=mid, device=dev)
 
     def parallel_in(ca: int, cb: int) -> None:  # prep and W/U of chunks ca .. cb-1
+        if cfg.fuse_prep:
+            p32 = bool(cfg.prep_tf32) or _EMU_BF16
+            _solve_kernel[(cb - ca, hv)](
+                k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
+                beta.stride(0), beta.stride(1), lo, hi, ca, t,
+                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32,
+                num_warps=cfg.solve_warps)
+            _prep2_kernel[(cb - ca, hv)](
+                q, k, v, g, beta, prep.xmat, prep.fac, prep.glast, prep.aqk, w, u,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), lo, hi, ca, t,
+                kd ** -0.5, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, vd), TF32=p32,
+                STF32=st32, EMU=_EMU_BF16, num_warps=cfg.qk_warps)
+            return
         _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
         _wu_kernel[(cb - ca, hv)](
             k, v, prep.fac, prep.xmat, w, u, k.stride(0), k.stride(1), v.stride(0),
