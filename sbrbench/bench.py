@@ -543,6 +543,16 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
     return rows
 
 
+def triton_kernel_names() -> list[str]:
+    """Names of our Triton kernels (engine.kernels.triton_gdn), as the profiler shows them."""
+    import triton  # noqa: PLC0415
+
+    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+
+    return sorted(n.lower() for n, o in vars(tg).items()
+                  if isinstance(o, triton.runtime.JITFunction) and n.endswith("_kernel"))
+
+
 def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> dict[str, float]:
     """Device time of one window by kernel family (gemm, attention, gdn, other), in ms."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
@@ -560,6 +570,7 @@ def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> d
         model.forward_window(ids, e0, 0, window, state, kv, set())
         torch.cuda.synchronize()
     fam: dict[str, float] = {}
+    ours = triton_kernel_names()
     for ev in prof.key_averages():
         t_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
         if not t_us or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
@@ -569,8 +580,7 @@ def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> d
             f = "attention"
         elif any(s in name for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")):
             f = "gemm"
-        elif any(s in name for s in ("_seq_kernel", "_solve_kernel", "_qk_kernel", "_conv_kernel",
-                                     "_gnorm_kernel", "_step_kernel")):
+        elif any(s in name for s in ours):
             f = "gdn_triton"
         else:
             f = "other"

@@ -1,19 +1,24 @@
 """Triton kernels of the GDN layer (CUDA): chunked gated delta rule on the absolute grid, the
 single-token recurrent step, causal conv1d and gated RMSNorm, with reference.py's contracts.
 
-Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule is three launches:
+Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule has two pipelines:
 
-1. `_solve_kernel` and `_qk_kernel`, parallel over (chunk, value head): everything that does
-   not depend on the state. The UT transform X = (I + L)^-1 in 16x16 blocks (forward
+Split (the default, SPLIT_CONFIG; fla's structure on our contract), four launches:
+1. `_solve_kernel`, parallel over (chunk, value head): X = (I + L)^-1 in 16x16 blocks (forward
    substitution on the diagonal blocks, block merges below; one warp per chunk so that its row
-   steps reduce inside the warp), the causal scores Aqk = tril(q k^T Gamma), and per-row
-   factors (l2 norms, decays, beta). Raw bf16 q/k tiles feed the tensor cores (exact products,
-   fp32 sums); the norms and gates scale the results.
-2. `_seq_kernel`, one program per (value head, block of V columns), sequential over chunks:
-   Z = beta v - f_w (k S), Vn = X Z, O = f_q (q S) + Aqk Vn, S <- e^gc_last S + k^T (f_k Vn).
-   W = X diag(f_w) k and U = X diag(beta) v are never formed: the pass reads the raw inputs, X
-   and Aqk. The state stays in registers (fp32); the state at every chunk boundary is stored
-   when `capture` is on (grid snapshots cost no extra pass); the output is written as it goes.
+   steps reduce inside the warp). Raw bf16 k tiles feed the tensor cores (exact products, fp32
+   sums); the norms and gates scale the results.
+2. `_prep2_kernel`, parallel: the causal scores Aqk = tril(q k^T Gamma), the row factors, and
+   W = X diag(f_w) k, U = X diag(beta) v (bf16).
+3. `_seq2_kernel`, one program per (value head, 32 state columns), sequential over chunks, two
+   dots per chunk: Vn = U - W S, S <- e^gc_last S + k^T (f_k Vn). It stores each chunk's entry
+   state (bf16) and Vn for the output, and the fp32 state at every chunk boundary when
+   `capture` is on (grid snapshots cost no extra pass).
+4. `_out_kernel`, parallel: O = f_q (q S_c) + Aqk Vn.
+
+v3 (exact-tf32 / fast-bf16), three launches: `_solve_kernel`, `_qk_kernel` (Aqk and factors),
+and `_seq_kernel`, which never forms W or U and writes the output in the state pass (five dots
+per chunk: Z = beta v - f_w (k S), Vn = X Z, O = f_q (q S) + Aqk Vn, S update).
 
 Exactness: a chunk's numbers are a fixed-shape, fixed-order function of (state in, the chunk's
 rows): launch shapes never depend on T, lo or hi (no autotuning), there are no atomics or split
@@ -23,12 +28,11 @@ resuming from a captured grid state is bitwise equal to running through, and val
 depend on what padding rows hold. Later rows meet earlier ones only through exact zeros of the
 triangular factors, so a row's output does not depend on the valid rows after it either.
 
-Precision. The default keeps fp32 operands (tf32 products; X and Aqk stored fp32): relative
-L2 error against the fp32 reference ~1e-3, and the only configuration measured deterministic on
-sm_90 (see _SAFE_DOT). FAST_BF16_CONFIG rounds X, Aqk, the state and Vn to bf16 for the
-products (as fla; ~3e-3 on Qwen3-Next-like inputs) and is ~2.3x faster, but not exact there.
-In both, the raw bf16 inputs enter the products unrounded, and the carried state, the factors
-and every sum stay fp32.
+Precision. Split rounds X, W, U, Aqk, the state and Vn to bf16 for the products, as fla does
+(the carried state, the factors and every sum stay fp32, and the raw bf16 inputs enter the
+products unrounded): relative L2 error ~3e-3. exact-tf32 keeps fp32 operands (tf32 products),
+~1e-3, at ~2.5x the time. Both were measured deterministic on an H200 (exact_on_sm90); the one
+configuration that is not, fast-bf16, owes it to its pipelined bf16 Aqk kernel.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 class GdnConfig(NamedTuple):
     """Launch shape and precision of the chunked rule (fixed per head shape; the bench sweeps
-    it). The default is the configuration measured exact (deterministic) on sm_90."""
+    it). The field defaults are the v3 exact-tf32 configuration; NAMED_CONFIGS lists the
+    others, and production_name() picks the engine's."""
 
     bv: int = 64  # V columns per state-pass program (>= 64: see _SAFE_DOT)
     warps: int = 4  # warps of the state pass
@@ -76,9 +81,9 @@ class GdnConfig(NamedTuple):
 
 
 DEFAULT_CONFIG = GdnConfig()
-# The fast bf16 configuration (bf16 operands, pipelined loads): about 2.3x faster, but with
-# Triton 3.6 on sm_90 its state pass is not deterministic at 32 value heads (see _SAFE_DOT and
-# docs/KERNELS.md), so it is not exact and not the default. Kept for benchmarks.
+# The v3 bf16 configuration (bf16 operands, pipelined loads): with Triton 3.6 on sm_90 it is not
+# deterministic at 32 value heads; run 5 traced that to its Aqk kernel's pipelined bf16 loop
+# (qk_stages=1 cures it; see exact_on_sm90 and docs/KERNELS.md). Kept for benchmarks.
 FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
 # The split pipeline (v4), fla's structure on our contract: X = (I + L)^-1 (_solve_kernel, bf16
 # out), then one parallel kernel forms Aqk, the row factors, W = X diag(f_w) k and
@@ -93,17 +98,20 @@ NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
 
 
 def exact_on_sm90(cfg: GdnConfig) -> bool:
-    """Whether cfg's state pass was measured deterministic on sm_90 (Triton 3.6): tf32 yes,
-    bf16 no (run-to-run differences at 32 value heads)."""
-    return bool(cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32)
+    """Whether cfg was measured deterministic on sm_90 (Triton 3.6, H200, run 5): everything
+    except the separate Aqk kernel (_qk_kernel) with bf16 products and pipelined loads
+    (qk_stages > 1), which gives run-to-run differences in Aqk (scripts/gpu_split_diag.py).
+    The fused split pipeline does not use that kernel."""
+    uses_qk = not (cfg.split and cfg.fuse_prep)
+    p32 = (cfg.tf32 and not cfg.split) if cfg.prep_tf32 is None else cfg.prep_tf32
+    return not (uses_qk and not p32 and cfg.qk_stages > 1)
 
 
 # Triton 3.x on sm_90 miscompiles some kernels with several tl.dot (illegal shared-memory
-# reads or silent corruption; helion PR #1905 reports block sizes 16/32). Seen here: the bf16
-# state pass with num_stages=1 reads shared memory out of bounds (compute-sanitizer), and with
-# pipelined loads gives run-to-run differences at 32 value heads, with BV = 32 and still with
-# BV = 64. The tf32 state pass was deterministic in every test. Wgmma dot dimensions are kept
-# >= 64 all the same; smaller heads use the torch reference.
+# reads or silent corruption; helion PR #1905 reports block sizes 16/32). Seen here: the v3
+# bf16 state pass with num_stages=1 reads shared memory out of bounds (compute-sanitizer); the
+# run-to-run differences once blamed on it came from the pipelined bf16 Aqk kernel (run 5).
+# Head dims >= 64 only; smaller heads use the torch reference.
 _SAFE_DOT = 64
 
 
@@ -121,8 +129,8 @@ def config_name(cfg: GdnConfig) -> str:
 
 def production_name() -> str:
     """The configuration the engine uses: `SBR_GDN_CONFIG` (a NAMED_CONFIGS key) or the
-    default, exact-tf32."""
-    name = os.environ.get("SBR_GDN_CONFIG", "exact-tf32")
+    default, split (fastest, and measured deterministic on sm_90)."""
+    name = os.environ.get("SBR_GDN_CONFIG", "split")
     if name not in NAMED_CONFIGS:
         raise ValueError(f"SBR_GDN_CONFIG={name!r}: expected one of {sorted(NAMED_CONFIGS)}")
     return name
