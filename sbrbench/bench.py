@@ -30,6 +30,7 @@ SCHEMA = "sbrbench.bench/v1"
 # sparsity); MFU is reported against it and against the measured 8192^3 matmul rate.
 DENSE_BF16_PEAK_TFLOPS = 989.0
 QWEN3_NEXT = {"B": 1, "H": 16, "HV": 32, "K": 128, "V": 128}
+ENGINE_INTERVAL = 4096  # the engine's default snapshot interval (engine.cache.settings)
 DEVICE = "cuda"  # every tensor of a bench lives here (tests smoke-run the code on "cpu")
 
 
@@ -237,19 +238,25 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
     qx, kx = q.repeat_interleave(hv // hq, 1), k.repeat_interleave(hv // hq, 1)
     n_states = t // CHUNK
-    runs = [(prod, True, True), (prod, True, False), (prod, False, True)]
+    # capture: every grid state (True), the engine's snapshot rows (one per ENGINE_INTERVAL
+    # rows, stored alone by the split pipeline), or none
+    sparse = set(range(ENGINE_INTERVAL, t + 1, ENGINE_INTERVAL))
+    runs: list[tuple[Any, bool | set[int], bool]] = [
+        (prod, True, True), (prod, True, False), (prod, sparse, True), (prod, False, True)]
     runs += [(c, True, True) for c in configs if c != prod]
     for cfg, capture, grouped in runs:
         qq, kk = (q, k) if grouped else (qx, kx)
         ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg)
         ms = time_ms(ours)
-        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_states if capture else 0)
-        rep = repeatable(ours) if capture and grouped else None
-        rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=capture,
-                         config=cfg._asdict(), config_name=tg.config_name(cfg),
-                         production=cfg == prod, exact=tg.exact_on_sm90(cfg),
-                         repeatable=rep))
-        log(f"  sbrbench T={t} H={qq.shape[1]} capture={capture} {tg.config_name(cfg)}: "
+        n_cap = n_states if capture is True else len(capture) if capture else 0
+        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_cap)
+        rep = repeatable(ours) if capture is True and grouped else None
+        label = capture if isinstance(capture, bool) else f"every {ENGINE_INTERVAL}"
+        rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=label,
+                         captured_states=n_cap, config=cfg._asdict(),
+                         config_name=tg.config_name(cfg), production=cfg == prod,
+                         exact=tg.exact_on_sm90(cfg), repeatable=rep))
+        log(f"  sbrbench T={t} H={qq.shape[1]} capture={label} {tg.config_name(cfg)}: "
             f"{ms:.3f} ms" + ("" if rep is None else f" repeatable={rep}"))
     fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
     for fn in fla_fns:
@@ -382,9 +389,10 @@ def sweep_configs(tg: Any) -> list[Any]:
     named = [tg.config_for(128, 128, name=n) for n in tg.NAMED_CONFIGS]
     split = tg.config_for(128, 128, name="split")
     cands = named + [tg.config_for(128, 128, name="exact-tf32")._replace(overlap=True)]
-    cands += [split._replace(fuse_prep=False), split._replace(kt_ptr=True),
-              split._replace(overlap=True), split._replace(overlap=True, kt_ptr=True),
-              split._replace(stages=4), split._replace(bv=64), split._replace(qk_warps=8)]
+    cands += [split._replace(overlap=True), split._replace(overlap=True, prio=True),
+              split._replace(overlap=True, prio=True, qk_warps=8),
+              split._replace(overlap=True, prio=True, seg_chunks=32),
+              split._replace(fuse_prep=False), split._replace(qk_warps=8)]
     out: list[Any] = []
     for c in cands:
         if c != base and c not in out:
@@ -393,15 +401,25 @@ def sweep_configs(tg: Any) -> list[Any]:
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fla_ms / ours_ms per (T, H) for the production config with capture on."""
-    ours = {(r["T"], r["H"]): r["ms"] for r in rows if r["kernel"] == "gdn_chunk_fwd"
-            and r["impl"] == "sbrbench" and r.get("production") and r.get("capture")}
+    """fla_ms / ours_ms per (T, H) for the production config: with every grid state captured
+    (ours_ms, fla_over_ours: the headline), and where measured with the engine's snapshot rows
+    only and with no capture (fla returns no intermediate states at all)."""
+    def ours(cap: Any) -> dict[tuple[int, int], float]:
+        return {(r["T"], r["H"]): r["ms"] for r in rows if r["kernel"] == "gdn_chunk_fwd"
+                and r["impl"] == "sbrbench" and r.get("production") and r.get("capture") == cap}
+
+    every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
     res = []
     for r in rows:
-        if r["kernel"] == "gdn_chunk_fwd" and r["impl"] == "fla" and (r["T"], r["H"]) in ours:
-            o = ours[(r["T"], r["H"])]
-            res.append({"T": r["T"], "H": r["H"], "fla_ms": r["ms"], "ours_ms": o,
-                        "fla_over_ours": round(r["ms"] / o, 3)})
+        key = (r["T"], r["H"])
+        if r["kernel"] == "gdn_chunk_fwd" and r["impl"] == "fla" and key in every:
+            o = every[key]
+            row = {"T": r["T"], "H": r["H"], "fla_ms": r["ms"], "ours_ms": o,
+                   "fla_over_ours": round(r["ms"] / o, 3)}
+            for name, d in (("engine_capture", engine), ("no_capture", none)):
+                if key in d:
+                    row[f"fla_over_ours_{name}"] = round(r["ms"] / d[key], 3)
+            res.append(row)
     return res
 
 

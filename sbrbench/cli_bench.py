@@ -53,12 +53,17 @@ def kernels(
     sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
     path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
                                    log=console.print)
-    table = Table(title="gdn_chunk_fwd (production config, capture on)")
-    for col in ("T", "H", "fla ms", "ours ms", "fla / ours"):
+    table = Table(title="gdn_chunk_fwd, production config: fla / ours by what ours captures")
+    for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none"):
         table.add_column(col, justify="right")
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
     for r in bench.speedups(rows):
         table.add_row(str(r["T"]), str(r["H"]), f"{r['fla_ms']:.3f}", f"{r['ours_ms']:.3f}",
-                      f"{r['fla_over_ours']:.2f}")
+                      fmt(r["fla_over_ours"]), fmt(r.get("fla_over_ours_engine_capture")),
+                      fmt(r.get("fla_over_ours_no_capture")))
     console.print(table)
     console.print(f"wrote {path}")
 

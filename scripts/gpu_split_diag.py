@@ -39,6 +39,7 @@ def main() -> None:
         "split": split,
         "split,fuse_prep=False": split._replace(fuse_prep=False),
         "split,overlap": split._replace(overlap=True, seg_chunks=4),
+        "split,overlap,prio": split._replace(overlap=True, prio=True, seg_chunks=4),
         "split,qk_warps=8": split._replace(qk_warps=8),
         "split-tf32": tg.config_for(128, 128, name="split-tf32"),
     }

@@ -26,6 +26,8 @@ valid rows are bitwise independent of what the padding rows held.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +80,7 @@ def conv_state_after(x: torch.Tensor, state: torch.Tensor, upto: int) -> torch.T
 
 def chunk_gated_delta_rule(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    state: torch.Tensor, lo: int, hi: int, capture: bool = True,
+    state: torch.Tensor, lo: int, hi: int, capture: bool | Collection[int] = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """Chunked gated delta rule over one aligned window.
 
@@ -86,7 +88,8 @@ def chunk_gated_delta_rule(
     v: [T, H, V], g, beta: [T, H]; T a multiple of CHUNK and row 0 on the grid.
     state: [H, K, V] fp32, the state at row `lo` (a multiple of CHUNK).
     Returns (out [T, H, V] fp32 with zeros outside [lo, hi), state at row `hi`,
-    {row r: state at r} for every grid row lo < r <= hi when `capture`).
+    {row r: state at r} for every grid row lo < r <= hi when `capture` is True, or for the
+    grid rows in it when it is a collection of rows).
     """
     t, h, kd = q.shape
     vd = v.shape[-1]
@@ -129,7 +132,7 @@ def chunk_gated_delta_rule(
         out[:, c] = q_dec[:, c] @ s + intra[:, c] @ vn
         s = s * c_dec[:, c] + k_dec[:, c].transpose(-1, -2) @ vn
         end = (c + 1) * CHUNK
-        if capture and end <= hi:
+        if end <= hi and (capture is True or (capture is not False and end in capture)):
             states[end] = s
     return out.permute(1, 2, 0, 3).reshape(t, h, vd), s, states
 

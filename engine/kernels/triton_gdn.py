@@ -38,7 +38,7 @@ configuration that is not, fast-bf16, owes it to its pipelined bf16 Aqk kernel.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import NamedTuple
 
 import torch
@@ -78,6 +78,7 @@ class GdnConfig(NamedTuple):
     qk_stages: int = 2  # pipelining of the Aqk kernel's loads
     kt_ptr: bool = False  # split state pass: k^T loaded through a transposed block pointer
     fuse_prep: bool = True  # split: Aqk, factors, W and U in one kernel (_prep2_kernel)
+    prio: bool = False  # split overlap: state passes on a high-priority stream
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -562,7 +563,7 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
-def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h,
+def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, sk_t, sk_h,
                  lo, hi, c0, c1, cs, t,
                  HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
@@ -570,7 +571,8 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h
     # One value head, BV state columns, chunk after chunk, two dots on the state's path:
     #   h[c] = S (entry state, for the output kernel);  Vn = U - W S;  S <- e^gc_last S +
     #   k^T (f_k Vn). Vn is stored for the output kernel; the state after chunk c goes to
-    #   states[c - cs] when CAPTURE (and the chunk ends by hi); s_out gets the last one.
+    #   states[c - cs] with CAPTURE 1 (every chunk that ends by hi), or to states[cap_idx[c - cs]]
+    #   where that is >= 0 with CAPTURE 2 (requested rows only); s_out gets the last one.
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     v0 = i_v * BV
@@ -596,9 +598,14 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, sk_t, sk_h
         tl.store(_tile(vnbuf + i_h * V, t, V, HV * V, r0, v0, 64, BV),
                  vn.to(vnbuf.dtype.element_ty))
         s = _sdot(ktt, f_k[:, None] * vn, s * decay, TF32, EMU)
-        if CAPTURE:
+        if CAPTURE == 1:
             if r0 + 64 <= hi:
                 sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
+                tl.store(_tile(sp, K, V, V, 0, v0, K, BV), s)
+        if CAPTURE == 2:
+            ci = tl.load(cap_idx + (c - cs))
+            if ci >= 0:
+                sp = states + ci.to(tl.int64) * (HV * K * V) + hkv
                 tl.store(_tile(sp, K, V, V, 0, v0, K, BV), s)
     tl.store(_tile(s_out + hkv, K, V, V, 0, v0, K, BV), s)
 
@@ -706,21 +713,25 @@ def _segments(c0: int, c1: int, seg: int) -> list[tuple[int, int]]:
     return [(a, min(a + seg, c1)) for a in range(c0, c1, seg)]
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
 
 
-def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+def _side_stream(dev: torch.device, priority: int = 0) -> torch.cuda.Stream:
     idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    if idx not in _SIDE_STREAMS:
-        _SIDE_STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _SIDE_STREAMS[idx]
+    key = (idx, priority)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=idx, priority=priority)
+    return _SIDE_STREAMS[key]
 
 
 def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
-                  cfg: GdnConfig) -> tuple[torch.Tensor, torch.Tensor, GridStates]:
+                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,
+                  capture: bool | Collection[int], cfg: GdnConfig,
+                  ) -> tuple[torch.Tensor, torch.Tensor, Mapping[int, torch.Tensor]]:
     """chunk_gated_delta_rule with an explicit launch shape. q, k may have fewer heads than v
     (grouped: value head h reads q/k head h // (HV // H)), as views with any row stride.
+    `capture`: True for the state at every grid row in (lo, hi], or the rows wanted (those on
+    the grid and in range are returned; the split pipeline then stores only those).
 
     With cfg.overlap, long windows run in segments: the preparation of segment i+1 (side
     stream) overlaps the state pass of segment i (current stream), which uses few SMs. The state
@@ -728,6 +739,16 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     segmentation. Off by default: the two-stream path has not been timed or tested on a GPU
     yet (tests/engine/test_triton_kernels.py::test_chunk_segments_are_invisible does)."""
     _check(q, k, v, g, beta, lo, hi)
+    if not isinstance(capture, bool):
+        rows = sorted({int(r) for r in capture
+                       if lo < r <= hi // CHUNK * CHUNK and r % CHUNK == 0})
+        if not rows:
+            o, s_hi, _ = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, False, cfg)
+            return o, s_hi, {}
+        if not cfg.split:  # v3 stores every grid state; keep the requested ones
+            o, s_hi, dense = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, True, cfg)
+            return o, s_hi, {r: dense[r] for r in rows}
+        return _split_sparse(q, k, v, g, beta, state, lo, hi, rows, cfg)
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
     bv = min(cfg.bv, vd)
@@ -789,11 +810,39 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     return out, s_out, GridStates(states, lo + CHUNK)
 
 
+def _split_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, rows: list[int],
+                  cfg: GdnConfig) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """The split pipeline storing the states at `rows` only (grid rows in (lo, hi])."""
+    t, hq, kd = q.shape
+    hv, vd = v.shape[1], v.shape[2]
+    q, k, v = _rows2d(q), _rows2d(k), _rows2d(v)
+    state = state.float().contiguous()
+    dev = q.device
+    c0, c1 = lo // CHUNK, -(-hi // CHUNK)
+    out = _empty(t, hv, vd, dtype=torch.float32, device=dev)
+    if c0:
+        out[:c0 * CHUNK].zero_()
+    if c1 * CHUNK < t:
+        out[c1 * CHUNK:].zero_()
+    s_out = _empty(hv, kd, vd, dtype=torch.float32, device=dev)
+    states = _empty(len(rows), hv, kd, vd, dtype=torch.float32, device=dev)
+    idx = [-1] * (c1 - c0)
+    for i, r in enumerate(rows):
+        idx[r // CHUNK - 1 - c0] = i
+    cap_idx = torch.tensor(idx, dtype=torch.int32).to(dev, non_blocking=True)
+    prep = _alloc_prep(t, hv, kd, cfg, dev)
+    _split_fwd(q, k, v, g, beta, state, lo, hi, True, cfg, prep, out, s_out, states, cap_idx)
+    return out, s_out, {r: states[i] for i, r in enumerate(rows)}
+
+
 def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
                cfg: GdnConfig, prep: ChunkPrep, out: torch.Tensor, s_out: torch.Tensor,
-               states: torch.Tensor) -> None:
-    """The split pipeline (cfg.split, see SPLIT_CONFIG) into out / s_out / states."""
+               states: torch.Tensor, cap_idx: torch.Tensor | None = None) -> None:
+    """The split pipeline (cfg.split, see SPLIT_CONFIG) into out / s_out / states (every
+    chunk, or with cap_idx [chunks of the window] the chunks whose entry is >= 0, at that
+    index)."""
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
     bv = min(cfg.bv, vd)
@@ -831,8 +880,10 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
         _seq2_kernel[(vd // bv, hv)](
             k, w, u, prep.fac, prep.glast, s_in, hbuf, vn, states if capture else s_next,
-            s_next, k.stride(0), k.stride(1), lo, hi, ca, cb, c0, t,
-            HV=hv, GRP=grp, K=kd, V=vd, BV=bv, CAPTURE=bool(capture), TF32=st32,
+            s_next, cap_idx if cap_idx is not None else s_next, k.stride(0), k.stride(1),
+            lo, hi, ca, cb, c0, t,
+            HV=hv, GRP=grp, K=kd, V=vd, BV=bv,
+            CAPTURE=0 if not capture else (1 if cap_idx is None else 2), TF32=st32,
             STAGES=cfg.stages, KT_PTR=cfg.kt_ptr, EMU=_EMU_BF16, num_warps=cfg.warps)
 
     def output(ca: int, cb: int) -> None:
@@ -855,10 +906,18 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
         return
     # Two streams: the side stream prepares segment i+1 and writes the output of segment i
     # while the main stream runs segment i's state pass (which fills few SMs).
-    main, side = torch.cuda.current_stream(dev), _side_stream(dev)
-    side.wait_stream(main)
+    caller, side = torch.cuda.current_stream(dev), _side_stream(dev)
+    # with cfg.prio the state passes run on a high-priority stream, so that their blocks are
+    # scheduled before the parallel kernels' whenever both wait for an SM
+    main = _side_stream(dev, priority=-1) if cfg.prio else caller
+    side.wait_stream(caller)
+    main.wait_stream(caller)
     for x in (q, k, v, g, beta, state, out, states, w, u, vn, hbuf, *prep):
         x.record_stream(side)
+        x.record_stream(main)
+    if cap_idx is not None:
+        cap_idx.record_stream(side)
+        cap_idx.record_stream(main)
     ready = [torch.cuda.Event() for _ in segs]
     done = [torch.cuda.Event() for _ in segs]
     with torch.cuda.stream(side):
@@ -868,8 +927,11 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     for i, (ca, cb) in enumerate(segs):
         main.wait_event(ready[i])
         s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
-        state_pass(ca, cb, s_cur, s_next)
-        done[i].record(main)
+        if main is not caller:
+            s_next.record_stream(main)
+        with torch.cuda.stream(main):
+            state_pass(ca, cb, s_cur, s_next)
+            done[i].record(main)
         s_cur = s_next
         with torch.cuda.stream(side):
             if i + 1 < len(segs):
@@ -877,11 +939,13 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
                 ready[i + 1].record(side)
             side.wait_event(done[i])
             output(ca, cb)
-    main.wait_stream(side)
+    caller.wait_stream(side)
+    caller.wait_stream(main)
+
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,
-                           capture: bool = True,
+                           capture: bool | Collection[int] = True,
                            ) -> tuple[torch.Tensor, torch.Tensor, Mapping[int, torch.Tensor]]:
     """reference.chunk_gated_delta_rule on the GPU (see the module docstring); head dims under
     64 (toy models) take the torch reference (see _SAFE_DOT)."""

@@ -95,8 +95,9 @@ class GatedDeltaNet(nn.Module):
         conv_out = ops.causal_conv1d(ext[w1:], self.conv1d.weight[:, 0], ext[:w1])
         q, k, v = self._heads(conv_out)
         g, beta = self._gates(a, b)
+        # only the requested rows' states are kept (the split kernel stores no others)
         o, s_hi, states = ops.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi,
-                                                     bool(capture))
+                                                     capture if capture else False)
         if self.record is not None:
             from engine.kernels.reference import l2norm
 
