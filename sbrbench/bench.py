@@ -411,8 +411,10 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
     res = []
     for r in rows:
+        if r["kernel"] != "gdn_chunk_fwd" or r["impl"] != "fla":
+            continue
         key = (r["T"], r["H"])
-        if r["kernel"] == "gdn_chunk_fwd" and r["impl"] == "fla" and key in every:
+        if key in every:
             o = every[key]
             row = {"T": r["T"], "H": r["H"], "fla_ms": r["ms"], "ours_ms": o,
                    "fla_over_ours": round(r["ms"] / o, 3)}

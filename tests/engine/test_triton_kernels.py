@@ -555,3 +555,13 @@ def test_bench_speedups_by_capture() -> None:
     assert sp["ours_ms"] == 2.0 and sp["fla_over_ours"] == 0.9
     assert sp["fla_over_ours_engine_capture"] == round(1.8 / 1.6, 3)
     assert sp["fla_over_ours_no_capture"] == 1.2
+
+
+def test_bench_speedups_skip_other_kernels() -> None:
+    from sbrbench import bench
+
+    rows = [{"kernel": "recurrent_step", "impl": "sbrbench", "HV": 32, "ms": 0.01},
+            {"kernel": "gdn_chunk_fwd", "impl": "sbrbench", "T": 64, "H": 1, "ms": 1.0,
+             "production": True, "capture": True},
+            {"kernel": "gdn_chunk_fwd", "impl": "fla", "T": 64, "H": 1, "ms": 2.0}]
+    assert [r["fla_over_ours"] for r in bench.speedups(rows)] == [2.0]
