@@ -7,6 +7,10 @@ pool's `node.snapshot` stays the real one's). It sees every request's match and 
 snapshot position, evicts with its owner's eviction rule (`Adaptive.choose`) and admits either
 everything ("lenient") or what the owner's admission control accepts ("strict"). Entries whose
 radix node the KV tree evicted are dropped lazily, as the real pool drops them eagerly.
+
+Without KV evictions a shadow replays exactly what a real pool under its rule would (the test
+suite checks it); under KV pressure only approximately, since the positions offered and hence
+the radix splits follow the real pool's restores.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class ShadowCache:
         self.score = 0.0  # exponentially decayed replay (the duel compares these)
         self.admits = 0
         self.refused = 0
+        self.dropped_kv = 0  # entries dropped because the KV tree evicted their node
 
     def at(self, node: RadixNode) -> SnapshotEntry | None:
         """The shadow entry sitting on ``node``, if any."""
@@ -101,3 +106,4 @@ class ShadowCache:
         dead = [e for e in self.entries.values() if e.node.parent is None]
         for e in dead:
             self._drop(e)
+        self.dropped_kv += len(dead)
