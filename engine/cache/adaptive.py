@@ -21,10 +21,18 @@ the tuning traces (ADAPTIVE.md, "Round 3"): aging ("gdsf": priority = L at last 
 rises to each victim's priority; "static": same without the idle term; "evict": inflation in
 eviction only, not in admission), thin (a dominated snapshot's value scaled by thin x the share
 of [below, next deeper) it covers) and admit_margin (admit if margin x newcomer >= victim).
+Round-4 options (ADAPTIVE.md, "Round 4"): duel = N > 0 (set dueling: two metadata-only shadow
+pools, engine/cache/shadow.py, run this rule with admission control on and off on the same
+stream; the real pool admits as the one whose replay, exponentially decayed over ~N requests,
+is lower) and hazard = "empirical" (P(S) from the observed gap distribution G instead of the
+rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining wait
+E[gap - idle | gap > idle]).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +47,7 @@ if TYPE_CHECKING:
 
 
 AGING = ("off", "gdsf", "static", "evict")
+HAZARD = ("rate", "empirical")
 
 
 class _Pool(Protocol):
@@ -91,8 +100,13 @@ class Adaptive(Policy):
                  censor: bool = True, horizon: float = 8.0, foreign: bool = True,
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
                  aging: str = "off", thin: float = 0.0,
-                 admit_margin: float = 1.0, duel: int = 0) -> None:
+                 admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate") -> None:
         super().__init__()
+        if hazard not in HAZARD:
+            raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
+        self.hazard = hazard
+        self._gaps: list[int] = []  # every inter-request gap seen, sorted
+        self._tail_sums: list[int] | None = None  # _tail_sums[i] = sum(_gaps[i:]), lazily
         if duel < 0:
             raise ConfigError(f"adaptive duel must be >= 0 requests, got {duel}")
         if duel and (aging != "off" or not admit_control):
@@ -142,7 +156,8 @@ class Adaptive(Policy):
         return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
                 "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
-                "admit_margin": self.admit_margin, "duel": self.duel}
+                "admit_margin": self.admit_margin, "duel": self.duel,
+                "hazard": self.hazard}
 
     def bind(self, index: Any, sessions: Any) -> None:
         super().bind(index, sessions)
@@ -178,6 +193,9 @@ class Adaptive(Policy):
         if prev_tick is not None:
             self._gap_sum += tick - prev_tick
             self._gap_n += 1
+            if self.hazard == "empirical":
+                bisect.insort(self._gaps, tick - prev_tick)
+                self._tail_sums = None
         self._current = info.name
         was = self._counted.pop(info.name, None)
         if was is not None:  # declared dead too early: it came back
@@ -250,9 +268,25 @@ class Adaptive(Policy):
         else:
             prior = self._fresh_prior()
         idle = 0 if self.aging == "static" else max(0, tick - info.last_tick)
+        if self.hazard == "empirical" and self._gaps:
+            return self._empirical_rate(prior, idle)
         if self.rate:
             return prior / (tau + idle)
         return prior / (1.0 + idle / tau)
+
+    def _empirical_rate(self, prior: float, idle: int) -> float:
+        """Expected uses per request from the observed gap distribution G: with q = P(it comes
+        back | idle) = prior G(idle) / (prior G(idle) + 1 - prior), q / E[gap - idle | gap >
+        idle] (memoryless gaps keep the wait and let q decay; heavy tails stretch the wait)."""
+        gaps = self._gaps
+        if self._tail_sums is None:
+            self._tail_sums = list(itertools.accumulate(reversed(gaps)))[::-1] + [0]
+        i = bisect.bisect_right(gaps, idle)
+        longer = len(gaps) - i
+        g = (longer + 0.5) / (len(gaps) + 0.5)  # 1 at idle 0, > 0 past every gap seen
+        q = prior * g / (prior * g + 1.0 - prior)
+        wait = (self._tail_sums[i] - idle * longer) / longer if longer else float(idle)
+        return q / max(1.0, wait)
 
     def _tau_fresh(self) -> float:
         if self.surv:

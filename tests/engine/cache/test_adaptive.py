@@ -285,3 +285,42 @@ def test_duel_rejects_options_it_cannot_combine_with(opts):
 
     with pytest.raises(ConfigError):
         manager(**opts)
+
+
+def test_empirical_hazard_lets_an_idle_session_fade_when_gaps_are_short():
+    # Every past gap was 1-4 requests; a session idle for 40 requests has outlived them all.
+    # The heavy-tailed rate form still gives it prior / (tau + idle) > 0 of a fresh session's
+    # value; the empirical hazard sees that almost no session comes back after such a wait.
+    vals = {}
+    for hazard in ("rate", "empirical"):
+        cm = manager(slots=64, hazard=hazard)
+        rng = random.Random(9)
+        convs = {f"c{i}": fresh(rng, 300) for i in range(4)}
+        for _ in range(6):  # short gaps, learned by both
+            for name in convs:
+                request(cm, convs[name], name)
+                convs[name] = grow(convs[name], rng, 100)
+        request(cm, fresh(rng, 300), "idle")
+        for i in range(40):
+            request(cm, convs[f"c{i % 4}"], f"c{i % 4}")
+            convs[f"c{i % 4}"] = grow(convs[f"c{i % 4}"], rng, 100)
+        request(cm, fresh(rng, 300), "fresh")
+        pol = cm.policy
+        p_idle = pol._return_prob("idle", cm.tick, pol._tau_fresh())
+        p_fresh = pol._return_prob("fresh", cm.tick, pol._tau_fresh())
+        vals[hazard] = p_idle / p_fresh
+    assert vals["rate"] > 0.05
+    assert vals["empirical"] < 0.2 * vals["rate"]
+
+
+def test_empirical_hazard_of_a_fresh_session_is_the_rate_form():
+    # idle 0: P(back) = prior and the expected wait is the mean gap, as in the rate form
+    cm = manager(slots=8, hazard="empirical")
+    rng = random.Random(10)
+    conv = fresh(rng, 300)
+    for _ in range(5):
+        request(cm, conv, "a")
+        conv = grow(conv, rng, 100)
+    pol = cm.policy
+    prior = pol._survival(1)
+    assert pol._empirical_rate(prior, 0) == pytest.approx(prior / (pol._gap_sum / pol._gap_n))
