@@ -26,7 +26,8 @@ pools, engine/cache/shadow.py, run this rule with admission control on and off o
 stream; the real pool admits as the one whose replay, exponentially decayed over ~N requests,
 is lower) and hazard = "empirical" (P(S) from the observed gap distribution G instead of the
 rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining wait
-E[gap - idle | gap > idle]).
+E[gap - idle | gap > idle]); duel_hazard (with duel: four shadows, both P(S) forms x both
+admission rules; the real pool ranks and admits as the leader).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class _Pool(Protocol):
     @property
     def foreign(self) -> dict[int, int]: ...
 
+    @property
+    def hazard(self) -> str: ...
+
     def at(self, node: RadixNode) -> SnapshotEntry | None: ...
 
 
@@ -76,6 +80,10 @@ class _RealPool:
     @property
     def foreign(self) -> dict[int, int]:
         return self._policy._foreign
+
+    @property
+    def hazard(self) -> str:
+        return self._policy.leader()[0]
 
     def at(self, node: RadixNode) -> SnapshotEntry | None:
         return node.snapshot
@@ -100,7 +108,8 @@ class Adaptive(Policy):
                  censor: bool = True, horizon: float = 8.0, foreign: bool = True,
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
                  aging: str = "off", thin: float = 0.0,
-                 admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate") -> None:
+                 admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate",
+                 duel_hazard: bool = False) -> None:
         super().__init__()
         if hazard not in HAZARD:
             raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
@@ -112,7 +121,10 @@ class Adaptive(Policy):
         if duel and (aging != "off" or not admit_control):
             raise ConfigError("adaptive duel needs admit_control on and aging off")
         self.duel = int(duel)
-        self._shadows: tuple[ShadowCache, ShadowCache] | None = None  # (strict, lenient)
+        if duel_hazard and not duel:
+            raise ConfigError("adaptive duel_hazard needs duel > 0")
+        self.duel_hazard = bool(duel_hazard)
+        self._shadows: list[ShadowCache] = []  # (strict, lenient) per hazard form duelled
         self._pool = _RealPool(self)
         if not 0 <= delta <= 1:
             raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
@@ -157,30 +169,40 @@ class Adaptive(Policy):
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
                 "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
                 "admit_margin": self.admit_margin, "duel": self.duel,
-                "hazard": self.hazard}
+                "hazard": self.hazard, "duel_hazard": self.duel_hazard}
 
     def bind(self, index: Any, sessions: Any) -> None:
         super().bind(index, sessions)
         if self.duel:
             decay = 1.0 - 1.0 / self.duel
-            self._shadows = (ShadowCache(self, index.slots, True, decay),
-                             ShadowCache(self, index.slots, False, decay))
+            forms = [self.hazard]
+            if self.duel_hazard:
+                forms += [h for h in HAZARD if h != self.hazard]
+            self._shadows = [ShadowCache(self, index.slots, strict, decay, h)
+                             for h in forms for strict in (True, False)]
 
     # ---- set dueling -------------------------------------------------------------------------
     def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:
-        if self._shadows is not None and self._current is not None:
+        if self._current is not None:
             for shadow in self._shadows:
                 shadow.match(path, matched, self._current, tick)
 
     def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
-        if self._shadows is not None:
-            for shadow in self._shadows:
-                shadow.offer(node, pos, session, tick)
+        for shadow in self._shadows:
+            shadow.offer(node, pos, session, tick)
+
+    def leader(self) -> tuple[str, bool]:
+        """(hazard form, strict admission) the real pool follows: without dueling its own
+        options; with it, those of the shadow with the least decayed replay (ties: the first of
+        own-form strict, own-form lenient, other-form strict, other-form lenient)."""
+        if not self._shadows:
+            return self.hazard, True
+        best = min(self._shadows, key=lambda sh: sh.score)
+        return best.hazard, best.strict
 
     def lenient(self) -> bool:
-        """Set dueling: does the lenient shadow (admit everything) lead, i.e. has it caused less
-        decayed replay than the strict one (admission control)? Ties: strict."""
-        return self._shadows is not None and self._shadows[1].score < self._shadows[0].score
+        """Set dueling: does a lenient shadow (admit everything) lead?"""
+        return not self.leader()[1]
 
     # ---- session statistics ----------------------------------------------------------------
     def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
@@ -193,7 +215,7 @@ class Adaptive(Policy):
         if prev_tick is not None:
             self._gap_sum += tick - prev_tick
             self._gap_n += 1
-            if self.hazard == "empirical":
+            if self.hazard == "empirical" or self.duel_hazard:
                 bisect.insort(self._gaps, tick - prev_tick)
                 self._tail_sums = None
         self._current = info.name
@@ -252,7 +274,8 @@ class Adaptive(Policy):
         have = r[n] if n < len(r) else 0
         return (more + self.surv_a) / (have + self.surv_b)
 
-    def _return_prob(self, session: str, tick: int, tau_fresh: float) -> float:
+    def _return_prob(self, session: str, tick: int, tau_fresh: float,
+                     hazard: str | None = None) -> float:
         """P(S); with aging "static" the idle time does not enter (the inflation ages instead)."""
         info = self.sessions.get(session) if self.sessions is not None else None
         if info is None:
@@ -268,7 +291,7 @@ class Adaptive(Policy):
         else:
             prior = self._fresh_prior()
         idle = 0 if self.aging == "static" else max(0, tick - info.last_tick)
-        if self.hazard == "empirical" and self._gaps:
+        if (hazard or self.hazard) == "empirical" and self._gaps:
             return self._empirical_rate(prior, idle)
         if self.rate:
             return prior / (tau + idle)
@@ -316,6 +339,7 @@ class Adaptive(Policy):
         part in gap/dominance); with aging and `inflate`, plus the inflation value at e's last
         use (its GDSF priority)."""
         pool = pool or self._pool
+        hazard = pool.hazard
         by_session: dict[str, list[SnapshotEntry]] = {}
         for e in pool.entries.values():
             by_session.setdefault(e.session, []).append(e)
@@ -332,7 +356,7 @@ class Adaptive(Policy):
                 below = self._below(e.node.parent, pool)
                 above = [x.pos for x in live[i + 1:] if _on_path(e.node, x.node)]
                 if session not in prob:
-                    prob[session] = self._return_prob(session, tick, tau_fresh)
+                    prob[session] = self._return_prob(session, tick, tau_fresh, hazard)
                 p = max(prob[session], self._freq(e, tick, pool))
                 cover = float(e.pos - below)
                 if above:
@@ -371,7 +395,8 @@ class Adaptive(Policy):
         pool = pool or self._pool
         below = self._below(node.parent if node.end == pos else node, pool)
         base = self._L if self.aging in ("gdsf", "static") else 0.0
-        return self._return_prob(session, tick, self._tau_fresh()) * (pos - below) + base
+        return self._return_prob(session, tick, self._tau_fresh(), pool.hazard) * (
+            pos - below) + base
 
     def admits(self, node: RadixNode, pos: int, session: str, tick: int, victim: SnapshotEntry,
                pool: _Pool | None = None) -> bool:

@@ -28,10 +28,12 @@ if TYPE_CHECKING:
 class ShadowCache:
     """One metadata-only snapshot pool of ``slots`` entries under ``owner``'s eviction rule."""
 
-    def __init__(self, owner: Adaptive, slots: int, strict: bool, decay: float) -> None:
+    def __init__(self, owner: Adaptive, slots: int, strict: bool, decay: float,
+                 hazard: str = "rate") -> None:
         self.owner = owner
         self.slots = slots
         self.strict = strict
+        self.hazard = hazard  # the owner's P(S) form this pool ranks by
         self.decay = decay  # score := score * decay + this request's replay
         self.entries: dict[int, SnapshotEntry] = {}  # id -> entry, in admission order
         self.foreign: dict[int, int] = {}  # entry id -> hits by other sessions

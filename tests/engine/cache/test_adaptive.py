@@ -324,3 +324,24 @@ def test_empirical_hazard_of_a_fresh_session_is_the_rate_form():
     pol = cm.policy
     prior = pol._survival(1)
     assert pol._empirical_rate(prior, 0) == pytest.approx(prior / (pol._gap_sum / pol._gap_n))
+
+
+def test_duel_hazard_shadows_replay_what_each_form_and_admission_would():
+    def run(**opts) -> CacheManager:
+        cm = manager(slots=6, branch=True, **opts)
+        _mixed_stream(cm, seed=11)
+        return cm
+
+    duel = run(duel=50, duel_hazard=True)
+    shadows = duel.policy._shadows
+    assert [(sh.hazard, sh.strict) for sh in shadows] == [
+        ("rate", True), ("rate", False), ("empirical", True), ("empirical", False)]
+    plain = {(h, ac): run(hazard=h, admit_control=ac)
+             for h in ("rate", "empirical") for ac in (True, False)}
+    replays = {k: cm.counters["replay_tokens"] for k, cm in plain.items()}
+    assert len(set(replays.values())) > 2  # the four rules differ on this stream
+    for sh in shadows:
+        assert sh.replay == replays[(sh.hazard, sh.strict)]
+    best = min(shadows, key=lambda sh: sh.score)
+    assert duel.policy.leader() == (best.hazard, best.strict)
+    assert duel.policy._pool.hazard == best.hazard
