@@ -49,6 +49,23 @@ def _policies(text: str) -> list[str]:
     return pols
 
 
+def _adaptive_opts(items: list[str]) -> dict[str, Any]:
+    """--adaptive-opt KEY=VALUE items -> options of the adaptive policy (VALUE as JSON if it
+    parses, else a string: duel=1000, hazard=empirical, admit_control=false)."""
+    import json
+
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--adaptive-opt: expected KEY=VALUE, got {item!r}")
+        try:
+            opts[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key.strip()] = raw
+    return opts
+
+
 class Setup:
     """What `sim` and `sweep` share: the stream, the model, base cache config, cost model."""
 
@@ -417,6 +434,8 @@ def register(app: typer.Typer) -> None:
         ),
         warmup: int = typer.Option(
             0, help="count only the requests after the first N (they still fill the cache)"),
+        adaptive_opt: list[str] = typer.Option(
+            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable (duel=1000)"),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="result JSON [results/sim-<time>.json]"),
     ) -> None:
@@ -427,6 +446,11 @@ def register(app: typer.Typer) -> None:
 
         if snapshot_slots is not None and snapshot_budget:
             raise UserError("give --snapshot-slots or --snapshot-budget, not both")
+        aopts = _adaptive_opts(adaptive_opt)
+        if aopts:
+            from engine.cache.policies import make_policy
+
+            make_policy("adaptive", **aopts)  # unknown or bad options: one red line, before work
         with_refs = sim.with_belady if oracles else list
         vs = with_refs(
             sim.variants(
@@ -435,6 +459,7 @@ def register(app: typer.Typer) -> None:
                 marconi_alpha=[marconi_alpha] if marconi_alpha is not None else [],
             )
         )
+        vs = [v._replace(opts={**v.opts, **aopts}) if v.policy == "adaptive" else v for v in vs]
         setup = Setup(
             trace=trace,
             scenario=scenario,

@@ -21,14 +21,25 @@ the tuning traces (ADAPTIVE.md, "Round 3"): aging ("gdsf": priority = L at last 
 rises to each victim's priority; "static": same without the idle term; "evict": inflation in
 eviction only, not in admission), thin (a dominated snapshot's value scaled by thin x the share
 of [below, next deeper) it covers) and admit_margin (admit if margin x newcomer >= victim).
+Round-4 options (ADAPTIVE.md, "Round 4"): duel = N > 0 (set dueling: two metadata-only shadow
+pools, engine/cache/shadow.py, run this rule with admission control on and off on the same
+stream; the real pool admits as the one whose replay, exponentially decayed over ~N requests,
+is lower) and hazard = "empirical" (P(S) from the observed gap distribution G instead of the
+rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining wait
+E[gap - idle | gap > idle]); duel_hazard (with duel: four shadows, both P(S) forms x both
+admission rules; the real pool ranks and admits as the leader).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.cache.policies import POLICIES, Policy
+from engine.cache.shadow import ShadowCache
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +48,45 @@ if TYPE_CHECKING:
 
 
 AGING = ("off", "gdsf", "static", "evict")
+HAZARD = ("rate", "empirical")
+
+
+class _Pool(Protocol):
+    """What the rule reads of a snapshot pool: the real one or a shadow (engine/cache/shadow.py)."""
+
+    @property
+    def entries(self) -> dict[int, SnapshotEntry]: ...
+
+    @property
+    def foreign(self) -> dict[int, int]: ...
+
+    @property
+    def hazard(self) -> str: ...
+
+    def at(self, node: RadixNode) -> SnapshotEntry | None: ...
+
+
+class _RealPool:
+    """The real pool as a `_Pool`: the bound index's entries, snapshots on the radix nodes."""
+
+    def __init__(self, policy: Adaptive) -> None:
+        self._policy = policy
+
+    @property
+    def entries(self) -> dict[int, SnapshotEntry]:
+        assert self._policy.index is not None, "policy not bound to an index"
+        return self._policy.index.entries
+
+    @property
+    def foreign(self) -> dict[int, int]:
+        return self._policy._foreign
+
+    @property
+    def hazard(self) -> str:
+        return self._policy.leader()[0]
+
+    def at(self, node: RadixNode) -> SnapshotEntry | None:
+        return node.snapshot
 
 
 def _on_path(shallow: RadixNode, deep: RadixNode) -> bool:
@@ -58,8 +108,24 @@ class Adaptive(Policy):
                  censor: bool = True, horizon: float = 8.0, foreign: bool = True,
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
                  aging: str = "off", thin: float = 0.0,
-                 admit_margin: float = 1.0) -> None:
+                 admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate",
+                 duel_hazard: bool = False) -> None:
         super().__init__()
+        if hazard not in HAZARD:
+            raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
+        self.hazard = hazard
+        self._gaps: list[int] = []  # every inter-request gap seen, sorted
+        self._tail_sums: list[int] | None = None  # _tail_sums[i] = sum(_gaps[i:]), lazily
+        if duel < 0:
+            raise ConfigError(f"adaptive duel must be >= 0 requests, got {duel}")
+        if duel and (aging != "off" or not admit_control):
+            raise ConfigError("adaptive duel needs admit_control on and aging off")
+        self.duel = int(duel)
+        if duel_hazard and not duel:
+            raise ConfigError("adaptive duel_hazard needs duel > 0")
+        self.duel_hazard = bool(duel_hazard)
+        self._shadows: list[ShadowCache] = []  # (strict, lenient) per hazard form duelled
+        self._pool = _RealPool(self)
         if not 0 <= delta <= 1:
             raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
         if aging not in AGING:
@@ -102,7 +168,41 @@ class Adaptive(Policy):
         return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
                 "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
-                "admit_margin": self.admit_margin}
+                "admit_margin": self.admit_margin, "duel": self.duel,
+                "hazard": self.hazard, "duel_hazard": self.duel_hazard}
+
+    def bind(self, index: Any, sessions: Any) -> None:
+        super().bind(index, sessions)
+        if self.duel:
+            decay = 1.0 - 1.0 / self.duel
+            forms = [self.hazard]
+            if self.duel_hazard:
+                forms += [h for h in HAZARD if h != self.hazard]
+            self._shadows = [ShadowCache(self, index.slots, strict, decay, h)
+                             for h in forms for strict in (True, False)]
+
+    # ---- set dueling -------------------------------------------------------------------------
+    def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:
+        if self._current is not None:
+            for shadow in self._shadows:
+                shadow.match(path, matched, self._current, tick)
+
+    def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
+        for shadow in self._shadows:
+            shadow.offer(node, pos, session, tick)
+
+    def leader(self) -> tuple[str, bool]:
+        """(hazard form, strict admission) the real pool follows: without dueling its own
+        options; with it, those of the shadow with the least decayed replay (ties: the first of
+        own-form strict, own-form lenient, other-form strict, other-form lenient)."""
+        if not self._shadows:
+            return self.hazard, True
+        best = min(self._shadows, key=lambda sh: sh.score)
+        return best.hazard, best.strict
+
+    def lenient(self) -> bool:
+        """Set dueling: does a lenient shadow (admit everything) lead?"""
+        return not self.leader()[1]
 
     # ---- session statistics ----------------------------------------------------------------
     def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
@@ -115,6 +215,9 @@ class Adaptive(Policy):
         if prev_tick is not None:
             self._gap_sum += tick - prev_tick
             self._gap_n += 1
+            if self.hazard == "empirical" or self.duel_hazard:
+                bisect.insort(self._gaps, tick - prev_tick)
+                self._tail_sums = None
         self._current = info.name
         was = self._counted.pop(info.name, None)
         if was is not None:  # declared dead too early: it came back
@@ -171,7 +274,8 @@ class Adaptive(Policy):
         have = r[n] if n < len(r) else 0
         return (more + self.surv_a) / (have + self.surv_b)
 
-    def _return_prob(self, session: str, tick: int, tau_fresh: float) -> float:
+    def _return_prob(self, session: str, tick: int, tau_fresh: float,
+                     hazard: str | None = None) -> float:
         """P(S); with aging "static" the idle time does not enter (the inflation ages instead)."""
         info = self.sessions.get(session) if self.sessions is not None else None
         if info is None:
@@ -187,9 +291,25 @@ class Adaptive(Policy):
         else:
             prior = self._fresh_prior()
         idle = 0 if self.aging == "static" else max(0, tick - info.last_tick)
+        if (hazard or self.hazard) == "empirical" and self._gaps:
+            return self._empirical_rate(prior, idle)
         if self.rate:
             return prior / (tau + idle)
         return prior / (1.0 + idle / tau)
+
+    def _empirical_rate(self, prior: float, idle: int) -> float:
+        """Expected uses per request from the observed gap distribution G: with q = P(it comes
+        back | idle) = prior G(idle) / (prior G(idle) + 1 - prior), q / E[gap - idle | gap >
+        idle] (memoryless gaps keep the wait and let q decay; heavy tails stretch the wait)."""
+        gaps = self._gaps
+        if self._tail_sums is None:
+            self._tail_sums = list(itertools.accumulate(reversed(gaps)))[::-1] + [0]
+        i = bisect.bisect_right(gaps, idle)
+        longer = len(gaps) - i
+        g = (longer + 0.5) / (len(gaps) + 0.5)  # 1 at idle 0, > 0 past every gap seen
+        q = prior * g / (prior * g + 1.0 - prior)
+        wait = (self._tail_sums[i] - idle * longer) / longer if longer else float(idle)
+        return q / max(1.0, wait)
 
     def _tau_fresh(self) -> float:
         if self.surv:
@@ -201,9 +321,9 @@ class Adaptive(Policy):
                 gaps.append((info.last_tick - info.first_tick) / (info.requests - 1))
         return max(1.0, sum(gaps) / len(gaps)) if gaps else 1.0
 
-    def _freq(self, e: SnapshotEntry, tick: int) -> float:
+    def _freq(self, e: SnapshotEntry, tick: int, pool: _Pool) -> float:
         """Observed use rate of e as an anchor (hits per request since admission)."""
-        hits = self._foreign.get(e.id, 0) if self.foreign else e.hit_count
+        hits = pool.foreign.get(e.id, 0) if self.foreign else e.hit_count
         if not self.freq or hits == 0:
             return 0.0
         rate = hits / max(1, tick - e.created)
@@ -214,12 +334,14 @@ class Adaptive(Policy):
 
     # ---- values ------------------------------------------------------------------------------
     def values(self, entries: list[SnapshotEntry], tick: int,
-               inflate: bool = True) -> dict[int, float]:
-        """value(e) for each entry id (all live entries take part in gap/dominance); with
-        aging and `inflate`, plus the inflation value at e's last use (its GDSF priority)."""
-        assert self.index is not None, "policy not bound to an index"
+               inflate: bool = True, pool: _Pool | None = None) -> dict[int, float]:
+        """value(e) for each entry id (all live entries of `pool`, default the real one, take
+        part in gap/dominance); with aging and `inflate`, plus the inflation value at e's last
+        use (its GDSF priority)."""
+        pool = pool or self._pool
+        hazard = pool.hazard
         by_session: dict[str, list[SnapshotEntry]] = {}
-        for e in self.index.entries.values():
+        for e in pool.entries.values():
             by_session.setdefault(e.session, []).append(e)
         tau_fresh = self._tau_fresh()
         aging = inflate and self.aging != "off"
@@ -231,11 +353,11 @@ class Adaptive(Policy):
             for i, e in enumerate(live):
                 if e.id not in wanted:
                     continue
-                below = self._below(e)
+                below = self._below(e.node.parent, pool)
                 above = [x.pos for x in live[i + 1:] if _on_path(e.node, x.node)]
                 if session not in prob:
-                    prob[session] = self._return_prob(session, tick, tau_fresh)
-                p = max(prob[session], self._freq(e, tick))
+                    prob[session] = self._return_prob(session, tick, tau_fresh, hazard)
+                p = max(prob[session], self._freq(e, tick, pool))
                 cover = float(e.pos - below)
                 if above:
                     cover *= self.delta
@@ -245,38 +367,51 @@ class Adaptive(Policy):
         return out
 
     @staticmethod
-    def _below(e: SnapshotEntry) -> int:
-        """Position of the next shallower live snapshot on e's path (any session), 0 if none."""
-        node = e.node.parent
-        while node is not None and node.snapshot is None:
+    def _below(node: RadixNode | None, pool: _Pool) -> int:
+        """Position of the nearest live snapshot of `pool` at or above `node` (any session), 0
+        if none; from e.node.parent: the next shallower snapshot on e's path."""
+        while node is not None:
+            e = pool.at(node)
+            if e is not None:
+                return e.pos
             node = node.parent
-        return node.snapshot.pos if node is not None and node.snapshot is not None else 0
+        return 0
+
+    def choose(self, candidates: list[SnapshotEntry], tick: int,
+               pool: _Pool | None = None) -> SnapshotEntry:
+        """The rule's victim among `candidates` of `pool` (default the real one)."""
+        vals = self.values(candidates, tick, pool=pool)
+        return min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
 
     def victim(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry | None:
-        vals = self.values(candidates, tick)
-        v = min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
-        self._chosen = (v.id, vals[v.id])
+        v = self.choose(candidates, tick)
+        if self.aging != "off":
+            self._chosen = (v.id, self.values([v], tick)[v.id])
         return v
 
-    def admit_value(self, pos: int, session: str, node: RadixNode, tick: int) -> float:
+    def admit_value(self, pos: int, session: str, node: RadixNode, tick: int,
+                    pool: _Pool | None = None) -> float:
         """Value a snapshot at `pos` would have if admitted now (for admission control)."""
-        assert self.index is not None
-        below = 0
-        x = node.parent if node.end == pos else node
-        while x is not None and x.snapshot is None:
-            x = x.parent
-        if x is not None and x.snapshot is not None:
-            below = x.snapshot.pos
+        pool = pool or self._pool
+        below = self._below(node.parent if node.end == pos else node, pool)
         base = self._L if self.aging in ("gdsf", "static") else 0.0
-        return self._return_prob(session, tick, self._tau_fresh()) * (pos - below) + base
+        return self._return_prob(session, tick, self._tau_fresh(), pool.hazard) * (
+            pos - below) + base
+
+    def admits(self, node: RadixNode, pos: int, session: str, tick: int, victim: SnapshotEntry,
+               pool: _Pool | None = None) -> bool:
+        """Admission control: is the newcomer worth at least the victim (times the margin)?"""
+        vals = self.values([victim], tick, inflate=self.aging != "evict", pool=pool)
+        return self.admit_margin * self.admit_value(pos, session, node, tick, pool) >= vals[
+            victim.id]
 
     def should_admit(self, node: RadixNode, pos: int, session: str, tick: int,
                      victim: SnapshotEntry) -> bool:
-        """Refuse a newcomer worth less than the cheapest victim (only when the pool is full)."""
-        if not self.admit_control:
+        """Refuse a newcomer worth less than the cheapest victim (only when the pool is full);
+        with `duel`, only while the strict shadow leads."""
+        if not self.admit_control or self.lenient():
             return True
-        vals = self.values([victim], tick, inflate=self.aging != "evict")
-        if self.admit_margin * self.admit_value(pos, session, node, tick) >= vals[victim.id]:
+        if self.admits(node, pos, session, tick, victim):
             return True
         self._chosen = None  # the victim stays: the inflation value does not move
         return False

@@ -154,6 +154,7 @@ class CacheManager:
         if on_request is not None:
             on_request(info, tick, prev_tick)
 
+        self.policy.on_match(path, m, tick)
         entry = self.index.deepest(path, m)
         if entry is not None:
             self.index.hit(entry, tick)
@@ -270,6 +271,7 @@ class CacheManager:
         node = self.radix.find(tokens, pos)
         if node is None:
             raise ValueError(f"admit at {pos}: tokens[:{pos}] must be inserted first")
+        self.policy.on_offer(node, pos, plan.session, plan.tick)
         return self.index.admit(node, pos, plan.session, plan.tick)
 
     def finish(self, plan: Plan, full_tokens: Sequence[int]) -> None:

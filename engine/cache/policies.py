@@ -8,7 +8,7 @@ broken deterministically everywhere: shallower ``pos`` first, then older (smalle
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.errors import ConfigError
@@ -47,6 +47,13 @@ class Policy(ABC):
         """Admission control, asked only when the pool is full and ``victim`` was chosen:
         False refuses the newcomer (counted as ``admit_refused``) and keeps the victim."""
         return True
+
+    def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:  # noqa: B027
+        """A request matched ``path`` (its KV prefix) up to ``matched``; before its restore."""
+
+    def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:  # noqa: B027
+        """A snapshot at ``pos`` on ``node`` is offered for admission (every offer, also those
+        the index then skips because one is already there, before any eviction)."""
 
     def on_admit(self, entry: SnapshotEntry, tick: int) -> None:  # noqa: B027
         pass

@@ -466,6 +466,29 @@ def test_cli_sim_warmup_counts_only_the_rest(tmp_path: Path) -> None:
     assert code == 2 and "--warmup" in text
 
 
+def test_cli_sim_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
+    """--adaptive-opt KEY=VALUE sets adaptive's options (recorded in the JSON, used in the run:
+    admission control off refuses nothing); bad items are one-line user errors."""
+    _trace_slice(tmp_path, 200)
+    out = tmp_path / "sim.json"
+    args = ["sim", "--trace", str(tmp_path / "slice.jsonl"), "--policy", "lru,adaptive",
+            "--snapshot-slots", "4", "--no-oracles", "--out", str(out)]
+    code, text = _invoke(args)
+    assert code == 0, text
+    refused = json.loads(out.read_text())["summary"]["policies"]["adaptive"]["admit_refused"]
+    assert refused > 0
+    code, text = _invoke([*args, "--adaptive-opt", "admit_control=false",
+                          "--adaptive-opt", "hazard=empirical"])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "hazard": "empirical"}
+    assert doc["policies"]["lru"]["opts"] == {}
+    assert doc["summary"]["policies"]["adaptive"]["admit_refused"] == 0
+    for bad in ("duel", "nope=1", "hazard=sometimes"):
+        code, text = _invoke([*args, "--adaptive-opt", bad])
+        assert code == 2, (bad, text)
+
+
 def test_cli_sweep_grid_and_plot(tmp_path: Path) -> None:
     _trace_slice(tmp_path, 150)
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"

@@ -186,3 +186,162 @@ def test_admit_margin_admits_what_plain_admission_control_refuses():
             request(cm, fresh(rng, 70), f"x{i}", reply=1)
         refused[margin] = cm.index.counters["admit_refused"]
     assert refused[1.0] > 0 and refused[1e6] == 0
+
+
+def _mixed_stream(cm: CacheManager, seed: int) -> None:
+    """Conversations that come back after random gaps, mixed with one-shots (the stream the
+    duel tests replay under several admission rules)."""
+    rng = random.Random(seed)
+    system = fresh(random.Random(99), 256)
+    convs: dict[str, list[int]] = {}
+    for i in range(300):
+        r = rng.random()
+        if convs and r < 0.45:
+            name = rng.choice(sorted(convs))
+            request(cm, convs[name], name)
+            convs[name] = grow(convs[name], rng, rng.randrange(64, 400))
+            if len(convs[name]) > 4000:  # ends (keeps prompts within a tight KV budget)
+                del convs[name]
+        elif r < 0.7:
+            name = f"c{i}"
+            convs[name] = system + fresh(rng, rng.randrange(100, 900))
+            request(cm, convs[name], name)
+            convs[name] = grow(convs[name], rng, rng.randrange(64, 400))
+        else:
+            request(cm, fresh(rng, rng.randrange(64, 600)), f"one{i}", reply=1)
+
+
+@pytest.mark.parametrize("kv_pages", [1 << 14, 600], ids=["kv-ample", "kv-tight"])
+def test_duel_shadows_replay_exactly_what_strict_and_lenient_pools_would(kv_pages):
+    # The strict shadow is the rule as is, the lenient one the rule without admission control:
+    # each must count the very replay a real pool under that rule causes.
+    def run(**opts) -> CacheManager:
+        cm = CacheManager(CacheConfig(page_size=PS, chunk=CHUNK, kv_pages=kv_pages,
+                                      snapshot_slots=6, snapshot_interval=0, policy="adaptive",
+                                      policy_opts=opts, branch_admission=True))
+        _mixed_stream(cm, seed=7)
+        return cm
+
+    duel, strict, lenient = run(duel=50), run(), run(admit_control=False)
+    shadows = duel.policy._shadows
+    assert shadows is not None
+    for shadow in shadows:  # never over capacity, never an entry on an evicted node
+        assert len(shadow.entries) <= 6
+        assert all(e.node.parent is not None for e in shadow.entries.values())
+    if kv_pages < 1 << 14:
+        # the offered positions (hence radix splits, hence KV victims) follow the real pool's
+        # restores, so under KV pressure a shadow is only an estimate: it must drop what the
+        # KV tree evicts
+        assert strict.index.counters["evictions_kv"] > 0
+        assert all(shadow.dropped_kv > 0 for shadow in shadows)
+        return
+    assert strict.counters["replay_tokens"] != lenient.counters["replay_tokens"]
+    assert shadows[0].replay == strict.counters["replay_tokens"]
+    assert shadows[1].replay == lenient.counters["replay_tokens"]
+    assert shadows[0].refused == strict.index.counters["admit_refused"] > 0
+    assert shadows[1].refused == 0
+
+
+def test_duel_admits_as_the_shadow_with_less_decayed_replay():
+    rng = random.Random(4)
+    cm = manager(slots=4, duel=20)
+    pol = cm.policy
+    convs = {f"c{i}": fresh(rng, 1000) for i in range(4)}
+    for _ in range(3):  # as in the admission-control test: one-shots get refused
+        for name in convs:
+            request(cm, convs[name], name)
+            convs[name] = grow(convs[name], rng, 100)
+    for i in range(20):
+        request(cm, fresh(rng, 70), f"x{i}", reply=1)
+    strict, lenient = pol._shadows
+    assert strict.score < lenient.score  # refusing the one-shots kept the tails: strict leads
+    assert not pol.lenient()
+    refused = cm.index.counters["admit_refused"]
+    request(cm, fresh(rng, 70), "early", reply=1)
+    assert cm.index.counters["admit_refused"] == refused + 1  # strict: refused
+    lenient.score = strict.score - 1.0  # the lenient shadow leads: the real pool follows it
+    assert pol.lenient()
+    request(cm, fresh(rng, 70), "late", reply=1)
+    assert cm.index.counters["admit_refused"] == refused + 1
+    assert any(e.session == "late" for e in cm.index.entries.values())
+
+
+def test_duel_decay_is_an_exponential_window_over_requests():
+    cm = manager(slots=2, duel=4)
+    strict, _ = cm.policy._shadows
+    rng = random.Random(8)
+    conv = fresh(rng, 300)
+    request(cm, conv, "a")
+    conv = grow(conv, rng, 700)
+    strict.score = 100.0
+    m, s = request(cm, conv, "a")
+    assert strict.score == pytest.approx(100.0 * 0.75 + (m - s))
+
+
+@pytest.mark.parametrize("opts", [{"duel": -1}, {"duel": 10, "aging": "gdsf"},
+                                  {"duel": 10, "admit_control": False}])
+def test_duel_rejects_options_it_cannot_combine_with(opts):
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        manager(**opts)
+
+
+def test_empirical_hazard_lets_an_idle_session_fade_when_gaps_are_short():
+    # Every past gap was 1-4 requests; a session idle for 40 requests has outlived them all.
+    # The heavy-tailed rate form still gives it prior / (tau + idle) > 0 of a fresh session's
+    # value; the empirical hazard sees that almost no session comes back after such a wait.
+    vals = {}
+    for hazard in ("rate", "empirical"):
+        cm = manager(slots=64, hazard=hazard)
+        rng = random.Random(9)
+        convs = {f"c{i}": fresh(rng, 300) for i in range(4)}
+        for _ in range(6):  # short gaps, learned by both
+            for name in convs:
+                request(cm, convs[name], name)
+                convs[name] = grow(convs[name], rng, 100)
+        request(cm, fresh(rng, 300), "idle")
+        for i in range(40):
+            request(cm, convs[f"c{i % 4}"], f"c{i % 4}")
+            convs[f"c{i % 4}"] = grow(convs[f"c{i % 4}"], rng, 100)
+        request(cm, fresh(rng, 300), "fresh")
+        pol = cm.policy
+        p_idle = pol._return_prob("idle", cm.tick, pol._tau_fresh())
+        p_fresh = pol._return_prob("fresh", cm.tick, pol._tau_fresh())
+        vals[hazard] = p_idle / p_fresh
+    assert vals["rate"] > 0.05
+    assert vals["empirical"] < 0.2 * vals["rate"]
+
+
+def test_empirical_hazard_of_a_fresh_session_is_the_rate_form():
+    # idle 0: P(back) = prior and the expected wait is the mean gap, as in the rate form
+    cm = manager(slots=8, hazard="empirical")
+    rng = random.Random(10)
+    conv = fresh(rng, 300)
+    for _ in range(5):
+        request(cm, conv, "a")
+        conv = grow(conv, rng, 100)
+    pol = cm.policy
+    prior = pol._survival(1)
+    assert pol._empirical_rate(prior, 0) == pytest.approx(prior / (pol._gap_sum / pol._gap_n))
+
+
+def test_duel_hazard_shadows_replay_what_each_form_and_admission_would():
+    def run(**opts) -> CacheManager:
+        cm = manager(slots=6, branch=True, **opts)
+        _mixed_stream(cm, seed=11)
+        return cm
+
+    duel = run(duel=50, duel_hazard=True)
+    shadows = duel.policy._shadows
+    assert [(sh.hazard, sh.strict) for sh in shadows] == [
+        ("rate", True), ("rate", False), ("empirical", True), ("empirical", False)]
+    plain = {(h, ac): run(hazard=h, admit_control=ac)
+             for h in ("rate", "empirical") for ac in (True, False)}
+    replays = {k: cm.counters["replay_tokens"] for k, cm in plain.items()}
+    assert len(set(replays.values())) > 2  # the four rules differ on this stream
+    for sh in shadows:
+        assert sh.replay == replays[(sh.hazard, sh.strict)]
+    best = min(shadows, key=lambda sh: sh.score)
+    assert duel.policy.leader() == (best.hazard, best.strict)
+    assert duel.policy._pool.hazard == best.hazard
