@@ -297,6 +297,8 @@ def headline(doc: dict[str, Any]) -> str:
             f"p90 {_fnum(s.get('p90_horizon_tokens'), ' tok', 4)}, "
             f"share > 8192: {_fnum(s.get('share_over_8192'))}"
         )
+    if doc.get("bench") in ("kernels", "prefill"):
+        return _bench_headline(doc)
     summ = doc.get("summary")
     pols = summ.get("policies") if isinstance(summ, dict) else None
     if isinstance(pols, dict) and pols:  # sim: replay per policy, relative to Belady if known
@@ -312,6 +314,26 @@ def headline(doc: dict[str, Any]) -> str:
         return ", ".join(parts)
     s = _numbers(summ)
     return ", ".join(f"{k} {_fnum(v)}" for k, v in list(s.items())[:4]) or "-"
+
+
+def _bench_headline(doc: dict[str, Any]) -> str:
+    """bench kernels: fla / ours per T (grouped q/k, every grid state captured); bench prefill:
+    cold-prefill MFU per (window, tokens). Prefixed by the GDN configuration when recorded."""
+    env = doc.get("env")
+    cfg = env.get("gdn_config") if isinstance(env, dict) else None
+    pre = f"gdn {cfg}: " if cfg else ""
+    if doc.get("bench") == "kernels":
+        sp = [r for r in doc.get("speedups") or [] if isinstance(r, dict) and r.get("H") == 16]
+        if not sp:
+            return pre + "-"
+        return pre + "fla/ours " + ", ".join(
+            f"T={r.get('T')} {_fnum(r.get('fla_over_ours'))}" for r in sp)
+    rows = [r for r in doc.get("rows") or [] if isinstance(r, dict)
+            and r.get("kernel") == "prefill" and isinstance(r.get("mfu"), (int, float))]
+    if not rows:
+        return pre + "-"
+    return pre + "MFU " + ", ".join(
+        f"E={r.get('window')} L={r.get('tokens')} {100 * r['mfu']:.1f}%" for r in rows[:4])
 
 
 def _md(text: Any) -> str:

@@ -523,15 +523,25 @@ def test_round_robin_scenario_over_http(server: str, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- schemathesis
 
 
+def _tiny_context() -> int:
+    from engine.config import preset
+
+    return int(preset("tiny").max_position_embeddings)
+
+
+TINY_CONTEXT = _tiny_context()
+
+
 def map_body(ctx: Any, body: Any) -> Any:
     """Schemathesis hook: bounded examples, every request decodes at most 2 tokens on the CPU.
 
-    Only valid values are lowered (invalid ones stay invalid for the negative-data checks)."""
+    Only valid values are lowered (invalid ones stay invalid for the negative-data checks: a
+    max_tokens above the context bound must still be refused)."""
     if isinstance(body, dict):
         for key in ("max_tokens", "max_completion_tokens"):
             n = body.get(key)
             integral = isinstance(n, int) or (isinstance(n, float) and n.is_integer())
-            if integral and not isinstance(n, bool) and n > 2:
+            if integral and not isinstance(n, bool) and 2 < n <= TINY_CONTEXT:
                 body[key] = 2
         if "max_tokens" not in body:
             body["max_tokens"] = 2

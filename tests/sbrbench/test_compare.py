@@ -295,3 +295,17 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert code == 0 and (tmp_path / "rr.png").stat().st_size > 1000
     code, text = invoke(["plot", str(tmp_path / "missing.json")])
     assert code == 2 and "no such file" in text
+
+
+def test_report_headline_of_bench_files() -> None:
+    from sbrbench.cli_compare import headline
+
+    kernels = {"schema": "sbrbench.bench/v1", "bench": "kernels", "env": {"gdn_config": "split"},
+               "rows": [], "speedups": [{"T": 8192, "H": 16, "fla_over_ours": 1.5},
+                                        {"T": 8192, "H": 32, "fla_over_ours": 9.0}]}
+    assert headline(kernels) == "gdn split: fla/ours T=8192 1.5"
+    prefill = {"schema": "sbrbench.bench/v1", "bench": "prefill", "env": {},
+               "rows": [{"kernel": "prefill", "window": 4096, "tokens": 16384, "mfu": 0.305},
+                        {"kernel": "replay_window", "window": 4096, "ms": 90.0}]}
+    assert headline(prefill) == "MFU E=4096 L=16384 30.5%"
+    assert headline({"schema": "sbrbench.bench/v1", "bench": "prefill", "rows": []}) == "-"
