@@ -25,7 +25,14 @@ from sbrbench.scenarios import (
     make_scenario,
     run_scenario,
 )
-from sbrbench.targets import CacheSpec, EngineTarget, HttpTarget, Target, parse_bytes
+from sbrbench.targets import (
+    CacheSpec,
+    EngineTarget,
+    HttpTarget,
+    Target,
+    parse_adaptive_opts,
+    parse_bytes,
+)
 
 console = Console()
 TARGETS = ("engine", "http", "sim")
@@ -71,6 +78,7 @@ def make_spec(
     snapshot_budget: str | None,
     snapshot_interval: int | None,
     kv_budget_tokens: int | None,
+    adaptive_opts: dict[str, Any] | None = None,
 ) -> CacheSpec:
     """Cache settings: CLI flags over the scenario's [engine] table."""
     e = cfg.engine
@@ -88,6 +96,7 @@ def make_spec(
         kv_budget_tokens=kv_budget_tokens
         if kv_budget_tokens is not None
         else e["kv_budget_tokens"],
+        adaptive_opts=dict(adaptive_opts or {}),
     )
     if spec.tail_pin_k < 1 or spec.snapshot_slots < 1:
         raise UserError("--tail-pin-k and --snapshot-slots must be >= 1")
@@ -166,6 +175,7 @@ def run_one(
         eng = {
             "policy": spec.policy,
             "tail_pin_k": spec.tail_pin_k if spec.policy == "tail-pin" else None,
+            "policy_opts": spec.policy_opts(),
             "snapshot_slots": spec.snapshot_slots,
             "snapshot_budget_bytes": spec.snapshot_budget_bytes,
         }
@@ -255,6 +265,9 @@ def register(app: typer.Typer) -> None:
         snapshot_budget: str | None = typer.Option(None, help="snapshot pool bytes, e.g. 2GiB"),
         snapshot_interval: int | None = typer.Option(None, help="tokens between snapshots"),
         kv_budget_tokens: int | None = typer.Option(None, help="KV pool size in tokens"),
+        adaptive_opt: list[str] = typer.Option(
+            [], "--adaptive-opt",
+            help="adaptive: policy option KEY=VALUE, repeatable (duel=1000, hazard=empirical)"),
         seed: int = typer.Option(0, help="weights and workload seed"),
         label: str | None = typer.Option(None, help="label stored in the result"),
         out: Path | None = typer.Option(
@@ -273,6 +286,9 @@ def register(app: typer.Typer) -> None:
         if target == "http" and not base_url:
             raise UserError("--target http needs --base-url")
         cfg = load_config(scenario, scenario_file, sets)
+        aopts = parse_adaptive_opts(adaptive_opt)
+        if aopts and target == "http":
+            raise UserError("--adaptive-opt needs --target engine or sim (set it on the server)")
         targs = TargetArgs(
             target,
             preset,
@@ -311,6 +327,7 @@ def register(app: typer.Typer) -> None:
                     snapshot_budget=snapshot_budget,
                     snapshot_interval=snapshot_interval,
                     kv_budget_tokens=kv_budget_tokens,
+                    adaptive_opts=aopts,
                 )
             name = pol or "http"
             path = (

@@ -22,6 +22,9 @@ def serve(
     tail_pin_k: int = typer.Option(
         8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."
     ),
+    adaptive_opt: list[str] = typer.Option(
+        [], "--adaptive-opt",
+        help="adaptive: policy option KEY=VALUE, repeatable (duel=1000, hazard=empirical)."),
     snapshot_slots: int = typer.Option(16, "--snapshot-slots", help="Snapshot pool slots."),
     snapshot_budget: str | None = typer.Option(
         None, "--snapshot-budget", help="Snapshot pool bytes (2GiB, 512MB; default: slots decide)."
@@ -47,7 +50,7 @@ def serve(
 ) -> None:
     """OpenAI-compatible server (chat + completions, SSE, /metrics) over the engine."""
     from engine.server import serve as run_server
-    from sbrbench.targets import CacheSpec, EngineTarget, parse_bytes
+    from sbrbench.targets import CacheSpec, EngineTarget, parse_adaptive_opts, parse_bytes
 
     if max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {max_queue}")
@@ -63,6 +66,7 @@ def serve(
         snapshot_slots=snapshot_slots,
         snapshot_budget_bytes=parse_bytes(snapshot_budget) if snapshot_budget else None,
         snapshot_interval=snapshot_interval,
+        adaptive_opts=parse_adaptive_opts(adaptive_opt),
     )
     target = EngineTarget.build(
         spec=spec,

@@ -14,6 +14,7 @@ from rich.table import Table
 from engine.errors import UserError
 from sbrbench import sim
 from sbrbench.costmodel import CostModel
+from sbrbench.targets import parse_adaptive_opts
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: room for the whole table
@@ -47,23 +48,6 @@ def _policies(text: str) -> list[str]:
     if not pols:
         raise UserError("--policy: no policy given")
     return pols
-
-
-def _adaptive_opts(items: list[str]) -> dict[str, Any]:
-    """--adaptive-opt KEY=VALUE items -> options of the adaptive policy (VALUE as JSON if it
-    parses, else a string: duel=1000, hazard=empirical, admit_control=false)."""
-    import json
-
-    opts: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--adaptive-opt: expected KEY=VALUE, got {item!r}")
-        try:
-            opts[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            opts[key.strip()] = raw
-    return opts
 
 
 class Setup:
@@ -446,11 +430,7 @@ def register(app: typer.Typer) -> None:
 
         if snapshot_slots is not None and snapshot_budget:
             raise UserError("give --snapshot-slots or --snapshot-budget, not both")
-        aopts = _adaptive_opts(adaptive_opt)
-        if aopts:
-            from engine.cache.policies import make_policy
-
-            make_policy("adaptive", **aopts)  # unknown or bad options: one red line, before work
+        aopts = parse_adaptive_opts(adaptive_opt)  # bad options: one red line, before work
         with_refs = sim.with_belady if oracles else list
         vs = with_refs(
             sim.variants(

@@ -154,18 +154,43 @@ class CacheSpec:
     snapshot_interval: int = 0
     page_size: int = 0
     kv_budget_tokens: int = 0
+    adaptive_opts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def policy_opts(self) -> dict[str, Any]:
         opts: dict[str, Any] = {}
-        # option names of engine.cache.policies: TailPin(k), Marconi(alpha)
+        # option names of engine.cache.policies: TailPin(k), Marconi(alpha), Adaptive(...)
         if self.policy == "tail-pin":
             opts["k"] = self.tail_pin_k
         if self.policy == "marconi" and self.marconi_alpha is not None:
             opts["alpha"] = self.marconi_alpha
+        if self.policy == "adaptive":
+            opts.update(self.adaptive_opts)
         return opts
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_adaptive_opts(items: list[str]) -> dict[str, Any]:
+    """--adaptive-opt KEY=VALUE items -> options of the adaptive policy (VALUE as JSON if it
+    parses, else a string: duel=1000, hazard=empirical, admit_control=false). Unknown or bad
+    options raise a one-line error here, before any work."""
+    import json  # noqa: PLC0415
+
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--adaptive-opt: expected KEY=VALUE, got {item!r}")
+        try:
+            opts[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key.strip()] = raw
+    if opts:
+        from engine.cache.policies import make_policy  # noqa: PLC0415
+
+        make_policy("adaptive", **opts)
+    return opts
 
 
 def _kwargs_for(cls: Any, spec: CacheSpec) -> dict[str, Any]:

@@ -608,3 +608,21 @@ def test_belady_knows_the_next_use_of_a_branch_point_snapshot() -> None:
     off = sim.run_policy(stream, _cfg("lru", 2)._replace(branch_admission=False),
                          sim.ORACLES["belady"], COST)
     assert off.rows[2].snapshot_pos == 0  # no snapshot at the branch point without it
+
+
+def test_run_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
+    """`run --adaptive-opt` sets the adaptive policy's options (recorded in the result); bad
+    items, or the flag with an HTTP target, are one-line user errors."""
+    base = ["run", "deep-resume", "--target", "sim", "--policy", "adaptive", "--no-progress",
+            "--set", "depth=1200", "--set", "pressure=6", "--set", "cycles=2",
+            "--snapshot-slots", "4"]
+    out = tmp_path / "dr.json"
+    code, text = _invoke([*base, "--adaptive-opt", "admit_control=false", "--out", str(out)])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["engine"]["policy_opts"]["admit_control"] is False
+    code, text = _invoke([*base, "--adaptive-opt", "nope=1", "--out", str(out)])
+    assert code == 2 and "nope" in text
+    code, text = _invoke(["run", "deep-resume", "--target", "http", "--base-url",
+                          "http://127.0.0.1:9", "--adaptive-opt", "duel=10"])
+    assert code == 2 and "--adaptive-opt" in text
