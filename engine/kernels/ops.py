@@ -14,37 +14,64 @@ import torch
 from engine.kernels import reference
 
 _triton: Any = None
+_glue: Any = None
 _triton_checked = False
 
 
 def _triton_mod() -> Any:
-    global _triton, _triton_checked
+    global _triton, _glue, _triton_checked
     if not _triton_checked:
         _triton_checked = True
         if os.environ.get("SBR_KERNELS", "auto") != "reference" and torch.cuda.is_available():
             try:
-                from engine.kernels import triton_gdn  # noqa: PLC0415
+                from engine.kernels import triton_gdn, triton_glue  # noqa: PLC0415
 
-                _triton = triton_gdn
+                _triton, _glue = triton_gdn, triton_glue
             except ImportError:
-                _triton = None
+                _triton = _glue = None
     return _triton
 
 
 def _pick(name: str, x: torch.Tensor) -> Callable[..., Any]:
     if x.is_cuda:
         mod = _triton_mod()
-        if mod is not None and hasattr(mod, name):
-            return getattr(mod, name)  # type: ignore[no-any-return]
+        for m in (mod, _glue):
+            if m is not None and hasattr(m, name):
+                return getattr(m, name)  # type: ignore[no-any-return]
     return getattr(reference, name)  # type: ignore[no-any-return]
 
 
+def _expand(q: torch.Tensor, k: torch.Tensor, hv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k heads repeated to the value heads (the reference takes them expanded; the Triton
+    kernels read grouped heads directly)."""
+    if q.shape[-2] == hv:
+        return q, k
+    r = hv // q.shape[-2]
+    return q.repeat_interleave(r, dim=-2), k.repeat_interleave(r, dim=-2)
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi, capture=True):  # type: ignore[no-untyped-def]
-    return _pick("chunk_gated_delta_rule", q)(q, k, v, g, beta, state, lo, hi, capture)
+    """q, k [T, H, K] with H dividing v's heads (grouped) or equal to them."""
+    fn = _pick("chunk_gated_delta_rule", q)
+    if fn is reference.chunk_gated_delta_rule:
+        q, k = _expand(q, k, v.shape[1])
+    return fn(q, k, v, g, beta, state, lo, hi, capture)
 
 
 def recurrent_step(q, k, v, g, beta, state):  # type: ignore[no-untyped-def]
-    return _pick("recurrent_step", q)(q, k, v, g, beta, state)
+    """q, k [H, K] with H dividing v's heads (grouped) or equal to them."""
+    fn = _pick("recurrent_step", q)
+    if fn is reference.recurrent_step:
+        q, k = _expand(q, k, v.shape[0])
+    return fn(q, k, v, g, beta, state)
+
+
+def rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
+    return _pick("rms_norm", x)(x, weight, eps)
+
+
+def swiglu(gate, up):  # type: ignore[no-untyped-def]
+    return _pick("swiglu", gate)(gate, up)
 
 
 def causal_conv1d(x, weight, state):  # type: ignore[no-untyped-def]

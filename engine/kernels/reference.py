@@ -48,12 +48,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                    eps: float) -> torch.Tensor:
-    """RMSNorm(x) * w * silu(gate) over the last dim (Qwen3-Next's RMSNormGated)."""
-    dt = x.dtype
-    xf = x.float()
+    """RMSNorm(x) * w * silu(gate) over the last dim (Qwen3-Next's RMSNormGated), in gate's
+    dtype: x is first rounded to it (the GDN output arrives in fp32)."""
+    dt = gate.dtype
+    xf = x.to(dt).float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     out = weight * xf.to(dt)
     return (out * F.silu(gate.float())).to(dt)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the SwiGLU MLP's product), in the inputs' dtype."""
+    return F.silu(gate) * up
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

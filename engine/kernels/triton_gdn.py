@@ -1067,8 +1067,10 @@ def _gnorm_kernel(x, z, wt, out, n, sx, sz, eps, D: tl.constexpr, BR: tl.constex
     o_d = tl.arange(0, D)
     m = rows < n
     xdt = out.dtype.element_ty
+    # x (fp32 from the chunk kernel, or already in the output dtype) rounded to the output
+    # dtype first, as reference.gated_rms_norm does
     xv = tl.load(x + rows[:, None] * sx + o_d[None, :], mask=m[:, None], other=0.0)
-    xv = xv.to(tl.float32)
+    xv = xv.to(xdt).to(tl.float32)
     r = tl.rsqrt(tl.sum(xv * xv, 1) / D + eps)
     xn = (xv * r[:, None]).to(xdt).to(tl.float32)
     wv = tl.load(wt + o_d).to(tl.float32)
@@ -1081,7 +1083,8 @@ def _gnorm_kernel(x, z, wt, out, n, sx, sz, eps, D: tl.constexpr, BR: tl.constex
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                    eps: float) -> torch.Tensor:
-    """reference.gated_rms_norm: RMSNorm(x) * w * silu(gate) over the last dim."""
+    """reference.gated_rms_norm: RMSNorm(x) * w * silu(gate) over the last dim, in gate's
+    dtype (x may be fp32: it is rounded in the kernel, no separate cast)."""
     d = x.shape[-1]
     if d & (d - 1):
         from engine.kernels import reference  # noqa: PLC0415
@@ -1092,7 +1095,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
     n = x2.shape[0]
-    out = _empty(n, d, dtype=x.dtype, device=x.device)
+    out = _empty(n, d, dtype=gate.dtype, device=x.device)
     if n:
         br = max(1, min(64, 4096 // d))
         _gnorm_kernel[(triton.cdiv(n, br),)](x2, z2, weight.contiguous(), out, n, x2.stride(0),

@@ -63,10 +63,7 @@ class GatedDeltaNet(nn.Module):
         q = conv_out[:, :kd].reshape(t, self.hk, self.dk)
         k = conv_out[:, kd:2 * kd].reshape(t, self.hk, self.dk)
         v = conv_out[:, 2 * kd:].reshape(t, self.hv, self.dv)
-        r = self.hv // self.hk
-        if r > 1:
-            q = q.repeat_interleave(r, dim=1)
-            k = k.repeat_interleave(r, dim=1)
+        # q/k stay grouped (HK heads): the kernels read value head h's q/k from head h // r
         return q, k, v
 
     def _gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +72,7 @@ class GatedDeltaNet(nn.Module):
 
     def _out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         t = o.shape[0]
-        o = ops.gated_rms_norm(o.to(z.dtype), z, self.norm.weight, self.norm.eps)
+        o = ops.gated_rms_norm(o, z, self.norm.weight, self.norm.eps)  # rounds o to z's dtype
         return self.out_proj(o.reshape(t, -1))
 
     def forward_window(
@@ -101,9 +98,10 @@ class GatedDeltaNet(nn.Module):
         if self.record is not None:
             from engine.kernels.reference import l2norm
 
-            self.record.append(GDNTrace(self.layer_idx, q[lo:hi].float(),
-                                        l2norm(k[lo:hi].float()), v[lo:hi].float(),
-                                        g[lo:hi], beta[lo:hi].float()))
+            r = self.hv // self.hk
+            qe, ke = q[lo:hi].repeat_interleave(r, 1), k[lo:hi].repeat_interleave(r, 1)
+            self.record.append(GDNTrace(self.layer_idx, qe.float(), l2norm(ke.float()),
+                                        v[lo:hi].float(), g[lo:hi], beta[lo:hi].float()))
         caps = {r: (states[r], mixed[r - conv.shape[0]:r].clone()) for r in capture
                 if r in states}
         conv_hi = conv_state_after(mixed[lo:], conv, hi - lo)

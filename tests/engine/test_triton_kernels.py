@@ -462,7 +462,9 @@ def test_interp_engine_warm_equals_cold(itg: ModuleType, monkeypatch: pytest.Mon
     ref_eng = Engine.from_preset("tiny", cache=args)
     ref_cold = ref_eng.generate(b, p, use_cache=False)
 
-    monkeypatch.setattr(ops, "_pick", lambda name, x: getattr(itg, name))
+    glue = importlib.import_module("engine.kernels.triton_glue")
+    monkeypatch.setattr(ops, "_pick",
+                        lambda name, x: getattr(itg, name, None) or getattr(glue, name))
     monkeypatch.setattr(itg, "_SAFE_DOT", 16)  # the tiny preset's 32-dim heads: no sm_90 here
     eng = Engine.from_preset("tiny", cache=args)
     cold = eng.generate(b, p, use_cache=False)
@@ -565,3 +567,70 @@ def test_bench_speedups_skip_other_kernels() -> None:
              "production": True, "capture": True},
             {"kernel": "gdn_chunk_fwd", "impl": "fla", "T": 64, "H": 1, "ms": 2.0}]
     assert [r["fla_over_ours"] for r in bench.speedups(rows)] == [2.0]
+
+
+
+def test_interp_glue_kernels(itg: ModuleType) -> None:
+    """RMSNorm (contiguous rows, strided head rows, 1-row) and SwiGLU against the reference;
+    the gated norm takes fp32 x and rounds it to the gate's dtype like the reference."""
+    glue = importlib.import_module("engine.kernels.triton_glue")
+    gen = torch.Generator().manual_seed(5)
+    w = 0.1 * torch.randn(64, generator=gen)
+    x = torch.randn(37, 64, generator=gen)
+    torch.testing.assert_close(glue.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6))
+    qg = torch.randn(9, 3, 128, generator=gen)  # q of a doubled projection: strided head rows
+    q = qg[..., :64]
+    got = glue.rms_norm(q, w, 1e-6)
+    assert got.shape == q.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref.rms_norm(q, w, 1e-6))
+    torch.testing.assert_close(glue.rms_norm(x[:1], w, 1e-6), ref.rms_norm(x[:1], w, 1e-6))
+    assert torch.equal(glue.rms_norm(x, w, 1e-6)[5:6], glue.rms_norm(x[5:6], w, 1e-6))
+    g = torch.randn(5, 300, generator=gen)
+    u = torch.randn(5, 300, generator=gen)
+    torch.testing.assert_close(glue.swiglu(g, u), ref.swiglu(g, u))
+    xb = torch.randn(6, 4, 32, generator=gen)
+    zb = torch.randn(6, 4, 32, generator=gen).bfloat16()
+    wb = (1 + 0.1 * torch.randn(32, generator=gen)).bfloat16()
+    got = itg.gated_rms_norm(xb, zb, wb, 1e-6)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.gated_rms_norm(xb, zb, wb, 1e-6).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_grouped_heads_reach_the_reference_expanded() -> None:
+    """ops expands grouped q/k for the torch reference (the Triton kernels read them grouped):
+    the same numbers as expanding first."""
+    from engine.kernels import ops
+
+    q, k, v, g, beta, s0 = gdn_inputs(128, 4, 2, 32, 32, torch.float32, "cpu", seed=1)
+    o1, s1, st1 = ops.chunk_gated_delta_rule(q, k, v, g, beta, s0, 0, 100, True)
+    o2, s2, st2 = ref.chunk_gated_delta_rule(expand(q, 4), expand(k, 4), v, g, beta, s0, 0, 100)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and sorted(st1) == sorted(st2)
+    a, b = ops.recurrent_step(q[0], k[0], v[0], g[0], beta[0], s0)
+    c, d = ref.recurrent_step(expand(q, 4)[0], expand(k, 4)[0], v[0], g[0], beta[0], s0)
+    assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.gpu
+def test_glue_kernels_on_gpu(poison: None) -> None:
+    import engine.kernels.triton_gdn as tg
+    import engine.kernels.triton_glue as glue
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, 2048, generator=gen).bfloat16().cuda()
+    w = (0.1 * torch.randn(2048, generator=gen)).bfloat16().cuda()
+    torch.testing.assert_close(glue.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6),
+                               atol=1.6e-2, rtol=1.6e-2)
+    assert torch.equal(glue.rms_norm(x, w, 1e-6)[100:101], glue.rms_norm(x[100:101], w, 1e-6))
+    qg = torch.randn(512, 16, 512, generator=gen).bfloat16().cuda()
+    wq = (0.1 * torch.randn(256, generator=gen)).bfloat16().cuda()
+    torch.testing.assert_close(glue.rms_norm(qg[..., :256], wq, 1e-6),
+                               ref.rms_norm(qg[..., :256], wq, 1e-6), atol=1.6e-2, rtol=1.6e-2)
+    g = torch.randn(4096, 5632, generator=gen).bfloat16().cuda()
+    u = torch.randn(4096, 5632, generator=gen).bfloat16().cuda()
+    torch.testing.assert_close(glue.swiglu(g, u), ref.swiglu(g, u), atol=1.6e-2, rtol=1.6e-2)
+    o = torch.randn(512, 32, 128, generator=gen).cuda()
+    z = torch.randn(512, 32, 128, generator=gen).bfloat16().cuda()
+    wn = torch.ones(128).bfloat16().cuda()
+    torch.testing.assert_close(tg.gated_rms_norm(o, z, wn, 1e-6),
+                               ref.gated_rms_norm(o, z, wn, 1e-6), atol=1.6e-2, rtol=1.6e-2)
