@@ -563,18 +563,21 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
     return rows
 
 
-def triton_kernel_names() -> list[str]:
-    """Names of our Triton kernels (engine.kernels.triton_gdn), as the profiler shows them."""
+def triton_kernel_names() -> dict[str, list[str]]:
+    """Names of our Triton kernels as the profiler shows them, by family: gdn_triton
+    (engine.kernels.triton_gdn) and glue_triton (engine.kernels.triton_glue)."""
     import triton  # noqa: PLC0415
 
-    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+    from engine.kernels import triton_gdn, triton_glue  # noqa: PLC0415
 
-    return sorted(n.lower() for n, o in vars(tg).items()
-                  if isinstance(o, triton.runtime.JITFunction) and n.endswith("_kernel"))
+    return {fam: sorted(n.lower() for n, o in vars(mod).items()
+                        if isinstance(o, triton.runtime.JITFunction) and n.endswith("_kernel"))
+            for fam, mod in (("gdn_triton", triton_gdn), ("glue_triton", triton_glue))}
 
 
-def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> dict[str, float]:
-    """Device time of one window by kernel family (gemm, attention, gdn, other), in ms."""
+def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Device time of one window by kernel family (gemm, attention, gdn, other), in ms, and
+    the largest `other` kernels (kernel_families)."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
 
     dev = torch.device(DEVICE)
@@ -589,24 +592,43 @@ def profile_window(model: Any, window: int, depth: int, dtype: torch.dtype) -> d
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         model.forward_window(ids, e0, 0, window, state, kv, set())
         torch.cuda.synchronize()
-    fam: dict[str, float] = {}
-    ours = triton_kernel_names()
+    events = []
     for ev in prof.key_averages():
         t_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
-        if not t_us or ev.key.startswith("aten::") or ev.key.startswith("cuda"):
-            continue
-        name = ev.key.lower()
-        if any(s in name for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
-            f = "attention"
-        elif any(s in name for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")):
-            f = "gemm"
-        elif any(s in name for s in ours):
-            f = "gdn_triton"
-        else:
-            f = "other"
-        fam[f] = fam.get(f, 0.0) + t_us / 1e3
+        if t_us and not ev.key.startswith("aten::") and not ev.key.startswith("cuda"):
+            events.append((ev.key, t_us / 1e3, ev.count))
+    return kernel_families(events, triton_kernel_names())
+
+
+def kernel_family(name: str, ours: dict[str, list[str]]) -> str:
+    """gemm, attention, one of our Triton families (triton_kernel_names) or other."""
+    low = name.lower()
+    if any(s in low for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
+        return "attention"
+    if any(s in low for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "cublas")):
+        return "gemm"
+    for fam, names in ours.items():
+        if any(s in low for s in names):
+            return fam
+    return "other"
+
+
+def kernel_families(events: Sequence[tuple[str, float, int]], ours: dict[str, list[str]],
+                    top: int = 12) -> dict[str, Any]:
+    """Device ms per family from (kernel name, ms, launches), plus `other_top`: the largest
+    kernels of `other` (name -> [ms, launches]), which is what to fuse next."""
+    fam: dict[str, float] = {}
+    other: list[tuple[str, float, int]] = []
+    for name, ms, n in events:
+        f = kernel_family(name, ours)
+        fam[f] = fam.get(f, 0.0) + ms
+        if f == "other":
+            other.append((name, ms, n))
     fam["total"] = sum(fam.values())
-    return {k: round(v, 3) for k, v in fam.items()}
+    res: dict[str, Any] = {k: round(v, 3) for k, v in fam.items()}
+    other.sort(key=lambda e: -e[1])
+    res["other_top"] = {name[:90]: [round(ms, 3), n] for name, ms, n in other[:top]}
+    return res
 
 
 def graph_window_rows(model: Any, dtype: torch.dtype, window: int, depths: Sequence[int],
@@ -678,7 +700,10 @@ def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int]
                                  sorted(set(lengths)), log)
     rows += graph_window_rows(model, dtype, best["window"], depths, log)
     prof = profile_window(model, best["window"], max(lengths) // 2, dtype)
-    log(f"  one window E={best['window']} at depth {max(lengths) // 2} by family (ms): {prof}")
+    fams = {k: v for k, v in prof.items() if k != "other_top"}
+    log(f"  one window E={best['window']} at depth {max(lengths) // 2} by family (ms): {fams}")
+    for name, (ms, n) in (prof.get("other_top") or {}).items():
+        log(f"    other: {ms:8.3f} ms  x{n:<4d} {name}")
     extra.update(partial=False, best_window=best["window"], window_profile_ms=prof)
     write_doc(path, "prefill", env, rows, extra)
     return path, rows

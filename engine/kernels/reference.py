@@ -79,9 +79,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
 
 
 def conv_state_after(x: torch.Tensor, state: torch.Tensor, upto: int) -> torch.Tensor:
-    """The conv state (last W-1 inputs) after consuming x[:upto], given the state before x[0]."""
-    ext = torch.cat([state.to(x.dtype), x[:upto]], dim=0)
-    return ext[ext.shape[0] - state.shape[0]:].clone()
+    """The conv state (last W-1 inputs) after consuming x[:upto], given the state before x[0]
+    (only the last W-1 rows are copied, not the window)."""
+    w1 = state.shape[0]
+    if upto >= w1:
+        return x[upto - w1:upto].clone()
+    return torch.cat([state.to(x.dtype)[upto:], x[:upto]], dim=0)
 
 
 def chunk_gated_delta_rule(

@@ -46,15 +46,24 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(cfg.value_dim, cfg.hidden_size, bias=False)
         self.record: list[GDNTrace] | None = None
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x [T, hidden] -> mixed_qkv [T, conv_dim], z [T, HV, V], b, a [T, HV]."""
+    def _project(self, x: torch.Tensor, lead: int = 0) -> tuple[torch.Tensor, ...]:
+        """x [T, hidden] -> mixed_qkv [lead + T, conv_dim] (rows from `lead` on; the first
+        `lead` rows zero, room for the conv state), z [T, HV, V], b, a [T, HV]. q, k and v are
+        written into mixed_qkv once each, straight from the projection's interleaved layout."""
         t = x.shape[0]
         r = self.hv // self.hk
         qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * r * self.dv)
         ba = self.in_proj_ba(x).view(t, self.hk, 2 * r)
         q, k, v, z = torch.split(qkvz, [self.dk, self.dk, r * self.dv, r * self.dv], dim=2)
         b, a = torch.split(ba, [r, r], dim=2)
-        mixed = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], dim=-1)
+        kd = self.cfg.key_dim
+        mixed = torch.empty(lead + t, self.cfg.conv_dim, dtype=qkvz.dtype, device=qkvz.device)
+        if lead:
+            mixed[:lead].zero_()
+        body = mixed[lead:]
+        body[:, :kd].view(t, self.hk, self.dk).copy_(q)
+        body[:, kd:2 * kd].view(t, self.hk, self.dk).copy_(k)
+        body[:, 2 * kd:].view(t, self.hk, r * self.dv).copy_(v)
         return mixed, z.reshape(t, self.hv, self.dv), b.reshape(t, self.hv), a.reshape(t, self.hv)
 
     def _heads(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,11 +92,11 @@ class GatedDeltaNet(nn.Module):
         state [HV, K, V] fp32 and conv [W-1, conv_dim] at row lo.
         Returns (out [T, hidden], state at hi, conv at hi, {row: (state, conv)} for rows in
         `capture`)."""
-        mixed, z, b, a = self._project(x)
         # Fixed shape whatever lo is (CPU SIMD tails make elementwise math position-dependent):
         # the conv state is placed in the W-1 rows just before row lo.
         w1 = conv.shape[0]
-        ext = torch.cat([torch.zeros_like(mixed[:w1]), mixed], dim=0)
+        ext, z, b, a = self._project(x, lead=w1)
+        mixed = ext[w1:]
         ext[lo:lo + w1] = conv.to(mixed.dtype)
         conv_out = ops.causal_conv1d(ext[w1:], self.conv1d.weight[:, 0], ext[:w1])
         q, k, v = self._heads(conv_out)

@@ -634,3 +634,17 @@ def test_glue_kernels_on_gpu(poison: None) -> None:
     wn = torch.ones(128).bfloat16().cuda()
     torch.testing.assert_close(tg.gated_rms_norm(o, z, wn, 1e-6),
                                ref.gated_rms_norm(o, z, wn, 1e-6), atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_bench_kernel_families() -> None:
+    from sbrbench import bench
+
+    ev = [("sm90_xmma_gemm_bf16", 30.0, 100), ("flash_fwd_kernel", 20.0, 12),
+          ("_seq2_kernel", 5.0, 36), ("_rmsnorm_kernel", 1.0, 96),
+          ("elementwise_kernel<add>", 4.0, 96), ("elementwise_kernel<copy>", 6.0, 200)]
+    fam = bench.kernel_families(ev, {"gdn_triton": ["_seq2_kernel"],
+                                     "glue_triton": ["_rmsnorm_kernel"]}, top=1)
+    assert fam["gemm"] == 30.0 and fam["attention"] == 20.0
+    assert fam["gdn_triton"] == 5.0 and fam["glue_triton"] == 1.0
+    assert fam["other"] == 10.0 and fam["total"] == 66.0
+    assert fam["other_top"] == {"elementwise_kernel<copy>": [6.0, 200]}
