@@ -588,6 +588,16 @@ def test_interp_glue_kernels(itg: ModuleType) -> None:
     g = torch.randn(5, 300, generator=gen)
     u = torch.randn(5, 300, generator=gen)
     torch.testing.assert_close(glue.swiglu(g, u), ref.swiglu(g, u))
+    # bf16, as on the GPU: outputs in bf16, within a bf16 rounding of the reference
+    xb16, wb16 = x.bfloat16(), w.bfloat16()
+    got = glue.rms_norm(xb16, wb16, 1e-6)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.rms_norm(xb16, wb16, 1e-6).float(),
+                               atol=1.6e-2, rtol=1.6e-2)
+    got = glue.swiglu(g.bfloat16(), u.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref.swiglu(g.bfloat16(), u.bfloat16()).float(),
+                               atol=1.6e-2, rtol=1.6e-2)
     xb = torch.randn(6, 4, 32, generator=gen)
     zb = torch.randn(6, 4, 32, generator=gen).bfloat16()
     wb = (1 + 0.1 * torch.randn(32, generator=gen)).bfloat16()
