@@ -2,15 +2,7 @@
 # Issue 6, kernel run 5 (split pipeline) on the GPU machine, one part per device call.
 #   bash scripts/gpu_kernels_v4.sh [part]   part: kernels | prefill
 set -uo pipefail
-OUT=${OUT:-/tmp/sbr-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/gpu_env.sh"
 S="python3 -m sbrbench.cli"
 part=${1:-kernels}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

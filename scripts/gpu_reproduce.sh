@@ -2,15 +2,7 @@
 # Issue 9 on the GPU machine: the headline reproduction, one part per device call. Writes JSON + log to $OUT.
 #   bash scripts/gpu_reproduce.sh [part]   part: all | deep1 | deep2 | checks | benches
 set -uo pipefail
-OUT=${OUT:-/tmp/sbr-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source "$(dirname "$0")/gpu_env.sh"
 S="python3 -m sbrbench.cli"
 part=${1:-all}
 M="--preset a3b-proxy --device cuda --dtype bfloat16 --no-progress"

@@ -2,9 +2,7 @@
 # Run 5, last call: the GPU test suite under the split default, then a 20-round round-robin
 # (past the first 2048-row window) with forecast and adaptive.
 set -uo pipefail
-OUT=${OUT:-/tmp/sbr-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+source "$(dirname "$0")/gpu_env.sh"
 S="python3 -m sbrbench.cli"
 M="--preset a3b-proxy --device cuda --dtype bfloat16 --no-progress"
 nvidia-smi --query-gpu=name --format=csv,noheader

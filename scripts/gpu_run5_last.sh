@@ -2,11 +2,7 @@
 # Run 5, last kernel call: sparse capture (engine snapshot rows only) and the prioritised
 # two-stream overlap of the split pipeline; determinism, GPU tests, kernel bench, prefill.
 set -uo pipefail
-OUT=${OUT:-/tmp/sbr-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/gpu_env.sh"
 S="python3 -m sbrbench.cli"
 nvidia-smi --query-gpu=name --format=csv,noheader
 echo "+ diag"; python3 scripts/gpu_split_diag.py 2>&1 | tail -14

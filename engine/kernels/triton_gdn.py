@@ -255,6 +255,27 @@ def _load_raw(bp):
     return tl.load(bp, boundary_check=(0,), padding_option="zero")
 
 
+@triton.jit
+def _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h, sb_t, sb_h,
+                 HV: tl.constexpr):
+    # one chunk's cumulative log decay gc, its last value (e^gc_last stored to glast) and beta;
+    # rows outside [lo, hi) (ok false) read as g = beta = 0
+    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+    gcv = tl.cumsum(gv, 0)
+    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
+    tl.store(glast + i_c * HV + i_h, tl.exp(g_last))
+    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    return gcv, g_last, bfull
+
+
+@triton.jit
+def _causal_scores(a_qk, rq, rk, gcv, o_c):
+    # Aqk = tril(q_i.k_j / |q_i| |k_j| Gamma_ij) from the raw products a_qk
+    low = o_c[:, None] >= o_c[None, :]
+    sc = a_qk * rq[:, None] * rk[None, :]
+    return tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
+
+
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
 def _qk_kernel(q, k, g, beta, fac, glast, aqk,
                sq_t, sq_h, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t, scale,
@@ -273,11 +294,8 @@ def _qk_kernel(q, k, g, beta, fac, glast, aqk,
     kb = k + (i_h // GRP) * sk_h
     qb = q + (i_h // GRP) * sq_h
 
-    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
-    gcv = tl.cumsum(gv, 0)
-    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
-    tl.store(glast + i_c * HV + i_h, tl.exp(g_last))
-    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
+                                      sb_t, sb_h, HV)
     # q k^T over full 64-row tiles, with the row norms of both
     a_qk = tl.zeros([64, 64], dtype=tl.float32)
     ssq = tl.zeros([64], dtype=tl.float32)
@@ -292,9 +310,7 @@ def _qk_kernel(q, k, g, beta, fac, glast, aqk,
         ssk += tl.sum(kf * kf, 1)
     rq = tl.rsqrt(ssq + 1e-6) * scale
     rk = tl.rsqrt(ssk + 1e-6)
-    low = o_c[:, None] >= o_c[None, :]
-    sc = a_qk * rq[:, None] * rk[None, :]
-    sc = tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
+    sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
     tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
     fb = fac + rows * HV + i_h
     plane = t * HV
@@ -532,11 +548,8 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
     ok = (rows >= lo) & (rows < hi)
     kb = k + (i_h // GRP) * sk_h
     qb = q + (i_h // GRP) * sq_h
-    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
-    gcv = tl.cumsum(gv, 0)
-    g_last = tl.sum(tl.where(o_c == 63, gcv, 0.0), 0)
-    tl.store(glast + i_c * HV + i_h, tl.exp(g_last))
-    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
+                                      sb_t, sb_h, HV)
     qt = _load_raw(_tile(qb, hi, K, sq_t, r0, 0, 64, K))
     kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
     a_qk = _rdot(qt, tl.trans(kt), None, TF32)
@@ -544,9 +557,7 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
     kf = kt.to(tl.float32)
     rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
     rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
-    low = o_c[:, None] >= o_c[None, :]
-    sc = a_qk * rq[:, None] * rk[None, :]
-    sc = tl.where(low, sc * tl.exp(tl.where(low, gcv[:, None] - gcv[None, :], 0.0)), 0.0)
+    sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
     tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
     fb = fac + rows * HV + i_h
     tl.store(fb, rq * tl.exp(gcv))
