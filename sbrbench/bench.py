@@ -121,6 +121,29 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def graph_ms(fn: Callable[[], Any]) -> float | None:
+    """Median device time of a CUDA-graph replay of fn(): the kernels alone, without the host's
+    launch gaps (which make a many-launch call's eager time swing between runs). None off
+    CUDA, or when fn cannot be captured (a host sync inside, say)."""
+    if DEVICE != "cuda" or not torch.cuda.is_available():
+        return None
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # allocations settle outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception:  # noqa: BLE001 - a third-party kernel may refuse capture in many ways
+        torch.cuda.synchronize()
+        return None
+    return time_ms(graph.replay)
+
+
 def _events_median(fn: Callable[[], Any], n: int) -> float:
     times = []
     for _ in range(n):
@@ -213,7 +236,7 @@ def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbyte
 
 
 def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
-              configs: Sequence[Any] = (), sweep_at: Sequence[int] = (),
+              configs: Sequence[Any] = (), sweep_at: Sequence[int] = (), graphs: bool = False,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (production config, capture on
     and off, q/k grouped and expanded; extra configs at the T values in sweep_at), fla on the
@@ -222,13 +245,14 @@ def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
     for t in ts:
         if t % CHUNK:
             raise UserError(f"--T values must be multiples of {CHUNK}, got {t}")
-        rows += _bench_gdn_at(t, fla, t <= torch_max_t, configs if t in sweep_at else (), log)
+        rows += _bench_gdn_at(t, fla, t <= torch_max_t, configs if t in sweep_at else (), log,
+                              graphs)
         _empty_cache()
     return rows
 
 
 def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
-                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+                  log: Callable[[str], None], graphs: bool = False) -> list[dict[str, Any]]:
     from engine.kernels import reference as ref  # noqa: PLC0415
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
 
@@ -269,6 +293,19 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
                          capture=False, repeatable=rep))
         log(f"  fla      T={t} H={h}: {fla_ms:.3f} ms" +
             ("" if rep is None else f" repeatable={rep}"))
+    if graphs:  # the same calls replayed from CUDA graphs: kernels only, no launch gaps
+        pairs: list[tuple[str, Callable[[], Any], float, dict[str, Any]]] = [
+            ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, prod),
+             gdn_bytes(t, hq, hv, kd, vd, 4, n_states), {"production": True})]
+        if fla_fns and fla_fns[0] is not None:
+            pairs.append(("fla", fla_fns[0], gdn_bytes(t, hq, hv, kd, vd, 2, 0), {}))
+        for impl, fn, nb, extra in pairs:
+            gms = graph_ms(fn)
+            log(f"  {impl:8s} T={t} H={hq} graph replay: "
+                + ("not capturable" if gms is None else f"{gms:.3f} ms"))
+            if gms is not None:
+                rows.append(_row(impl, t, hq, hv, kd, vd, gms, nb, capture=impl == "sbrbench",
+                                 launch="graph", **extra))
     ref_ms = _guarded_ms(partial(ref.chunk_gated_delta_rule, qx, kx, v, g, beta, s0, 0, t, True),
                          "torch", log, warmup_ms=1, rep_ms=1) if with_torch else None
     if ref_ms is not None:
@@ -357,7 +394,7 @@ def bench_small_kernels(window: int = 512, log: Callable[[str], None] = print,
 
 
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
-                torch_max_t: int = 16384, sweep_at: Sequence[int] = (),
+                torch_max_t: int = 16384, sweep_at: Sequence[int] = (), graphs: bool = False,
                 log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench kernels`: write the rows and return (path, rows)."""
     require_cuda()
@@ -373,7 +410,7 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
     rows: list[dict[str, Any]] = []
     for t in ts:  # rewritten after each T: a run cut short keeps what it measured
         rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, configs=configs,
-                          sweep_at=sweep_at, log=log)
+                          sweep_at=sweep_at, graphs=graphs, log=log)
         write_doc(path, "kernels", env, rows, extra)
     rows += bench_small_kernels(log=log)
     extra.update(partial=False, speedups=speedups(rows))
@@ -404,14 +441,19 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """fla_ms / ours_ms per (T, H) for the production config: with every grid state captured
     (ours_ms, fla_over_ours: the headline), and where measured with the engine's snapshot rows
     only and with no capture (fla returns no intermediate states at all)."""
-    def ours(cap: Any) -> dict[tuple[int, int], float]:
-        return {(r["T"], r["H"]): r["ms"] for r in rows if r["kernel"] == "gdn_chunk_fwd"
+    def gdn(r: dict[str, Any], launch: str = "eager") -> bool:
+        return bool(r["kernel"] == "gdn_chunk_fwd" and r.get("launch", "eager") == launch)
+
+    def ours(cap: Any, launch: str = "eager") -> dict[tuple[int, int], float]:
+        return {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, launch)
                 and r["impl"] == "sbrbench" and r.get("production") and r.get("capture") == cap}
 
     every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
+    g_ours = ours(True, "graph")
+    g_fla = {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, "graph") and r["impl"] == "fla"}
     res = []
     for r in rows:
-        if r["kernel"] != "gdn_chunk_fwd" or r["impl"] != "fla":
+        if not gdn(r) or r["impl"] != "fla":
             continue
         key = (r["T"], r["H"])
         if key in every:
@@ -421,6 +463,8 @@ def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for name, d in (("engine_capture", engine), ("no_capture", none)):
                 if key in d:
                     row[f"fla_over_ours_{name}"] = round(r["ms"] / d[key], 3)
+            if key in g_ours and key in g_fla:
+                row["fla_over_ours_graph"] = round(g_fla[key] / g_ours[key], 3)
             res.append(row)
     return res
 

@@ -45,6 +45,9 @@ def kernels(
     sweep_at: str = typer.Option(
         "", "--sweep-at", help="Also time alternative launch configs at these T (comma list)."
     ),
+    graphs: bool = typer.Option(
+        False, "--graphs/--no-graphs",
+        help="Also time ours and fla replayed from CUDA graphs (kernels without launch gaps)."),
 ) -> None:
     """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
     from sbrbench import bench
@@ -52,9 +55,10 @@ def kernels(
     ts = parse_ints(t, "--T")
     sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
     path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
-                                   log=console.print)
+                                   graphs=graphs, log=console.print)
     table = Table(title="gdn_chunk_fwd, production config: fla / ours by what ours captures")
-    for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none"):
+    for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none",
+                "graphs"):
         table.add_column(col, justify="right")
 
     def fmt(x: float | None) -> str:
@@ -63,7 +67,7 @@ def kernels(
     for r in bench.speedups(rows):
         table.add_row(str(r["T"]), str(r["H"]), f"{r['fla_ms']:.3f}", f"{r['ours_ms']:.3f}",
                       fmt(r["fla_over_ours"]), fmt(r.get("fla_over_ours_engine_capture")),
-                      fmt(r.get("fla_over_ours_no_capture")))
+                      fmt(r.get("fla_over_ours_no_capture")), fmt(r.get("fla_over_ours_graph")))
     console.print(table)
     console.print(f"wrote {path}")
 

@@ -658,3 +658,35 @@ def test_bench_kernel_families() -> None:
     assert fam["gdn_triton"] == 5.0 and fam["glue_triton"] == 1.0
     assert fam["other"] == 10.0 and fam["total"] == 66.0
     assert fam["other_top"] == {"elementwise_kernel<copy>": [6.0, 200]}
+
+
+def test_bench_speedups_graph_column_and_eager_headline() -> None:
+    """Graph-replay rows give their own column and never replace the eager headline."""
+    from sbrbench import bench
+
+    def row(impl: str, ms: float, launch: str = "eager", **kw: object) -> dict[str, object]:
+        return {"kernel": "gdn_chunk_fwd", "impl": impl, "T": 16384, "H": 16, "ms": ms,
+                "launch": launch, **kw}
+
+    rows = [row("sbrbench", 1.2, production=True, capture=True),
+            row("fla", 1.0),
+            row("sbrbench", 1.0, "graph", production=True, capture=True),
+            row("fla", 0.9, "graph")]
+    (sp,) = bench.speedups(rows)
+    assert sp["ours_ms"] == 1.2 and sp["fla_ms"] == 1.0
+    assert sp["fla_over_ours_graph"] == 0.9
+    if not torch.cuda.is_available():
+        assert bench.graph_ms(lambda: None) is None
+
+
+@pytest.mark.gpu
+def test_bench_graph_ms_captures_our_kernel() -> None:
+    from functools import partial
+
+    import engine.kernels.triton_gdn as tg
+    from sbrbench import bench
+
+    q, k, v, g, beta, s0 = gdn_inputs(1024, 32, 16, 128, 128, torch.bfloat16, "cuda", seed=29)
+    ms = bench.graph_ms(partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, 1024, True,
+                                tg.config_for(128, 128)))
+    assert ms is not None and ms > 0
