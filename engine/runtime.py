@@ -32,7 +32,7 @@ from engine.cache.manager import CacheConfig, CacheManager, Plan
 from engine.cache.settings import EngineCacheArgs
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
-from engine.kernels.ops import gdn_config, impl_name
+from engine.kernels.ops import gdn_config, glue_enabled, impl_name
 from engine.model.graphs import DecodeGraphs
 from engine.model.model import HybridModel, RecurrentState
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -207,7 +207,9 @@ class Engine:
             "page_size": a.page_size, "kv_budget_tokens": a.kv_budget_tokens,
             "exec_window": self.window, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "kernels": impl_name(self.device),
-            "gdn_config": gdn_config(self.device), "cuda_graphs": self.cuda_graphs,
+            "gdn_config": gdn_config(self.device),
+            "glue_kernels": impl_name(self.device) == "triton" and glue_enabled(),
+            "cuda_graphs": self.cuda_graphs,
             "cache_enabled": a.enabled, "branch_admission": self.cm.cfg.branch_admission,
             "params": sum(p.numel() for p in self.model.parameters()),
         }

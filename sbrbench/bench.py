@@ -69,9 +69,10 @@ def bench_env() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, sm_count=p.multi_processor_count,
                    gpu_mem_gib=round(p.total_memory / 2**30, 1))
-        from engine.kernels.ops import gdn_config  # noqa: PLC0415
+        from engine.kernels.ops import gdn_config, glue_enabled  # noqa: PLC0415
 
         env["gdn_config"] = gdn_config("cuda")
+        env["glue_kernels"] = env["gdn_config"] is not None and glue_enabled()
     try:
         import triton  # noqa: PLC0415
 

@@ -32,10 +32,16 @@ def _triton_mod() -> Any:
     return _triton
 
 
+def glue_enabled() -> bool:
+    """Whether the Triton glue kernels (triton_glue: RMSNorm, SwiGLU) run on CUDA;
+    `SBR_GLUE_KERNELS=0` keeps the torch versions there (to A/B them)."""
+    return os.environ.get("SBR_GLUE_KERNELS", "1") != "0"
+
+
 def _pick(name: str, x: torch.Tensor) -> Callable[..., Any]:
     if x.is_cuda:
         mod = _triton_mod()
-        for m in (mod, _glue):
+        for m in (mod, _glue if glue_enabled() else None):
             if m is not None and hasattr(m, name):
                 return getattr(m, name)  # type: ignore[no-any-return]
     return getattr(reference, name)  # type: ignore[no-any-return]

@@ -690,3 +690,14 @@ def test_bench_graph_ms_captures_our_kernel() -> None:
     ms = bench.graph_ms(partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, 1024, True,
                                 tg.config_for(128, 128)))
     assert ms is not None and ms > 0
+
+
+def test_glue_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.kernels import ops
+
+    monkeypatch.setenv("SBR_GLUE_KERNELS", "0")
+    assert not ops.glue_enabled()
+    monkeypatch.setenv("SBR_GLUE_KERNELS", "1")
+    assert ops.glue_enabled()
+    x = torch.randn(3, 8)
+    assert ops._pick("rms_norm", x) is ref.rms_norm  # CPU: always the reference
