@@ -430,7 +430,8 @@ def sweep_configs(tg: Any) -> list[Any]:
     cands += [split._replace(overlap=True), split._replace(overlap=True, prio=True),
               split._replace(overlap=True, prio=True, qk_warps=8),
               split._replace(overlap=True, prio=True, seg_chunks=32),
-              split._replace(fuse_prep=False), split._replace(qk_warps=8)]
+              split._replace(fuse_prep=False), split._replace(qk_warps=8),
+              split._replace(grp_share=True), split._replace(grp_share=True, qk_warps=8)]
     out: list[Any] = []
     for c in cands:
         if c != base and c not in out:

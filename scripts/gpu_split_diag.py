@@ -41,6 +41,7 @@ def main() -> None:
         "split,overlap": split._replace(overlap=True, seg_chunks=4),
         "split,overlap,prio": split._replace(overlap=True, prio=True, seg_chunks=4),
         "split,qk_warps=8": split._replace(qk_warps=8),
+        "split,grp_share": split._replace(grp_share=True),
         "split-tf32": tg.config_for(128, 128, name="split-tf32"),
     }
     for name, cfg in variants.items():

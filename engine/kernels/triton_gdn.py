@@ -79,6 +79,7 @@ class GdnConfig(NamedTuple):
     kt_ptr: bool = False  # split state pass: k^T loaded through a transposed block pointer
     fuse_prep: bool = True  # split: Aqk, factors, W and U in one kernel (_prep2_kernel)
     prio: bool = False  # split overlap: state passes on a high-priority stream
+    grp_share: bool = False  # split: one prep/output program per q/k head (its value heads)
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -536,41 +537,45 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
                   scale, HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, BD: tl.constexpr, TF32: tl.constexpr,
-                  STF32: tl.constexpr, EMU: tl.constexpr):
-    # _qk_kernel and _wu_kernel in one pass over a chunk of one value head (split pipeline):
-    # the causal scores Aqk, the factors f_q (plane 0) and f_k (plane 1), e^gc_last, then
-    # W = X diag(f_w) k and U = X diag(beta) v. One load of the q and k tiles, no loop.
+                  STF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr):
+    # _qk_kernel and _wu_kernel in one pass over a chunk (split pipeline): the causal scores
+    # Aqk, the factors f_q (plane 0) and f_k (plane 1), e^gc_last, then W = X diag(f_w) k and
+    # U = X diag(beta) v. One load of the q and k tiles, no loop over K. A program serves NH
+    # value heads (1, or GRP: all heads of one q/k head, which share its tiles, q k^T and norms).
     i_c = tl.program_id(0) + c0
-    i_h = tl.program_id(1)
+    i_p = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
     rows = r0 + o_c
     ok = (rows >= lo) & (rows < hi)
-    kb = k + (i_h // GRP) * sk_h
-    qb = q + (i_h // GRP) * sq_h
-    gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
-                                      sb_t, sb_h, HV)
-    qt = _load_raw(_tile(qb, hi, K, sq_t, r0, 0, 64, K))
-    kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
+    i_qk = (i_p * NH) // GRP
+    qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
+    kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
     a_qk = _rdot(qt, tl.trans(kt), None, TF32)
     qf = qt.to(tl.float32)
     kf = kt.to(tl.float32)
     rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
     rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
-    sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
-    tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
-    fb = fac + rows * HV + i_h
-    tl.store(fb, rq * tl.exp(gcv))
-    tl.store(fb + t * HV, rk * tl.exp(g_last - gcv))
-    f_w = rk * bfull * tl.exp(gcv)
-    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-    wt = _sdot(x, kf * f_w[:, None], None, STF32, EMU)
-    tl.store(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K), wt.to(w.dtype.element_ty))
-    vb = v + i_h * sv_h
-    for j in tl.static_range(V // BD):
-        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
-        ut = _sdot(x, vt * bfull[:, None], None, STF32, EMU)
-        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
+    for jh in tl.static_range(NH):
+        i_h = i_p * NH + jh
+        gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
+                                          sb_t, sb_h, HV)
+        sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
+        tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64),
+                 sc.to(aqk.dtype.element_ty))
+        fb = fac + rows * HV + i_h
+        tl.store(fb, rq * tl.exp(gcv))
+        tl.store(fb + t * HV, rk * tl.exp(g_last - gcv))
+        f_w = rk * bfull * tl.exp(gcv)
+        x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        wt = _sdot(x, kf * f_w[:, None], None, STF32, EMU)
+        tl.store(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K), wt.to(w.dtype.element_ty))
+        vb = v + i_h * sv_h
+        for j in tl.static_range(V // BD):
+            vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
+            ut = _sdot(x, vt * bfull[:, None], None, STF32, EMU)
+            tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD),
+                     ut.to(u.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
@@ -624,23 +629,25 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, s
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "cs", "t"])
 def _out_kernel(q, hbuf, vnbuf, aqk, fac, out, sq_t, sq_h, lo, hi, c0, cs, t,
                 HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr):
-    # O = f_q (q h[c]) + Aqk Vn for one chunk of one value head (parallel over chunks).
-    # Padding rows come out as exact zeros: their q and Aqk rows are zero.
+                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr):
+    # O = f_q (q h[c]) + Aqk Vn for one chunk (parallel over chunks) and NH value heads that
+    # share one q tile. Padding rows come out as exact zeros: their q and Aqk rows are zero.
     i_c = tl.program_id(0) + c0
-    i_h = tl.program_id(1)
+    i_p = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
-    f_q = tl.load(fac + (r0 + o_c) * HV + i_h)
-    qt = _load_raw(_tile(q + (i_h // GRP) * sq_h, hi, K, sq_t, r0, 0, 64, K))
-    at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-    hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
-    for j in tl.static_range(V // BV):
-        ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
-        vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
-        o = f_q[:, None] * _sdot(qt, ht, None, TF32, EMU)
-        o = _sdot(at, vt, o, TF32, EMU)
-        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV), o)
+    qt = _load_raw(_tile(q + ((i_p * NH) // GRP) * sq_h, hi, K, sq_t, r0, 0, 64, K))
+    for jh in tl.static_range(NH):
+        i_h = i_p * NH + jh
+        f_q = tl.load(fac + (r0 + o_c) * HV + i_h)
+        at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
+        for j in tl.static_range(V // BV):
+            ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
+            vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
+            o = f_q[:, None] * _sdot(qt, ht, None, TF32, EMU)
+            o = _sdot(at, vt, o, TF32, EMU)
+            tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV), o)
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -860,6 +867,7 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     dev = q.device
     c0, c1 = lo // CHUNK, -(-hi // CHUNK)
     grp = hv // hq
+    nh = grp if cfg.grp_share else 1  # value heads per program of the parallel kernels
     st32 = _state_tf32(cfg)
     mid = torch.float32 if st32 else torch.bfloat16
     w = _empty(t, hv, kd, dtype=mid, device=dev)
@@ -875,12 +883,12 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
                 beta.stride(0), beta.stride(1), lo, hi, ca, t,
                 HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32,
                 num_warps=cfg.solve_warps)
-            _prep2_kernel[(cb - ca, hv)](
+            _prep2_kernel[(cb - ca, hv // nh)](
                 q, k, v, g, beta, prep.xmat, prep.fac, prep.glast, prep.aqk, w, u,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), lo, hi, ca, t,
                 kd ** -0.5, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, vd), TF32=p32,
-                STF32=st32, EMU=_EMU_BF16, num_warps=cfg.qk_warps)
+                STF32=st32, EMU=_EMU_BF16, NH=nh, num_warps=cfg.qk_warps)
             return
         _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
         _wu_kernel[(cb - ca, hv)](
@@ -898,9 +906,9 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
             STAGES=cfg.stages, KT_PTR=cfg.kt_ptr, EMU=_EMU_BF16, num_warps=cfg.warps)
 
     def output(ca: int, cb: int) -> None:
-        _out_kernel[(cb - ca, hv)](
+        _out_kernel[(cb - ca, hv // nh)](
             q, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), lo, hi, ca, c0, t,
-            HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16,
+            HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16, NH=nh,
             num_warps=4)
 
     segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]

@@ -105,7 +105,7 @@ BF16_NOT_EXACT = pytest.mark.xfail(reason="bf16 state pass nondeterministic on s
                                    "3.6 (not the production config)", strict=False)
 EXACT_CONFIGS = [pytest.param("fast-bf16", marks=BF16_NOT_EXACT), "exact-tf32", "split",
                  "split-tf32", "split,fuse_prep=False", "split,overlap=True,seg_chunks=4",
-                 "split,overlap=True,prio=True,seg_chunks=4"]
+                 "split,overlap=True,prio=True,seg_chunks=4", "split,grp_share=True"]
 
 
 def _cfg(name: str, kd: int = 128, vd: int = 128):  # type: ignore[no-untyped-def]
@@ -701,3 +701,28 @@ def test_glue_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ops.glue_enabled()
     x = torch.randn(3, 8)
     assert ops._pick("rms_norm", x) is ref.rms_norm  # CPU: always the reference
+
+
+
+@pytest.mark.parametrize("spec", ["split,grp_share=True", "split,grp_share=True,fuse_prep=False"])
+def test_interp_grp_share_changes_no_bit(itg: ModuleType, spec: str) -> None:
+    """One prep/output program per q/k head computes the same numbers as one per value head."""
+    t, hv, hq, kd, vd = 192, 4, 2, 32, 32
+    q, k, v, g, beta, s0 = gdn_inputs(t, hv, hq, kd, vd, torch.float32, "cpu", seed=12)
+    base = named(itg, "split", kd, vd)._replace(bv=16)
+    o1, s1, st1 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 170, True, base)
+    o2, s2, st2 = itg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 170, True,
+                                    named(itg, spec, kd, vd)._replace(bv=16))
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and torch.equal(st1.buffer, st2.buffer)
+
+
+@pytest.mark.gpu
+def test_grp_share_changes_no_bit_on_gpu() -> None:
+    import engine.kernels.triton_gdn as tg
+
+    q, k, v, g, beta, s0 = gdn_inputs(1024, 32, 16, 128, 128, torch.bfloat16, "cuda", seed=31)
+    base = tg.config_for(128, 128, name="split")
+    o1, s1, st1 = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 989, True, base)
+    o2, s2, st2 = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 989, True,
+                                   base._replace(grp_share=True))
+    assert torch.equal(o1, o2) and torch.equal(s1, s2) and torch.equal(st1.buffer, st2.buffer)
