@@ -324,24 +324,21 @@ def _qk_kernel(q, k, g, beta, fac, glast, aqk,
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
 def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
                   HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                  TF32: tl.constexpr):
+                  TF32: tl.constexpr, NH: tl.constexpr):
     # X = (I + L)^-1 of one chunk of one value head, L = strict_tril(beta_i k_i.k_j Gamma_ij)
     # (k normalised), in 16x16 blocks: the four diagonal blocks by forward substitution, the
     # six below by X_ij = -X_ii sum_{j<=m<i} L_im X_mj. Raw key tiles go to the tensor cores
     # (exact products); the norms scale the products. Meant for one or two warps: the row
-    # steps of the substitution then reduce inside a warp, and many chunks share an SM.
+    # steps of the substitution then reduce inside a warp, and many chunks share an SM. A
+    # program serves NH value heads of one q/k head (1, or GRP: they share the raw products).
     i_c = tl.program_id(0) + c0
-    i_h = tl.program_id(1)
+    i_p = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
     o_s = tl.arange(0, 16)
     rows = r0 + o_c
     ok = (rows >= lo) & (rows < hi)
-    kb = k + (i_h // GRP) * sk_h
-
-    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
-    gcv = tl.cumsum(gv, 0)
-    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    kb = k + ((i_p * NH) // GRP) * sk_h
 
     a00 = tl.zeros([16, 16], dtype=tl.float32)
     a11 = tl.zeros([16, 16], dtype=tl.float32)
@@ -378,51 +375,56 @@ def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, 
     c0_ = tl.rsqrt(tl.sum(tl.where(eye, a00, 0.0), 0) + 1e-6)
     c1_ = tl.rsqrt(tl.sum(tl.where(eye, a11, 0.0), 0) + 1e-6)
     c2_ = tl.rsqrt(tl.sum(tl.where(eye, a22, 0.0), 0) + 1e-6)
-    g0 = _pick16(gcv, o_c, 0, o_s)
-    g1 = _pick16(gcv, o_c, 16, o_s)
-    g2 = _pick16(gcv, o_c, 32, o_s)
-    g3 = _pick16(gcv, o_c, 48, o_s)
-    b0 = _pick16(bfull, o_c, 0, o_s)
-    b1 = _pick16(bfull, o_c, 16, o_s)
-    b2 = _pick16(bfull, o_c, 32, o_s)
-    b3 = _pick16(bfull, o_c, 48, o_s)
-    l10 = _gate(a10, r1_, c0_, b1, g1, g0, o_s, False)
-    l20 = _gate(a20, r2_, c0_, b2, g2, g0, o_s, False)
-    l21 = _gate(a21, r2_, c1_, b2, g2, g1, o_s, False)
-    l30 = _gate(a30, r3_, c0_, b3, g3, g0, o_s, False)
-    l31 = _gate(a31, r3_, c1_, b3, g3, g1, o_s, False)
-    l32 = _gate(a32, r3_, c2_, b3, g3, g2, o_s, False)
-    x00 = _inv_unit_lower(_gate(a00, r0_, c0_, b0, g0, g0, o_s, True), o_s)
-    x11 = _inv_unit_lower(_gate(a11, r1_, c1_, b1, g1, g1, o_s, True), o_s)
-    x22 = _inv_unit_lower(_gate(a22, r2_, c2_, b2, g2, g2, o_s, True), o_s)
     c3_ = tl.rsqrt(tl.sum(tl.where(eye, a33, 0.0), 0) + 1e-6)
-    x33 = _inv_unit_lower(_gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
-    x10 = -_mm(x11, _mm(l10, x00))
-    x21 = -_mm(x22, _mm(l21, x11))
-    x32 = -_mm(x33, _mm(l32, x22))
-    x20 = -_mm(x22, _mm(l20, x00) + _mm(l21, x10))
-    x31 = -_mm(x33, _mm(l31, x11) + _mm(l32, x21))
-    x30 = -_mm(x33, _mm(l30, x00) + _mm(l31, x10) + _mm(l32, x20))
+    for jh in tl.static_range(NH):
+        i_h = i_p * NH + jh
+        gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+        gcv = tl.cumsum(gv, 0)
+        bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+        g0 = _pick16(gcv, o_c, 0, o_s)
+        g1 = _pick16(gcv, o_c, 16, o_s)
+        g2 = _pick16(gcv, o_c, 32, o_s)
+        g3 = _pick16(gcv, o_c, 48, o_s)
+        b0 = _pick16(bfull, o_c, 0, o_s)
+        b1 = _pick16(bfull, o_c, 16, o_s)
+        b2 = _pick16(bfull, o_c, 32, o_s)
+        b3 = _pick16(bfull, o_c, 48, o_s)
+        l10 = _gate(a10, r1_, c0_, b1, g1, g0, o_s, False)
+        l20 = _gate(a20, r2_, c0_, b2, g2, g0, o_s, False)
+        l21 = _gate(a21, r2_, c1_, b2, g2, g1, o_s, False)
+        l30 = _gate(a30, r3_, c0_, b3, g3, g0, o_s, False)
+        l31 = _gate(a31, r3_, c1_, b3, g3, g1, o_s, False)
+        l32 = _gate(a32, r3_, c2_, b3, g3, g2, o_s, False)
+        x00 = _inv_unit_lower(_gate(a00, r0_, c0_, b0, g0, g0, o_s, True), o_s)
+        x11 = _inv_unit_lower(_gate(a11, r1_, c1_, b1, g1, g1, o_s, True), o_s)
+        x22 = _inv_unit_lower(_gate(a22, r2_, c2_, b2, g2, g2, o_s, True), o_s)
+        x33 = _inv_unit_lower(_gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
+        x10 = -_mm(x11, _mm(l10, x00))
+        x21 = -_mm(x22, _mm(l21, x11))
+        x32 = -_mm(x33, _mm(l32, x22))
+        x20 = -_mm(x22, _mm(l20, x00) + _mm(l21, x10))
+        x31 = -_mm(x33, _mm(l31, x11) + _mm(l32, x21))
+        x30 = -_mm(x33, _mm(l30, x00) + _mm(l31, x10) + _mm(l32, x20))
 
-    xdt = xmat.dtype.element_ty
-    xb = xmat + i_h * 64
-    zero = tl.zeros([16, 16], dtype=xdt)
-    tl.store(_tile(xb, t, 64, HV * 64, r0, 0, 16, 16), x00.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0, 16, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0, 32, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0, 48, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 0, 16, 16), x10.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 16, 16, 16), x11.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 32, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 48, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 0, 16, 16), x20.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 16, 16, 16), x21.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 32, 16, 16), x22.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 48, 16, 16), zero)
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 0, 16, 16), x30.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 16, 16, 16), x31.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 32, 16, 16), x32.to(xdt))
-    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 48, 16, 16), x33.to(xdt))
+        xdt = xmat.dtype.element_ty
+        xb = xmat + i_h * 64
+        zero = tl.zeros([16, 16], dtype=xdt)
+        tl.store(_tile(xb, t, 64, HV * 64, r0, 0, 16, 16), x00.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0, 16, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0, 32, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0, 48, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 0, 16, 16), x10.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 16, 16, 16), x11.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 32, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 48, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 0, 16, 16), x20.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 16, 16, 16), x21.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 32, 16, 16), x22.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 48, 16, 16), zero)
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 0, 16, 16), x30.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 16, 16, 16), x31.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 32, 16, 16), x32.to(xdt))
+        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 48, 16, 16), x33.to(xdt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +707,7 @@ def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.
     _solve_kernel[(cb - ca, hv)](
         k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
         beta.stride(0), beta.stride(1), lo, hi, ca, t,
-        HV=hv, GRP=hv // hq, K=kd, BK=min(cfg.solve_bk, kd), TF32=tf32,
+        HV=hv, GRP=hv // hq, K=kd, BK=min(cfg.solve_bk, kd), TF32=tf32, NH=1,
         num_warps=cfg.solve_warps)
     _qk_kernel[(cb - ca, hv)](
         q, k, g, beta, prep.fac, prep.glast, prep.aqk,
@@ -878,10 +880,10 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     def parallel_in(ca: int, cb: int) -> None:  # prep and W/U of chunks ca .. cb-1
         if cfg.fuse_prep:
             p32 = bool(cfg.prep_tf32) or _EMU_BF16
-            _solve_kernel[(cb - ca, hv)](
+            _solve_kernel[(cb - ca, hv // nh)](
                 k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
                 beta.stride(0), beta.stride(1), lo, hi, ca, t,
-                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32,
+                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32, NH=nh,
                 num_warps=cfg.solve_warps)
             _prep2_kernel[(cb - ca, hv // nh)](
                 q, k, v, g, beta, prep.xmat, prep.fac, prep.glast, prep.aqk, w, u,
