@@ -394,8 +394,55 @@ def bench_small_kernels(window: int = 512, log: Callable[[str], None] = print,
     return rows
 
 
+def kernel_times(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
+    """Device ms per call of each kernel fn() launches (torch.profiler, `reps` calls after a
+    warm-up), largest first."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if t_us and not ev.key.startswith("aten::"):
+            acc[ev.key[:80]] = acc.get(ev.key[:80], 0.0) + t_us / reps / 1e3
+    return dict(sorted(acc.items(), key=lambda kv: -kv[1]))
+
+
+def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Per-kernel device time of one gdn_chunk_fwd call at T (Qwen3-Next shape, grouped q/k,
+    every grid state captured): each named configuration of ours, and fla when importable.
+    Rows: kernel "gdn_chunk_fwd.part", impl, config_name, part (the kernel), ms."""
+    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+
+    hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
+    q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
+    runs: list[tuple[str, str | None, Callable[[], Any] | None]] = [
+        ("sbrbench", name, partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
+                                   tg.config_for(kd, vd, name=name)))
+        for name in tg.NAMED_CONFIGS]
+    runs.append(("fla", None, _fla_fn(q, k, v, g, beta, s0)))
+    rows: list[dict[str, Any]] = []
+    for impl, name, fn in runs:
+        if fn is None:
+            continue
+        parts = kernel_times(fn)
+        log(f"  {impl} {name or ''} T={t}: {sum(parts.values()):.3f} ms in "
+            + ", ".join(f"{p} {ms:.3f}" for p, ms in list(parts.items())[:5]))
+        rows += [{"kernel": "gdn_chunk_fwd.part", "impl": impl, "config_name": name, "T": t,
+                  "H": hq, "HV": hv, "K": kd, "V": vd, "part": part, "ms": round(ms, 4)}
+                 for part, ms in parts.items()]
+    _empty_cache()
+    return rows
+
+
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
                 torch_max_t: int = 16384, sweep_at: Sequence[int] = (), graphs: bool = False,
+                profile_at: Sequence[int] = (),
                 log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench kernels`: write the rows and return (path, rows)."""
     require_cuda()
@@ -412,6 +459,8 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
     for t in ts:  # rewritten after each T: a run cut short keeps what it measured
         rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, configs=configs,
                           sweep_at=sweep_at, graphs=graphs, log=log)
+        if t in profile_at:
+            rows += profile_gdn_rows(t, log)
         write_doc(path, "kernels", env, rows, extra)
     rows += bench_small_kernels(log=log)
     extra.update(partial=False, speedups=speedups(rows))

@@ -48,14 +48,18 @@ def kernels(
     graphs: bool = typer.Option(
         False, "--graphs/--no-graphs",
         help="Also time ours and fla replayed from CUDA graphs (kernels without launch gaps)."),
+    profile_at: str = typer.Option(
+        "", "--profile-at",
+        help="Also record each kernel's device time (every named config, fla) at these T."),
 ) -> None:
     """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
     from sbrbench import bench
 
     ts = parse_ints(t, "--T")
     sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
+    prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
     path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
-                                   graphs=graphs, log=console.print)
+                                   graphs=graphs, profile_at=prof, log=console.print)
     table = Table(title="gdn_chunk_fwd, production config: fla / ours by what ours captures")
     for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none",
                 "graphs"):

@@ -11,9 +11,10 @@ if [ "$part" = kernels ] || [ "$part" = all ]; then
   TAIL=30 run python3 scripts/gpu_split_diag.py
   TAIL=30 run timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/engine/test_triton_kernels.py \
     -p no:cacheprovider -rf ${TEST_K:+-k "$TEST_K"}
-  TAIL=60 run python3 scripts/gpu_kernel_profile.py 16384
+  # run 5 used scripts/gpu_kernel_profile.py here (results/h200/kernel-profile-T16384.json);
+  # its per-kernel timing is now `bench kernels --profile-at`
   SBR_GDN_CONFIG=split run $S bench kernels --T ${TS:-4096,8192,16384,65536} \
-    --sweep-at ${SWEEP:-16384} \
+    --sweep-at ${SWEEP:-16384} --profile-at 16384 \
     --out "$OUT/bench-kernels.json"
 fi
 if [ "$part" = prefill ] || [ "$part" = all ]; then

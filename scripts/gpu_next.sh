@@ -19,7 +19,7 @@ if [ "$part" = check ]; then
   done
 fi
 if [ "$part" = kernels ]; then
-  timeout 500 $S bench kernels --T 8192,16384,65536 --sweep-at 65536 --graphs \
+  timeout 500 $S bench kernels --T 8192,16384,65536 --sweep-at 65536 --graphs --profile-at 16384 \
     --out "$OUT/bench-kernels.json" 2>&1 | tail -40
 fi
 ls -la "$OUT"

@@ -726,3 +726,25 @@ def test_grp_share_changes_no_bit_on_gpu() -> None:
     o2, s2, st2 = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 64, 989, True,
                                    base._replace(grp_share=True))
     assert torch.equal(o1, o2) and torch.equal(s1, s2) and torch.equal(st1.buffer, st2.buffer)
+
+
+def test_bench_kernels_cli_parses_profile_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--profile-at reaches run_kernels as a list (and a bad value is a one-line error)."""
+    from typer.testing import CliRunner
+
+    from sbrbench import bench
+    from sbrbench.cli import app
+
+    seen: dict[str, object] = {}
+
+    def fake_run(ts, out, **kw):  # type: ignore[no-untyped-def]
+        seen.update(kw, ts=ts)
+        return out, []
+
+    monkeypatch.setattr(bench, "run_kernels", fake_run)
+    res = CliRunner().invoke(app, ["bench", "kernels", "--T", "4096", "--profile-at", "4096",
+                                   "--graphs"])
+    assert res.exit_code == 0, res.output
+    assert seen["profile_at"] == [4096] and seen["graphs"] is True and seen["ts"] == [4096]
+    res = CliRunner().invoke(app, ["bench", "kernels", "--profile-at", "x"])
+    assert res.exit_code != 0 and "--profile-at" in str(res.exception) + res.output
