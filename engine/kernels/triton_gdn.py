@@ -759,6 +759,7 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     segmentation. Off by default: the two-stream path has not been timed or tested on a GPU
     yet (tests/engine/test_triton_kernels.py::test_chunk_segments_are_invisible does)."""
     _check(q, k, v, g, beta, lo, hi)
+    rows: list[int] | None = None  # the requested grid rows (sparse capture, split only)
     if not isinstance(capture, bool):
         rows = sorted({int(r) for r in capture
                        if lo < r <= hi // CHUNK * CHUNK and r % CHUNK == 0})
@@ -768,7 +769,7 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         if not cfg.split:  # v3 stores every grid state; keep the requested ones
             o, s_hi, dense = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, True, cfg)
             return o, s_hi, {r: dense[r] for r in rows}
-        return _split_sparse(q, k, v, g, beta, state, lo, hi, rows, cfg)
+        capture = True
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
     bv = min(cfg.bv, vd)
@@ -782,11 +783,20 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     if c1 * CHUNK < t:
         out[c1 * CHUNK:].zero_()
     s_out = _empty(hv, kd, vd, dtype=torch.float32, device=dev)
-    n_states = (hi // CHUNK - c0) if capture else 0
+    n_states = len(rows) if rows is not None else (hi // CHUNK - c0) if capture else 0
     states = _empty(max(n_states, 0), hv, kd, vd, dtype=torch.float32, device=dev)
     prep = _alloc_prep(t, hv, kd, cfg, dev)
     if cfg.split:
-        _split_fwd(q, k, v, g, beta, state, lo, hi, capture, cfg, prep, out, s_out, states)
+        cap_idx = None
+        if rows is not None:  # chunk -> index into states, -1 for chunks not requested
+            idx = [-1] * (c1 - c0)
+            for i, r in enumerate(rows):
+                idx[r // CHUNK - 1 - c0] = i
+            cap_idx = torch.tensor(idx, dtype=torch.int32).to(dev, non_blocking=True)
+        _split_fwd(q, k, v, g, beta, state, lo, hi, capture, cfg, prep, out, s_out, states,
+                   cap_idx)
+        if rows is not None:
+            return out, s_out, {r: states[i] for i, r in enumerate(rows)}
         return out, s_out, GridStates(states, lo + CHUNK)
     segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
 
@@ -828,32 +838,6 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         state_pass(ca, cb, s_cur, s_next)
         s_cur = s_next
     return out, s_out, GridStates(states, lo + CHUNK)
-
-
-def _split_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                  beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, rows: list[int],
-                  cfg: GdnConfig) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """The split pipeline storing the states at `rows` only (grid rows in (lo, hi])."""
-    t, hq, kd = q.shape
-    hv, vd = v.shape[1], v.shape[2]
-    q, k, v = _rows2d(q), _rows2d(k), _rows2d(v)
-    state = state.float().contiguous()
-    dev = q.device
-    c0, c1 = lo // CHUNK, -(-hi // CHUNK)
-    out = _empty(t, hv, vd, dtype=torch.float32, device=dev)
-    if c0:
-        out[:c0 * CHUNK].zero_()
-    if c1 * CHUNK < t:
-        out[c1 * CHUNK:].zero_()
-    s_out = _empty(hv, kd, vd, dtype=torch.float32, device=dev)
-    states = _empty(len(rows), hv, kd, vd, dtype=torch.float32, device=dev)
-    idx = [-1] * (c1 - c0)
-    for i, r in enumerate(rows):
-        idx[r // CHUNK - 1 - c0] = i
-    cap_idx = torch.tensor(idx, dtype=torch.int32).to(dev, non_blocking=True)
-    prep = _alloc_prep(t, hv, kd, cfg, dev)
-    _split_fwd(q, k, v, g, beta, state, lo, hi, True, cfg, prep, out, s_out, states, cap_idx)
-    return out, s_out, {r: states[i] for i, r in enumerate(rows)}
 
 
 def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
