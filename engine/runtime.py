@@ -433,7 +433,11 @@ class Engine:
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
     if p.temperature <= 0:
         return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float().cpu() / p.temperature, dim=-1)
+    # float64 and shifted by the max: a tiny temperature (1.46e-179 is valid input) is 0 in
+    # fp32, and inf - inf = nan; this way the largest logit goes to 0 and the others to -inf,
+    # i.e. greedy decoding in the limit
+    lf = logits.double().cpu()
+    probs = torch.softmax((lf - lf.max()) / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sp, si = torch.sort(probs, descending=True)
         keep = sp.cumsum(0) - sp < p.top_p

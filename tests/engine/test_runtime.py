@@ -98,6 +98,16 @@ def test_seeded_sampling_is_reproducible() -> None:
     assert eng.generate([5, 6, 7], p).tokens == eng.generate([5, 6, 7], p).tokens
 
 
+def test_tiny_temperature_samples_the_argmax() -> None:
+    """A valid but tiny temperature (schemathesis sent 1.46e-179) once divided the logits to
+    inf and sampling failed on NaN probabilities; in the limit it is greedy decoding."""
+    eng = Engine.from_preset("tiny")
+    greedy = eng.generate([5, 6, 7], SamplingParams(max_tokens=6, ignore_eos=True)).tokens
+    for t in (1.46e-179, 1e-30):
+        p = SamplingParams(temperature=t, top_p=0.55, seed=1, max_tokens=6, ignore_eos=True)
+        assert eng.generate([5, 6, 7], p).tokens == greedy
+
+
 @pytest.mark.parametrize("shards,nested", [(1, False), (3, True)])
 def test_checkpoint_roundtrip(tmp_path: Path, shards: int, nested: bool) -> None:
     eng = Engine.from_preset("tiny", seed=4)
