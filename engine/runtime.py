@@ -33,6 +33,7 @@ from engine.cache.settings import EngineCacheArgs
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
 from engine.kernels.ops import gdn_config, glue_enabled, impl_name
+from engine.model.attention import attention_impl
 from engine.model.graphs import DecodeGraphs
 from engine.model.model import HybridModel, RecurrentState
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -209,6 +210,7 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""), "kernels": impl_name(self.device),
             "gdn_config": gdn_config(self.device),
             "glue_kernels": impl_name(self.device) == "triton" and glue_enabled(),
+            "attention": attention_impl(self.device),
             "cuda_graphs": self.cuda_graphs,
             "cache_enabled": a.enabled, "branch_admission": self.cm.cfg.branch_admission,
             "params": sum(p.numel() for p in self.model.parameters()),

@@ -73,6 +73,9 @@ def bench_env() -> dict[str, Any]:
 
         env["gdn_config"] = gdn_config("cuda")
         env["glue_kernels"] = env["gdn_config"] is not None and glue_enabled()
+        from engine.model.attention import attention_impl  # noqa: PLC0415
+
+        env["attention"] = attention_impl("cuda")
     try:
         import triton  # noqa: PLC0415
 
@@ -481,6 +484,9 @@ def sweep_configs(tg: Any) -> list[Any]:
               split._replace(overlap=True, prio=True, seg_chunks=32),
               split._replace(fuse_prep=False), split._replace(qk_warps=8),
               split._replace(grp_share=True), split._replace(grp_share=True, qk_warps=8)]
+    s2 = tg.config_for(128, 128, name="split2")
+    cands += [s2._replace(grp_share=True), s2._replace(grp_share=True, solve_share=False),
+              s2._replace(solve_bk=64), s2._replace(qk_warps=8), s2._replace(warps=8)]
     out: list[Any] = []
     for c in cands:
         if c != base and c not in out:
@@ -578,6 +584,7 @@ def bench_prefill_rows(model: Any, dtype: torch.dtype, lengths: Sequence[int],
         for n in lengths:
             stats = [eng.generate(ids[:n], SamplingParams(max_tokens=1), use_cache=False).stats
                      for _ in range(reps)]
+            each = [round(s.prefill_s, 4) for s in stats]
             pre = statistics.median(s.prefill_s for s in stats)
             ttft = statistics.median(s.ttft_s for s in stats)
             fl = model_flops(cfg, 0, n)
@@ -585,10 +592,10 @@ def bench_prefill_rows(model: Any, dtype: torch.dtype, lengths: Sequence[int],
                    "tokens": n, "prefill_s": round(pre, 4), "ttft_s": round(ttft, 4),
                    "tok_s": round(n / pre, 1), "model_tflops": round(fl / pre / 1e12, 1),
                    "mfu": round(fl / pre / 1e12 / DENSE_BF16_PEAK_TFLOPS, 4),
-                   "mfu_vs_measured": round(fl / pre / 1e12 / peak, 4)}
+                   "mfu_vs_measured": round(fl / pre / 1e12 / peak, 4), "prefill_s_each": each}
             rows.append(row)
             log(f"  prefill E={w} L={n}: {pre * 1e3:.0f} ms, {row['tok_s']:.0f} tok/s, "
-                f"MFU {row['mfu']:.1%}")
+                f"MFU {row['mfu']:.1%} (each: {', '.join(f'{x * 1e3:.0f}' for x in each)} ms)")
         del eng
         _empty_cache()
         if on_rows is not None:
@@ -709,7 +716,7 @@ def kernel_family(name: str, ours: dict[str, list[str]]) -> str:
 
 
 def kernel_families(events: Sequence[tuple[str, float, int]], ours: dict[str, list[str]],
-                    top: int = 12) -> dict[str, Any]:
+                    top: int = 24) -> dict[str, Any]:
     """Device ms per family from (kernel name, ms, launches), plus `other_top`: the largest
     kernels of `other` (name -> [ms, launches]), which is what to fuse next."""
     fam: dict[str, float] = {}
@@ -721,8 +728,13 @@ def kernel_families(events: Sequence[tuple[str, float, int]], ours: dict[str, li
             other.append((name, ms, n))
     fam["total"] = sum(fam.values())
     res: dict[str, Any] = {k: round(v, 3) for k, v in fam.items()}
-    other.sort(key=lambda e: -e[1])
-    res["other_top"] = {name[:90]: [round(ms, 3), n] for name, ms, n in other[:top]}
+    merged: dict[str, list[float]] = {}  # names cut to 160 characters can collide: add them up
+    for name, ms, n in other:
+        acc = merged.setdefault(name[:160], [0.0, 0])
+        acc[0] += ms
+        acc[1] += n
+    ranked = sorted(merged.items(), key=lambda e: -e[1][0])[:top]
+    res["other_top"] = {name: [round(ms, 3), int(n)] for name, (ms, n) in ranked}
     return res
 
 

@@ -32,6 +32,12 @@ def _triton_mod() -> Any:
     return _triton
 
 
+def glue_module() -> Any:
+    """engine.kernels.triton_glue where Triton runs (CUDA), else None."""
+    _triton_mod()
+    return _glue
+
+
 def glue_enabled() -> bool:
     """Whether the Triton glue kernels (triton_glue: RMSNorm, SwiGLU) run on CUDA;
     `SBR_GLUE_KERNELS=0` keeps the torch versions there (to A/B them)."""
@@ -76,12 +82,28 @@ def rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
     return _pick("rms_norm", x)(x, weight, eps)
 
 
+def add_rms_norm(x, y, weight, eps):  # type: ignore[no-untyped-def]
+    return _pick("add_rms_norm", x)(x, y, weight, eps)
+
+
+def rms_norm_rope(x, weight, eps, cos, sin):  # type: ignore[no-untyped-def]
+    return _pick("rms_norm_rope", x)(x, weight, eps, cos, sin)
+
+
 def swiglu(gate, up):  # type: ignore[no-untyped-def]
     return _pick("swiglu", gate)(gate, up)
 
 
 def causal_conv1d(x, weight, state):  # type: ignore[no-untyped-def]
     return _pick("causal_conv1d", x)(x, weight, state)
+
+
+def conv_window(qkvz, layout, weight, state, lo):  # type: ignore[no-untyped-def]
+    return _pick("conv_window", qkvz)(qkvz, layout, weight, state, lo)
+
+
+def gdn_gates(ba, a_log, dt_bias):  # type: ignore[no-untyped-def]
+    return _pick("gdn_gates", ba)(ba, a_log, dt_bias)
 
 
 def gated_rms_norm(x, gate, weight, eps):  # type: ignore[no-untyped-def]

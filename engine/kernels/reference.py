@@ -46,6 +46,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (out * (1.0 + weight.float())).to(x.dtype)
 
 
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the next RMSNorm: (x + y, rms_norm(x + y)), the sum in x's dtype."""
+    s = x + y
+    return s, rms_norm(s, weight, eps)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """rms_norm over the last dim of x [T, H, D], then rotate-half RoPE on the first
+    cos.shape[-1] features (cos/sin [T, rot] in x's dtype), each product and the sum rounded
+    to x's dtype as torch's elementwise ops round them."""
+    xn = rms_norm(x, weight, eps)
+    rot = cos.shape[-1]
+    half = rot // 2
+    xr, xp = xn[..., :rot], xn[..., rot:]
+    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
+    xr = xr * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.cat([xr, xp], dim=-1)
+
+
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                    eps: float) -> torch.Tensor:
     """RMSNorm(x) * w * silu(gate) over the last dim (Qwen3-Next's RMSNormGated), in gate's
@@ -76,6 +97,43 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     for j in range(1, w):
         acc = acc + ext[j:j + t].float() * weight[:, j].float()
     return F.silu(acc).to(x.dtype)
+
+
+Layout = tuple[int, int, int]  # (q/k heads HK, key dim K, value columns per q/k head R*V)
+
+
+def mixed_rows(qkvz: torch.Tensor, layout: Layout, a: int, b: int) -> torch.Tensor:
+    """Rows a..b-1 of the conv input [q | k | v] (conv_dim channels, Qwen3-Next's order) from
+    the projection's interleaved per-head layout qkvz [T, HK, 2K + 2RV]."""
+    hk, kd, rv = layout
+    n = b - a
+    rows = qkvz[a:b]
+    return torch.cat([rows[..., :kd].reshape(n, hk * kd), rows[..., kd:2 * kd].reshape(n, hk * kd),
+                      rows[..., 2 * kd:2 * kd + rv].reshape(n, hk * rv)], dim=1)
+
+
+def conv_window(qkvz: torch.Tensor, layout: Layout, weight: torch.Tensor, state: torch.Tensor,
+                lo: int) -> torch.Tensor:
+    """causal_conv1d over one window straight from the projection (see mixed_rows): rows from
+    lo on are the window's inputs, the W-1 rows before lo are the conv state, and earlier rows
+    are zeros (their outputs, rows < lo, are padding that nothing reads)."""
+    t = qkvz.shape[0]
+    w1 = state.shape[0]
+    ext = torch.zeros(w1 + t, weight.shape[0], dtype=qkvz.dtype, device=qkvz.device)
+    ext[w1 + lo:] = mixed_rows(qkvz, layout, lo, t)
+    ext[lo:lo + w1] = state.to(qkvz.dtype)
+    return causal_conv1d(ext[w1:], weight, ext[:w1])
+
+
+def gdn_gates(ba: torch.Tensor, a_log: torch.Tensor,
+              dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-Next's gates from the b/a projection ba [T, HK, 2R] (per q/k head: R b's, R a's):
+    g = -e^A_log softplus(a + dt_bias) (fp32 log decay) and beta = sigmoid(b), [T, HV] each."""
+    t, hk, r2 = ba.shape
+    r = r2 // 2
+    b, a = ba[..., :r].reshape(t, hk * r), ba[..., r:].reshape(t, hk * r)
+    g = -a_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.sigmoid()
 
 
 def conv_state_after(x: torch.Tensor, state: torch.Tensor, upto: int) -> torch.Tensor:

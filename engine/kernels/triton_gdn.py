@@ -80,6 +80,12 @@ class GdnConfig(NamedTuple):
     fuse_prep: bool = True  # split: Aqk, factors, W and U in one kernel (_prep2_kernel)
     prio: bool = False  # split overlap: state passes on a high-priority stream
     grp_share: bool = False  # split: one prep/output program per q/k head (its value heads)
+    out_bf16: bool = False  # output stored in v's dtype (as fla; the engine's gated norm
+    # rounds it to that dtype first anyway), else fp32
+    aqk_out: bool = False  # split, fused prep: the causal scores Aqk formed in the output
+    # kernel from q, k and g (as fla), instead of stored by the prep and read back
+    solve_share: bool | None = None  # split: grp_share for the solve too (None: grp_share)
+    out_warps: int = 4  # warps of the split output kernel
 
 
 DEFAULT_CONFIG = GdnConfig()
@@ -94,9 +100,15 @@ FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
 # fp32 grid states; the output comes from a parallel kernel: O = f_q (q S_c) + Aqk Vn.
 SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=3, bv=32,
                                        prep_tf32=False, qk_stages=1)
+# split2 (the engine default since run 6): the split pipeline with fla's output contract and
+# Aqk formed in the output kernel (no Aqk round trip through memory, bf16 output). Measured on
+# the H200 at 16k (results/h200/bench-kernels-sweep16k.json): 1.019 ms vs split's 1.171;
+# sharing q/k tiles between a group's value heads (grp_share) made it slower there (1.090).
+SPLIT2_CONFIG = SPLIT_CONFIG._replace(out_bf16=True, aqk_out=True)
 NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
                  "split": SPLIT_CONFIG,
-                 "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1)}
+                 "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1),
+                 "split2": SPLIT2_CONFIG}
 
 
 def exact_on_sm90(cfg: GdnConfig) -> bool:
@@ -132,7 +144,7 @@ def config_name(cfg: GdnConfig) -> str:
 def production_name() -> str:
     """The configuration the engine uses: `SBR_GDN_CONFIG` (a NAMED_CONFIGS key) or the
     default, split (fastest, and measured deterministic on sm_90)."""
-    name = os.environ.get("SBR_GDN_CONFIG", "split")
+    name = os.environ.get("SBR_GDN_CONFIG", "split2")
     if name not in NAMED_CONFIGS:
         raise ValueError(f"SBR_GDN_CONFIG={name!r}: expected one of {sorted(NAMED_CONFIGS)}")
     return name
@@ -484,7 +496,7 @@ def _seq_kernel(q, k, v, fac, glast, xmat, aqk, s0, out, states, s_out,
         o = _sdot(at, vn, o, TF32, EMU)
         s = _sdot(tl.trans(kt), f_k[:, None] * vn, s * decay, TF32, EMU)
         # padding rows of a partial chunk come out as exact zeros (their q and Aqk rows are 0)
-        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, v0, 64, BV), o)
+        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, v0, 64, BV), o.to(out.dtype.element_ty))
         if CAPTURE:
             if r0 + 64 <= hi:
                 sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
@@ -539,11 +551,13 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
                   scale, HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr,
                   V: tl.constexpr, BD: tl.constexpr, TF32: tl.constexpr,
-                  STF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr):
+                  STF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr,
+                  AQK: tl.constexpr):
     # _qk_kernel and _wu_kernel in one pass over a chunk (split pipeline): the causal scores
     # Aqk, the factors f_q (plane 0) and f_k (plane 1), e^gc_last, then W = X diag(f_w) k and
     # U = X diag(beta) v. One load of the q and k tiles, no loop over K. A program serves NH
     # value heads (1, or GRP: all heads of one q/k head, which share its tiles, q k^T and norms).
+    # With AQK 0 the scores and f_q are left to the output kernel (_out_kernel's AQK).
     i_c = tl.program_id(0) + c0
     i_p = tl.program_id(1)
     r0 = i_c * 64
@@ -551,22 +565,24 @@ def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
     rows = r0 + o_c
     ok = (rows >= lo) & (rows < hi)
     i_qk = (i_p * NH) // GRP
-    qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
     kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
-    a_qk = _rdot(qt, tl.trans(kt), None, TF32)
-    qf = qt.to(tl.float32)
     kf = kt.to(tl.float32)
-    rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
     rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
+    if AQK:
+        qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
+        a_qk = _rdot(qt, tl.trans(kt), None, TF32)
+        qf = qt.to(tl.float32)
+        rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
     for jh in tl.static_range(NH):
         i_h = i_p * NH + jh
         gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
                                           sb_t, sb_h, HV)
-        sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
-        tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64),
-                 sc.to(aqk.dtype.element_ty))
         fb = fac + rows * HV + i_h
-        tl.store(fb, rq * tl.exp(gcv))
+        if AQK:
+            sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
+            tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64),
+                     sc.to(aqk.dtype.element_ty))
+            tl.store(fb, rq * tl.exp(gcv))
         tl.store(fb + t * HV, rk * tl.exp(g_last - gcv))
         f_w = rk * bfull * tl.exp(gcv)
         x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
@@ -629,27 +645,47 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, s
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "cs", "t"])
-def _out_kernel(q, hbuf, vnbuf, aqk, fac, out, sq_t, sq_h, lo, hi, c0, cs, t,
+def _out_kernel(q, k, g, hbuf, vnbuf, aqk, fac, out, sq_t, sq_h, sk_t, sk_h, sg_t, sg_h,
+                lo, hi, c0, cs, t, scale,
                 HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr):
+                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr,
+                AQK: tl.constexpr, PTF32: tl.constexpr):
     # O = f_q (q h[c]) + Aqk Vn for one chunk (parallel over chunks) and NH value heads that
     # share one q tile. Padding rows come out as exact zeros: their q and Aqk rows are zero.
+    # With AQK 0 this kernel forms Aqk and f_q itself from q, k and g (as the prep would).
     i_c = tl.program_id(0) + c0
     i_p = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
-    qt = _load_raw(_tile(q + ((i_p * NH) // GRP) * sq_h, hi, K, sq_t, r0, 0, 64, K))
+    rows = r0 + o_c
+    i_qk = (i_p * NH) // GRP
+    qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
+    if not AQK:
+        kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
+        a_qk = _rdot(qt, tl.trans(kt), None, PTF32)
+        qf = qt.to(tl.float32)
+        kf = kt.to(tl.float32)
+        rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
+        rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
+        ok = (rows >= lo) & (rows < hi)
     for jh in tl.static_range(NH):
         i_h = i_p * NH + jh
-        f_q = tl.load(fac + (r0 + o_c) * HV + i_h)
-        at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        if AQK:
+            f_q = tl.load(fac + rows * HV + i_h)
+            at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+        else:
+            gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+            gcv = tl.cumsum(gv, 0)
+            f_q = rq * tl.exp(gcv)
+            at = _causal_scores(a_qk, rq, rk, gcv, o_c).to(aqk.dtype.element_ty)
         hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
         for j in tl.static_range(V // BV):
             ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
             vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
             o = f_q[:, None] * _sdot(qt, ht, None, TF32, EMU)
             o = _sdot(at, vt, o, TF32, EMU)
-            tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV), o)
+            tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV),
+                     o.to(out.dtype.element_ty))
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -777,7 +813,7 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     state = state.float().contiguous()
     dev = q.device
     c0, c1 = lo // CHUNK, -(-hi // CHUNK)
-    out = _empty(t, hv, vd, dtype=torch.float32, device=dev)
+    out = _empty(t, hv, vd, dtype=v.dtype if cfg.out_bf16 else torch.float32, device=dev)
     if c0:
         out[:c0 * CHUNK].zero_()
     if c1 * CHUNK < t:
@@ -854,6 +890,7 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     c0, c1 = lo // CHUNK, -(-hi // CHUNK)
     grp = hv // hq
     nh = grp if cfg.grp_share else 1  # value heads per program of the parallel kernels
+    nhs = grp if (cfg.grp_share if cfg.solve_share is None else cfg.solve_share) else 1
     st32 = _state_tf32(cfg)
     mid = torch.float32 if st32 else torch.bfloat16
     w = _empty(t, hv, kd, dtype=mid, device=dev)
@@ -864,17 +901,17 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     def parallel_in(ca: int, cb: int) -> None:  # prep and W/U of chunks ca .. cb-1
         if cfg.fuse_prep:
             p32 = bool(cfg.prep_tf32) or _EMU_BF16
-            _solve_kernel[(cb - ca, hv // nh)](
+            _solve_kernel[(cb - ca, hv // nhs)](
                 k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
                 beta.stride(0), beta.stride(1), lo, hi, ca, t,
-                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32, NH=nh,
+                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32, NH=nhs,
                 num_warps=cfg.solve_warps)
             _prep2_kernel[(cb - ca, hv // nh)](
                 q, k, v, g, beta, prep.xmat, prep.fac, prep.glast, prep.aqk, w, u,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), lo, hi, ca, t,
                 kd ** -0.5, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, vd), TF32=p32,
-                STF32=st32, EMU=_EMU_BF16, NH=nh, num_warps=cfg.qk_warps)
+                STF32=st32, EMU=_EMU_BF16, NH=nh, AQK=not cfg.aqk_out, num_warps=cfg.qk_warps)
             return
         _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
         _wu_kernel[(cb - ca, hv)](
@@ -893,9 +930,11 @@ def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
 
     def output(ca: int, cb: int) -> None:
         _out_kernel[(cb - ca, hv // nh)](
-            q, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), lo, hi, ca, c0, t,
+            q, k, g, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), g.stride(0), g.stride(1), lo, hi, ca, c0, t, kd ** -0.5,
             HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16, NH=nh,
-            num_warps=4)
+            AQK=not (cfg.aqk_out and cfg.fuse_prep), PTF32=bool(cfg.prep_tf32) or _EMU_BF16,
+            num_warps=cfg.out_warps)
 
     segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
     overlap = cfg.overlap and q.is_cuda and len(segs) > 1
@@ -1061,16 +1100,118 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     return out
 
 
+@triton.jit(do_not_specialize=["t", "lo"])
+def _conv_map_kernel(x, wt, st, out, t, lo, sx_t, sw_d, ss_t, D: tl.constexpr, W: tl.constexpr,
+                     BT: tl.constexpr, BD: tl.constexpr, KD: tl.constexpr, DK: tl.constexpr,
+                     G: tl.constexpr, RV: tl.constexpr):
+    # _conv_kernel reading the projection's interleaved layout directly (reference.conv_window):
+    # channel c of [q | k | v] sits at column col(c) of x's row; input rows before lo come from
+    # the conv state (the W-1 rows before lo) or are zero.
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    md = o_d < D
+    mt = o_t < t
+    c2 = o_d - KD
+    c3 = o_d - 2 * KD
+    col = tl.where(o_d < KD, (o_d // DK) * G + o_d % DK,
+                   tl.where(o_d < 2 * KD, (c2 // DK) * G + DK + c2 % DK,
+                            (c3 // RV) * G + 2 * DK + c3 % RV))
+    xdt = out.dtype.element_ty
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = o_t + (j - (W - 1))
+        in_x = (src >= lo) & mt
+        in_s = (src < lo) & (src >= lo - (W - 1)) & mt
+        xv = tl.load(x + src[:, None].to(tl.int64) * sx_t + col[None, :],
+                     mask=in_x[:, None] & md[None, :], other=0.0)
+        sv = tl.load(st + (src - lo + (W - 1))[:, None] * ss_t + o_d[None, :],
+                     mask=in_s[:, None] & md[None, :], other=0.0).to(xdt)
+        e = tl.where(in_x[:, None], xv.to(xdt), sv).to(tl.float32)
+        wj = tl.load(wt + o_d * sw_d + j, mask=md, other=0.0).to(tl.float32)
+        if j == 0:
+            acc = e * wj[None, :]
+        else:
+            acc = acc + e * wj[None, :]
+    y = acc * tl.sigmoid(acc)
+    tl.store(out + o_t[:, None].to(tl.int64) * D + o_d[None, :], y.to(xdt),
+             mask=mt[:, None] & md[None, :])
+
+
+def conv_window(qkvz: torch.Tensor, layout: tuple[int, int, int], weight: torch.Tensor,
+                state: torch.Tensor, lo: int) -> torch.Tensor:
+    """reference.conv_window: the window's conv straight from the projection (no [q|k|v]
+    copy). qkvz [T, HK, 2K + 2RV] with contiguous rows' last dim."""
+    hk, kd, rv = layout
+    t = qkvz.shape[0]
+    d = weight.shape[0]
+    gw = qkvz.shape[-1]
+    if qkvz.stride(-1) != 1 or qkvz.stride(-2) != gw or d != hk * (2 * kd + rv):
+        from engine.kernels import reference  # noqa: PLC0415
+
+        return reference.conv_window(qkvz, layout, weight, state, lo)
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    state = state if state.stride(-1) == 1 else state.contiguous()
+    out = _empty(t, d, dtype=qkvz.dtype, device=qkvz.device)
+    if t == 0:
+        return out
+    bt, bd = 16, 256
+    _conv_map_kernel[(triton.cdiv(t, bt), triton.cdiv(d, bd))](
+        qkvz, weight, state, out, t, lo, qkvz.stride(0), weight.stride(0),
+        state.stride(0) if state.shape[0] else d, D=d, W=weight.shape[1], BT=bt, BD=bd,
+        KD=hk * kd, DK=kd, G=gw, RV=rv, num_warps=4)
+    return out
+
+
+@triton.jit(do_not_specialize=["t"])
+def _gates_kernel(ba, a_log, dt_bias, g, beta, t, s_t, HK: tl.constexpr, R: tl.constexpr,
+                  BT: tl.constexpr):
+    # g = -e^A_log softplus(a + dt_bias) (torch's softplus: x above 20), beta = sigmoid(b)
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_h = tl.arange(0, HK * R)
+    m = (o_t < t)[:, None]
+    base = ba + o_t[:, None].to(tl.int64) * s_t + (o_h // R)[None, :] * (2 * R) \
+        + (o_h % R)[None, :]
+    bv = tl.load(base, mask=m, other=0.0).to(tl.float32)
+    av = tl.load(base + R, mask=m, other=0.0).to(tl.float32)
+    xs = av + tl.load(dt_bias + o_h).to(tl.float32)[None, :]
+    sp = tl.where(xs > 20.0, xs, tl.log(1.0 + tl.exp(tl.minimum(xs, 20.0))))
+    gv = -tl.exp(tl.load(a_log + o_h).to(tl.float32))[None, :] * sp
+    dst = o_t[:, None] * (HK * R) + o_h[None, :]
+    tl.store(g + dst, gv, mask=m)
+    tl.store(beta + dst, tl.sigmoid(bv).to(beta.dtype.element_ty), mask=m)
+
+
+def gdn_gates(ba: torch.Tensor, a_log: torch.Tensor,
+              dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.gdn_gates in one kernel (g fp32, beta in ba's dtype, [T, HV])."""
+    t, hk, r2 = ba.shape
+    r = r2 // 2
+    if ba.stride(-1) != 1 or ba.stride(-2) != r2 or (hk * r) & (hk * r - 1):
+        from engine.kernels import reference  # noqa: PLC0415
+
+        return reference.gdn_gates(ba, a_log, dt_bias)
+    g = _empty(t, hk * r, dtype=torch.float32, device=ba.device)
+    beta = _empty(t, hk * r, dtype=ba.dtype, device=ba.device)
+    if t:
+        bt = 32
+        _gates_kernel[(triton.cdiv(t, bt),)](ba, a_log, dt_bias, g, beta, t, ba.stride(0),
+                                             HK=hk, R=r, BT=bt, num_warps=4)
+    return g, beta
+
+
 # ---------------------------------------------------------------------------------------------
 # gated RMSNorm
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["n"])
-def _gnorm_kernel(x, z, wt, out, n, sx, sz, eps, D: tl.constexpr, BR: tl.constexpr):
+def _gnorm_kernel(x, z, wt, out, n, sx, sz0, sz1, sz2, eps, D: tl.constexpr, BR: tl.constexpr,
+                  A: tl.constexpr, R: tl.constexpr):
+    # gate row i = (i0 * A + i1) * R + i2 sits at i0 sz0 + i1 sz1 + i2 sz2
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, D)
     m = rows < n
+    zoff = (rows // (A * R)).to(tl.int64) * sz0 + ((rows // R) % A) * sz1 + (rows % R) * sz2
     xdt = out.dtype.element_ty
     # x (fp32 from the chunk kernel, or already in the output dtype) rounded to the output
     # dtype first, as reference.gated_rms_norm does
@@ -1080,7 +1221,7 @@ def _gnorm_kernel(x, z, wt, out, n, sx, sz, eps, D: tl.constexpr, BR: tl.constex
     xn = (xv * r[:, None]).to(xdt).to(tl.float32)
     wv = tl.load(wt + o_d).to(tl.float32)
     y = (wv[None, :] * xn).to(wt.dtype.element_ty).to(tl.float32)
-    zv = tl.load(z + rows[:, None] * sz + o_d[None, :], mask=m[:, None], other=0.0)
+    zv = tl.load(z + zoff[:, None] + o_d[None, :], mask=m[:, None], other=0.0)
     zv = zv.to(tl.float32)
     y = y * (zv * tl.sigmoid(zv))
     tl.store(out + rows[:, None] * D + o_d[None, :], y.to(xdt), mask=m[:, None])
@@ -1096,13 +1237,21 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
 
         return reference.gated_rms_norm(x, gate, weight, eps)
     x2 = x.reshape(-1, d)
-    z2 = gate.reshape(-1, d)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+    # the gate's rows in place when it is [N, A, R, D] with a contiguous last dim (z as a view
+    # of the projection), else as [N, D] rows (copied if they are not evenly strided)
+    if gate.dim() == 4 and gate.stride(-1) == 1:
+        z3 = gate
+    else:
+        z2 = gate.reshape(-1, d)
+        z3 = (z2 if z2.stride(-1) == 1 else z2.contiguous())[:, None, None, :]
+    if z3.shape[0] * z3.shape[1] * z3.shape[2] != x2.shape[0]:
+        raise ValueError("gated_rms_norm: gate and x have different row counts")
     n = x2.shape[0]
     out = _empty(n, d, dtype=gate.dtype, device=x.device)
     if n:
         br = max(1, min(64, 4096 // d))
-        _gnorm_kernel[(triton.cdiv(n, br),)](x2, z2, weight.contiguous(), out, n, x2.stride(0),
-                                             z2.stride(0), float(eps), D=d, BR=br, num_warps=4)
+        _gnorm_kernel[(triton.cdiv(n, br),)](
+            x2, z3, weight.contiguous(), out, n, x2.stride(0), z3.stride(0), z3.stride(1),
+            z3.stride(2), float(eps), D=d, BR=br, A=z3.shape[1], R=z3.shape[2], num_warps=4)
     return out.view(x.shape)

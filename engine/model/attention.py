@@ -3,6 +3,8 @@ q/k RMSNorm, partial RoPE, GQA. Keys and values live in a per-request contiguous
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,12 +12,62 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.config import ModelConfig
+from engine.kernels import ops
 from engine.model.norm import RMSNorm
 
 # On CUDA, SDPA may pick cuDNN, which builds a new graph for every new key length: ~4.6 ms of
 # host time per call, 12 layers x every decode step (measured on the H200 host,
 # scripts/gpu_decode_diag.py). Flash attention has no per-shape set-up.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Prefill windows on CUDA: cuDNN's fused attention runs the a3b-proxy window (D 256, GQA 8:1)
+# at ~1.8x flash's speed on an H200 (scripts/gpu_attn_probe.py), but takes no lower-right causal
+# mask. So the keys go in pieces: the prefix in fixed pieces of _PIECE keys (no mask; bounded
+# shapes, so cuDNN builds a bounded number of graphs, ~75 ms each on first use), then the
+# window's own keys (square, causal), merged by log-sum-exp in a fixed order
+# (triton_glue.attn_merge). `SBR_ATTN=flash` keeps the single flash call.
+_PIECE = 16384
+_CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # fp32 windows keep flash/efficient/math
+_cudnn_failed: list[str] = []
+
+
+def attention_impl(device: torch.device | str) -> str:
+    """What prefill windows attend with: 'cudnn-pieces' or 'flash' on CUDA, 'sdpa' on CPU."""
+    if torch.device(device).type != "cuda":
+        return "sdpa"
+    if os.environ.get("SBR_ATTN", "cudnn") == "flash" or _cudnn_failed:
+        return "flash"
+    from engine.kernels import ops  # noqa: PLC0415
+
+    return "cudnn-pieces" if ops.glue_module() is not None else "flash"
+
+
+def _cudnn_piece(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        qh, kh, vh, None, True, 0.0, causal, False, scale=scale)
+    return r[0], r[1]
+
+
+def attend_pieces(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """Bottom-right causal attention of q [T, H, D] over keys/vals [S, Hkv, D] (S >= T) on
+    cuDNN, in key pieces merged by log-sum-exp. Returns [T, H, D]."""
+    from engine.kernels import ops  # noqa: PLC0415
+
+    t, s = q.shape[0], keys.shape[0]
+    e0 = s - t
+    qh = q.transpose(0, 1)[None]
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)[None]
+
+    pieces = [_cudnn_piece(qh, heads(keys[a:min(a + _PIECE, e0)]),
+                           heads(vals[a:min(a + _PIECE, e0)]), False, scale)
+              for a in range(0, e0, _PIECE)]
+    pieces.append(_cudnn_piece(qh, heads(keys[e0:]), heads(vals[e0:]), True, scale))
+    if len(pieces) == 1:
+        return pieces[0][0][0].transpose(0, 1)
+    return ops.glue_module().attn_merge(pieces, q.dtype)  # type: ignore[no-any-return]
 
 
 def rope_cos_sin(cfg: ModelConfig, pos: torch.Tensor,
@@ -58,14 +110,21 @@ class GatedAttention(nn.Module):
         t = x.shape[0]
         qg = self.q_proj(x).view(t, self.hq, 2 * self.d)
         q, gate = qg[..., :self.d], qg[..., self.d:].reshape(t, -1)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.hkv, self.d)), cos, sin)
+        q = ops.rms_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin)
+        k = ops.rms_norm_rope(self.k_proj(x).view(t, self.hkv, self.d), self.k_norm.weight,
+                              self.k_norm.eps, cos, sin)
         v = self.v_proj(x).view(t, self.hkv, self.d)
         return q, gate, k, v
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                 causal: bool) -> torch.Tensor:
         # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
+        if (causal and q.is_cuda and q.shape[0] > 1 and q.dtype in _CUDNN_DTYPES
+                and attention_impl(q.device) == "cudnn-pieces"):
+            try:
+                return attend_pieces(q, keys, vals, self.d ** -0.5)
+            except RuntimeError as e:  # a cuDNN without this kernel: flash from now on
+                _cudnn_failed.append(f"{type(e).__name__}: {e}")
         qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, keys, vals))
         mask = causal_lower_right(q.shape[0], keys.shape[0]) if causal else None
         if q.is_cuda:

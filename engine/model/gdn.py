@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.kernels import ops
-from engine.kernels.reference import conv_state_after
+from engine.kernels.reference import mixed_rows
 from engine.model.norm import GatedRMSNorm
 
 StatePair = tuple[torch.Tensor, torch.Tensor]  # (recurrent state, conv state)
@@ -93,28 +93,36 @@ class GatedDeltaNet(nn.Module):
         Returns (out [T, hidden], state at hi, conv at hi, {row: (state, conv)} for rows in
         `capture`)."""
         # Fixed shape whatever lo is (CPU SIMD tails make elementwise math position-dependent):
-        # the conv state is placed in the W-1 rows just before row lo.
+        # the conv reads the projection in place, with the conv state as the W-1 input rows
+        # just before row lo (ops.conv_window; no [q | k | v] copy of the window).
+        t = x.shape[0]
         w1 = conv.shape[0]
-        ext, z, b, a = self._project(x, lead=w1)
-        mixed = ext[w1:]
-        ext[lo:lo + w1] = conv.to(mixed.dtype)
-        conv_out = ops.causal_conv1d(ext[w1:], self.conv1d.weight[:, 0], ext[:w1])
+        r = self.hv // self.hk
+        qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * r * self.dv)
+        ba = self.in_proj_ba(x).view(t, self.hk, 2 * r)
+        layout = (self.hk, self.dk, r * self.dv)
+        conv_out = ops.conv_window(qkvz, layout, self.conv1d.weight[:, 0], conv, lo)
         q, k, v = self._heads(conv_out)
-        g, beta = self._gates(a, b)
+        g, beta = ops.gdn_gates(ba, self.A_log, self.dt_bias)
         # only the requested rows' states are kept (the split kernel stores no others)
         o, s_hi, states = ops.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi,
                                                      capture if capture else False)
         if self.record is not None:
             from engine.kernels.reference import l2norm
 
-            r = self.hv // self.hk
             qe, ke = q[lo:hi].repeat_interleave(r, 1), k[lo:hi].repeat_interleave(r, 1)
             self.record.append(GDNTrace(self.layer_idx, qe.float(), l2norm(ke.float()),
                                         v[lo:hi].float(), g[lo:hi], beta[lo:hi].float()))
-        caps = {r: (states[r], mixed[r - conv.shape[0]:r].clone()) for r in capture
-                if r in states}
-        conv_hi = conv_state_after(mixed[lo:], conv, hi - lo)
-        return self._out(o, z), s_hi, conv_hi, caps
+        caps = {row: (states[row], mixed_rows(qkvz, layout, row - w1, row)) for row in capture
+                if row in states}
+        if hi - lo >= w1:
+            conv_hi = mixed_rows(qkvz, layout, hi - w1, hi)
+        else:
+            conv_hi = torch.cat([conv.to(qkvz.dtype)[hi - lo:], mixed_rows(qkvz, layout, lo, hi)])
+        z = qkvz[..., 2 * self.dk + r * self.dv:].unflatten(-1, (r, self.dv))  # [T, HK, R, V]
+        o = ops.gated_rms_norm(o.view(t, self.hk, r, self.dv), z, self.norm.weight,
+                               self.norm.eps)  # rounds o to z's dtype
+        return self.out_proj(o.reshape(t, -1)), s_hi, conv_hi, caps
 
     def step(self, x: torch.Tensor, state: torch.Tensor,
              conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

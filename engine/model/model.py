@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.kernels import ops
 from engine.model.attention import GatedAttention, rope_cos_sin
 from engine.model.gdn import GatedDeltaNet, GDNTrace
 from engine.model.mlp import MLP
@@ -112,8 +113,9 @@ class HybridModel(nn.Module):
         cos, sin = rope_cos_sin(self.cfg, pos, x.dtype)
         ssm_out, conv_out = [], []
         caps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in capture}
+        n_layers = len(self.decoder)
+        hn = self.decoder[0].input_layernorm(x) if n_layers else x
         for i, layer in enumerate(self.decoder):
-            hn = layer.input_layernorm(x)
             if layer.kind == "linear_attention":
                 j = self.gdn_index[i]
                 y, s_hi, c_hi, got = layer.linear_attn.forward_window(
@@ -125,8 +127,16 @@ class HybridModel(nn.Module):
             else:
                 kb, vb = kv[self.attn_index[i]]
                 y = layer.self_attn.forward_window(hn, cos, sin, kb, vb, e0, lo, hi)
-            x = x + y
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            # residual adds fused with the norm that follows each (same numbers as x + y and
+            # then the norm: the sum is rounded first)
+            pn = layer.post_attention_layernorm
+            x, h2 = ops.add_rms_norm(x, y, pn.weight, pn.eps)
+            m = layer.mlp(h2)
+            if i + 1 < n_layers:
+                nn_ = self.decoder[i + 1].input_layernorm
+                x, hn = ops.add_rms_norm(x, m, nn_.weight, nn_.eps)
+            else:
+                x = x + m
         new = RecurrentState(torch.stack(ssm_out), torch.stack(conv_out)) if ssm_out else state
         captured = {e0 + r: RecurrentState(torch.stack([a for a, _ in v]),
                                            torch.stack([b for _, b in v]))
