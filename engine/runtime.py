@@ -33,7 +33,7 @@ from engine.cache.settings import EngineCacheArgs
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import BudgetError, ConfigError, UserError
 from engine.kernels.ops import gdn_config, glue_enabled, impl_name
-from engine.model.attention import attention_impl
+from engine.model.attention import attention_impl, warm_pieces
 from engine.model.graphs import DecodeGraphs
 from engine.model.model import HybridModel, RecurrentState
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -161,6 +161,10 @@ class Engine:
                                      dtype=dtype, device=self.device)
         self.clock = _Clock(self.device)
         self.requests = 0
+        # cuDNN attention graphs for every key-piece shape the windows can meet, built now
+        # rather than on the first request at each depth (engine.model.attention.warm_pieces)
+        with torch.no_grad():
+            warm_pieces(self.config, self.window, dtype, self.device, a.kv_budget_tokens)
 
     def _policy_model_opts(self) -> dict[str, Any]:
         # Marconi-style policies value a snapshot by the FLOPs it saves; give them the model's.

@@ -641,10 +641,14 @@ def bench_replay_rows(model: Any, dtype: torch.dtype, window: int, depths: Seque
 def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence[int],
                          contexts: Sequence[int], log: Callable[[str], None] = print,
                          ) -> list[dict[str, Any]]:
-    """The engine's window attention call (SDPA, lower-right causal mask, GQA) per window and
-    context, in TFLOP/s of causal attention work."""
+    """The window attention per window and context, in TFLOP/s of causal attention work:
+    flash through SDPA with a lower-right causal mask (impl "sdpa", the single-call path) and
+    the engine's cuDNN key pieces merged by log-sum-exp (impl "cudnn-pieces", where cuDNN
+    runs)."""
     import torch.nn.functional as F  # noqa: PLC0415
     from torch.nn.attention.bias import causal_lower_right  # noqa: PLC0415
+
+    from engine.model import attention as at  # noqa: PLC0415
 
     rows = []
     hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -662,6 +666,19 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
                          "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
                          "tflops": round(fl / ms / 1e9, 1)})
             log(f"  attention E={w} ctx={ctx}: {ms:.3f} ms, {fl / ms / 1e9:.0f} TFLOP/s")
+            if at.attention_impl(DEVICE) != "cudnn-pieces" or dtype not in at._CUDNN_DTYPES:
+                continue
+            qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D] as the engine
+            try:
+                ms = time_ms(partial(at.attend_pieces, qt, kt, vt, d ** -0.5))
+            except RuntimeError as e:
+                log(f"  attention cudnn-pieces E={w} ctx={ctx}: failed ({e})")
+                continue
+            rows.append({"kernel": "attention_window", "impl": "cudnn-pieces", "window": w,
+                         "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
+                         "tflops": round(fl / ms / 1e9, 1), "piece": at._PIECE})
+            log(f"  attention cudnn-pieces E={w} ctx={ctx}: {ms:.3f} ms, "
+                f"{fl / ms / 1e9:.0f} TFLOP/s")
     return rows
 
 
@@ -803,7 +820,7 @@ def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int]
     best = max((r for r in rows if r["tokens"] == max(lengths)), key=lambda r: r["tok_s"])
     depths = sorted({0, *[n // 2 for n in lengths], max(lengths) - best["window"]})
     rows += bench_replay_rows(model, dtype, best["window"], depths, log)
-    rows += bench_attention_rows(model.cfg, dtype, sorted({512, best["window"]}),
+    rows += bench_attention_rows(model.cfg, dtype, sorted({512, 2048, best["window"]}),
                                  sorted(set(lengths)), log)
     rows += graph_window_rows(model, dtype, best["window"], depths, log)
     prof = profile_window(model, best["window"], max(lengths) // 2, dtype)

@@ -20,5 +20,7 @@ if [ "$part" = checks ]; then
     timeout 120 $S run parity $M --policy $pol --label run6 --out "$OUT/parity-run6-$pol.json" 2>&1 | tail -4
   done
   timeout 200 $S calibrate $M --out "$OUT/costmodel-run6.json" 2>&1 | tail -8
+  timeout 130 $S bench prefill --preset a3b-proxy --lengths 16384 --windows 4096 --reps 3 \
+    --out "$OUT/bench-prefill-run6-2.json" 2>&1 | grep "attention\|prefill E" | tail -12
 fi
 ls -la "$OUT"

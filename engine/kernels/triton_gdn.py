@@ -242,15 +242,30 @@ def _gate(a, ri, rj, bi, gi, gj, o_s, DIAG: tl.constexpr):
 
 
 @triton.jit
-def _inv_unit_lower(lm, o_s):
-    # (I + lm)^-1 for a strictly lower [16, 16] lm. Row r of N = X - I is -l_r (I + N): rows
-    # < r of N are final and l_r is zero from column r on.
-    n = -lm
+def _inv4_unit_lower(l0, l1, l2, l3, o_s):
+    # (I + l)^-1 of four strictly lower [16, 16] blocks. Row r of N = X - I is -l_r (I + N):
+    # rows < r of N are final and l_r is zero from column r on. One loop for the four blocks:
+    # four independent dependency chains per row step for the scheduler to interleave.
+    n0 = -l0
+    n1 = -l1
+    n2 = -l2
+    n3 = -l3
     for r in range(2, 16):
-        a = tl.sum(tl.where(o_s[:, None] == r, -lm, 0.0), 0)
-        a = a + tl.sum(a[:, None] * n, 0)
-        n = tl.where(o_s[:, None] == r, a[None, :], n)
-    return n + (o_s[:, None] == o_s[None, :]).to(tl.float32)
+        sel = o_s[:, None] == r
+        a0 = tl.sum(tl.where(sel, -l0, 0.0), 0)
+        a1 = tl.sum(tl.where(sel, -l1, 0.0), 0)
+        a2 = tl.sum(tl.where(sel, -l2, 0.0), 0)
+        a3 = tl.sum(tl.where(sel, -l3, 0.0), 0)
+        a0 = a0 + tl.sum(a0[:, None] * n0, 0)
+        a1 = a1 + tl.sum(a1[:, None] * n1, 0)
+        a2 = a2 + tl.sum(a2[:, None] * n2, 0)
+        a3 = a3 + tl.sum(a3[:, None] * n3, 0)
+        n0 = tl.where(sel, a0[None, :], n0)
+        n1 = tl.where(sel, a1[None, :], n1)
+        n2 = tl.where(sel, a2[None, :], n2)
+        n3 = tl.where(sel, a3[None, :], n3)
+    eye = (o_s[:, None] == o_s[None, :]).to(tl.float32)
+    return n0 + eye, n1 + eye, n2 + eye, n3 + eye
 
 
 @triton.jit
@@ -407,10 +422,11 @@ def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, 
         l30 = _gate(a30, r3_, c0_, b3, g3, g0, o_s, False)
         l31 = _gate(a31, r3_, c1_, b3, g3, g1, o_s, False)
         l32 = _gate(a32, r3_, c2_, b3, g3, g2, o_s, False)
-        x00 = _inv_unit_lower(_gate(a00, r0_, c0_, b0, g0, g0, o_s, True), o_s)
-        x11 = _inv_unit_lower(_gate(a11, r1_, c1_, b1, g1, g1, o_s, True), o_s)
-        x22 = _inv_unit_lower(_gate(a22, r2_, c2_, b2, g2, g2, o_s, True), o_s)
-        x33 = _inv_unit_lower(_gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
+        x00, x11, x22, x33 = _inv4_unit_lower(
+            _gate(a00, r0_, c0_, b0, g0, g0, o_s, True),
+            _gate(a11, r1_, c1_, b1, g1, g1, o_s, True),
+            _gate(a22, r2_, c2_, b2, g2, g2, o_s, True),
+            _gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
         x10 = -_mm(x11, _mm(l10, x00))
         x21 = -_mm(x22, _mm(l21, x11))
         x32 = -_mm(x33, _mm(l32, x22))

@@ -25,8 +25,11 @@ _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 # shapes, so cuDNN builds a bounded number of graphs, ~75 ms each on first use), then the
 # window's own keys (square, causal), merged by log-sum-exp in a fixed order
 # (triton_glue.attn_merge). `SBR_ATTN=flash` keeps the single flash call.
-_PIECE = 16384
+_PIECE = 16384  # at most; a window of E rows uses pieces of min(_PIECE, 16 E) keys
 _CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # fp32 windows keep flash/efficient/math
+# Windows of fewer rows keep the single flash call: at 512 rows the pieces lost to flash up to
+# 8k keys on the H200 (results/h200/bench-prefill-final*.json, attention_window rows).
+_CUDNN_MIN_ROWS = 2048
 _cudnn_failed: list[str] = []
 
 
@@ -39,6 +42,37 @@ def attention_impl(device: torch.device | str) -> str:
     from engine.kernels import ops  # noqa: PLC0415
 
     return "cudnn-pieces" if ops.glue_module() is not None else "flash"
+
+
+def piece_keys(window: int) -> int:
+    """Keys per prefix piece for windows of `window` rows (a function of the window only, so
+    every window of an engine merges the same way)."""
+    return min(_PIECE, 16 * window)
+
+
+def warm_pieces(cfg: ModelConfig, window: int, dtype: torch.dtype, device: torch.device,
+                max_keys: int) -> int:
+    """Build cuDNN's graphs for the key-piece shapes that windows of `window` rows meet (the
+    square part, and prefixes of j * window keys up to one piece): ~75 ms each on first use
+    on an H200, paid here instead of inside a measured TTFT. A cuDNN that fails here leaves
+    the engine on flash from the start (same numbers for the whole run). Returns the number
+    of shapes built."""
+    if (torch.device(device).type != "cuda" or dtype not in _CUDNN_DTYPES
+            or window < _CUDNN_MIN_ROWS or attention_impl(device) != "cudnn-pieces"):
+        return 0
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    top = min(piece_keys(window), max(0, max_keys - window)) // window * window
+    q = torch.zeros(window, hq, d, dtype=dtype, device=device)
+    kv = torch.zeros(top + window, hkv, d, dtype=dtype, device=device)
+    n = 0
+    try:
+        for e0 in range(0, top + 1, window):
+            attend_pieces(q, kv[:e0 + window], kv[:e0 + window], d ** -0.5)
+            n += 1
+    except RuntimeError as e:
+        _cudnn_failed.append(f"{type(e).__name__}: {e}")
+        return 0
+    return n
 
 
 def _cudnn_piece(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, causal: bool,
@@ -57,13 +91,14 @@ def attend_pieces(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     t, s = q.shape[0], keys.shape[0]
     e0 = s - t
     qh = q.transpose(0, 1)[None]
+    size = piece_keys(t)
 
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1)[None]
 
-    pieces = [_cudnn_piece(qh, heads(keys[a:min(a + _PIECE, e0)]),
-                           heads(vals[a:min(a + _PIECE, e0)]), False, scale)
-              for a in range(0, e0, _PIECE)]
+    pieces = [_cudnn_piece(qh, heads(keys[a:min(a + size, e0)]),
+                           heads(vals[a:min(a + size, e0)]), False, scale)
+              for a in range(0, e0, size)]
     pieces.append(_cudnn_piece(qh, heads(keys[e0:]), heads(vals[e0:]), True, scale))
     if len(pieces) == 1:
         return pieces[0][0][0].transpose(0, 1)
@@ -119,7 +154,7 @@ class GatedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                 causal: bool) -> torch.Tensor:
         # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
-        if (causal and q.is_cuda and q.shape[0] > 1 and q.dtype in _CUDNN_DTYPES
+        if (causal and q.is_cuda and q.shape[0] >= _CUDNN_MIN_ROWS and q.dtype in _CUDNN_DTYPES
                 and attention_impl(q.device) == "cudnn-pieces"):
             try:
                 return attend_pieces(q, keys, vals, self.d ** -0.5)

@@ -969,3 +969,20 @@ def test_add_norm_and_norm_rope_on_gpu() -> None:
                              sin[100:101].contiguous())
     assert torch.equal(one, got[100:101])
     assert torch.equal(glue.rms_norm_rope(qg[..., :256], wq, 1e-6, cos, sin), got)
+
+
+@pytest.mark.gpu
+def test_warm_pieces_builds_every_shape() -> None:
+    """warm_pieces runs every key-piece shape a window can meet (square + j windows of prefix
+    up to one piece), capped by the KV budget; nothing on the CPU."""
+    from engine.config import preset
+    from engine.model import attention as at
+
+    cfg = preset("small")
+    dev = torch.device("cuda")
+    assert at.piece_keys(2048) == 16384 and at.piece_keys(256) == 4096
+    assert at.warm_pieces(cfg, 2048, torch.bfloat16, dev, 100_000) == 9
+    assert at.warm_pieces(cfg, 2048, torch.bfloat16, dev, 8192) == 4
+    assert at.warm_pieces(cfg, 2048, torch.float32, dev, 100_000) == 0
+    assert at.warm_pieces(cfg, 1024, torch.bfloat16, dev, 100_000) == 0  # flash below 2048
+    assert at.warm_pieces(cfg, 2048, torch.bfloat16, torch.device("cpu"), 100_000) == 0
