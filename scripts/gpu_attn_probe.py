@@ -1,7 +1,9 @@
 """Which attention kernel for the prefill window (a3b-proxy: Hq 16, Hkv 2, D 256, E 4096)?
 Flash with lower-right causal (the engine's call) vs splitting into prefix (no mask) + square
 causal part merged by log-sum-exp, on flash and cuDNN. Prints ms, TFLOP/s, repeatability, the
-first-call time for a new shape, and the max difference from the current call."""
+first-call time for a new shape, and the max difference from the current call. (Run 6's first
+run of this probe merged cuDNN's [B, H, T, 1] log-sum-exp with the wrong shape and printed
+failures for e0 > 0; the engine's merge is triton_glue.attn_merge, tested on the GPU.)"""
 from __future__ import annotations
 
 import time
@@ -55,7 +57,9 @@ def part(q, k, v, causal, backend):
 
 
 def merge(o1, l1, o2, l2):
-    l1 = l1.float()[..., None]; l2 = l2.float()[..., None]
+    # flash returns the log-sum-exp as [B, H, T], cuDNN as [B, H, T, 1]
+    l1 = l1.float().reshape(*l1.shape[:3])[..., None]
+    l2 = l2.float().reshape(*l2.shape[:3])[..., None]
     m = torch.maximum(l1, l2)
     w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
     return ((o1.float() * w1 + o2.float() * w2) / (w1 + w2)).to(o1.dtype)
