@@ -727,6 +727,20 @@ def test_glue_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ops._pick("rms_norm", x) is ref.rms_norm  # CPU: always the reference
 
 
+def test_attention_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU attends with SDPA whatever SBR_ATTN says, warms nothing, and piece sizes depend
+    on the window only (16 windows, at most 16384 keys)."""
+    from engine.config import preset
+    from engine.model import attention as at
+
+    for val in ("cudnn", "flash"):
+        monkeypatch.setenv("SBR_ATTN", val)
+        assert at.attention_impl("cpu") == "sdpa"
+    assert at.warm_pieces(preset("tiny"), 2048, torch.bfloat16, torch.device("cpu"), 10**6) == 0
+    assert [at.piece_keys(e) for e in (64, 512, 1024, 2048, 4096)] == [1024, 8192, 16384,
+                                                                       16384, 16384]
+
+
 
 @pytest.mark.parametrize("spec", ["split,grp_share=True", "split,grp_share=True,fuse_prep=False"])
 def test_interp_grp_share_changes_no_bit(itg: ModuleType, spec: str) -> None:
