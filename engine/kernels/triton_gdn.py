@@ -3,18 +3,20 @@ single-token recurrent step, causal conv1d and gated RMSNorm, with reference.py'
 
 Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule has two pipelines:
 
-Split (the default, SPLIT_CONFIG; fla's structure on our contract), four launches:
+Split (SPLIT_CONFIG; fla's structure on our contract) and split2 (SPLIT2_CONFIG, the default:
+the same with the causal scores formed in step 4 rather than stored by step 2, and a bf16
+output), four launches:
 1. `_solve_kernel`, parallel over (chunk, value head): X = (I + L)^-1 in 16x16 blocks (forward
    substitution on the diagonal blocks, block merges below; one warp per chunk so that its row
    steps reduce inside the warp). Raw bf16 k tiles feed the tensor cores (exact products, fp32
    sums); the norms and gates scale the results.
-2. `_prep2_kernel`, parallel: the causal scores Aqk = tril(q k^T Gamma), the row factors, and
-   W = X diag(f_w) k, U = X diag(beta) v (bf16).
+2. `_prep2_kernel`, parallel: the causal scores Aqk = tril(q k^T Gamma) (split only), the row
+   factors, and W = X diag(f_w) k, U = X diag(beta) v (bf16).
 3. `_seq2_kernel`, one program per (value head, 32 state columns), sequential over chunks, two
    dots per chunk: Vn = U - W S, S <- e^gc_last S + k^T (f_k Vn). It stores each chunk's entry
    state (bf16) and Vn for the output, and the fp32 state at every chunk boundary when
    `capture` is on (grid snapshots cost no extra pass).
-4. `_out_kernel`, parallel: O = f_q (q S_c) + Aqk Vn.
+4. `_out_kernel`, parallel: O = f_q (q S_c) + Aqk Vn (split2: Aqk and f_q formed here).
 
 v3 (exact-tf32 / fast-bf16), three launches: `_solve_kernel`, `_qk_kernel` (Aqk and factors),
 and `_seq_kernel`, which never forms W or U and writes the output in the state pass (five dots
