@@ -318,10 +318,13 @@ def headline(doc: dict[str, Any]) -> str:
 
 def _bench_headline(doc: dict[str, Any]) -> str:
     """bench kernels: fla / ours per T (grouped q/k, every grid state captured); bench prefill:
-    cold-prefill MFU per (window, tokens). Prefixed by the GDN configuration when recorded."""
+    cold-prefill MFU per (window, tokens). Prefixed by the GDN configuration and the attention
+    implementation when recorded."""
     env = doc.get("env")
     cfg = env.get("gdn_config") if isinstance(env, dict) else None
-    pre = f"gdn {cfg}: " if cfg else ""
+    attn = env.get("attention") if isinstance(env, dict) and doc.get("bench") == "prefill" else None
+    tags = ([f"gdn {cfg}"] if cfg else []) + ([f"attention {attn}"] if attn else [])
+    pre = ", ".join(tags) + ": " if tags else ""
     if doc.get("bench") == "kernels":
         sp = [r for r in doc.get("speedups") or [] if isinstance(r, dict) and r.get("H") == 16]
         if not sp:

@@ -308,4 +308,6 @@ def test_report_headline_of_bench_files() -> None:
                "rows": [{"kernel": "prefill", "window": 4096, "tokens": 16384, "mfu": 0.305},
                         {"kernel": "replay_window", "window": 4096, "ms": 90.0}]}
     assert headline(prefill) == "MFU E=4096 L=16384 30.5%"
+    prefill["env"] = {"gdn_config": "split2", "attention": "cudnn-pieces"}
+    assert headline(prefill) == "gdn split2, attention cudnn-pieces: MFU E=4096 L=16384 30.5%"
     assert headline({"schema": "sbrbench.bench/v1", "bench": "prefill", "rows": []}) == "-"
