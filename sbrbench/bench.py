@@ -676,7 +676,7 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
                 continue
             rows.append({"kernel": "attention_window", "impl": "cudnn-pieces", "window": w,
                          "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
-                         "tflops": round(fl / ms / 1e9, 1), "piece": at._PIECE})
+                         "tflops": round(fl / ms / 1e9, 1), "piece": at.piece_keys(w)})
             log(f"  attention cudnn-pieces E={w} ctx={ctx}: {ms:.3f} ms, "
                 f"{fl / ms / 1e9:.0f} TFLOP/s")
     return rows

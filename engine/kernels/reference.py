@@ -53,18 +53,21 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     return s, rms_norm(s, weight, eps)
 
 
-def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                  sin: torch.Tensor) -> torch.Tensor:
-    """rms_norm over the last dim of x [T, H, D], then rotate-half RoPE on the first
-    cos.shape[-1] features (cos/sin [T, rot] in x's dtype), each product and the sum rounded
-    to x's dtype as torch's elementwise ops round them."""
-    xn = rms_norm(x, weight, eps)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; rotates the first rotary_dim features (rotate-half convention; cos/sin
+    [T, rot] in x's dtype, each product and the sum rounded to it)."""
     rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
     half = rot // 2
-    xr, xp = xn[..., :rot], xn[..., rot:]
     rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
     xr = xr * cos[:, None, :] + rotated * sin[:, None, :]
     return torch.cat([xr, xp], dim=-1)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """rms_norm over the last dim of x [T, H, D], then apply_rope."""
+    return apply_rope(rms_norm(x, weight, eps), cos, sin)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,

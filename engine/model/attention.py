@@ -39,9 +39,13 @@ def attention_impl(device: torch.device | str) -> str:
         return "sdpa"
     if os.environ.get("SBR_ATTN", "cudnn") == "flash" or _cudnn_failed:
         return "flash"
-    from engine.kernels import ops  # noqa: PLC0415
-
     return "cudnn-pieces" if ops.glue_module() is not None else "flash"
+
+
+def uses_pieces(rows: int, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether a causal window of `rows` queries attends in cuDNN key pieces (else flash)."""
+    return (rows >= _CUDNN_MIN_ROWS and dtype in _CUDNN_DTYPES
+            and attention_impl(device) == "cudnn-pieces")
 
 
 def piece_keys(window: int) -> int:
@@ -57,8 +61,7 @@ def warm_pieces(cfg: ModelConfig, window: int, dtype: torch.dtype, device: torch
     on an H200, paid here instead of inside a measured TTFT. A cuDNN that fails here leaves
     the engine on flash from the start (same numbers for the whole run). Returns the number
     of shapes built."""
-    if (torch.device(device).type != "cuda" or dtype not in _CUDNN_DTYPES
-            or window < _CUDNN_MIN_ROWS or attention_impl(device) != "cudnn-pieces"):
+    if not uses_pieces(window, dtype, device):
         return 0
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     top = min(piece_keys(window), max(0, max_keys - window)) // window * window
@@ -86,8 +89,6 @@ def attend_pieces(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                   scale: float) -> torch.Tensor:
     """Bottom-right causal attention of q [T, H, D] over keys/vals [S, Hkv, D] (S >= T) on
     cuDNN, in key pieces merged by log-sum-exp. Returns [T, H, D]."""
-    from engine.kernels import ops  # noqa: PLC0415
-
     t, s = q.shape[0], keys.shape[0]
     e0 = s - t
     qh = q.transpose(0, 1)[None]
@@ -114,16 +115,6 @@ def rope_cos_sin(cfg: ModelConfig, pos: torch.Tensor,
     freqs = pos.float()[:, None] * inv[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; rotates the first rotary_dim features (rotate-half convention)."""
-    rot = cos.shape[-1]
-    xr, xp = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = torch.cat([-xr[..., half:], xr[..., :half]], dim=-1)
-    xr = xr * cos[:, None, :] + rotated * sin[:, None, :]
-    return torch.cat([xr, xp], dim=-1)
 
 
 class GatedAttention(nn.Module):
@@ -154,8 +145,7 @@ class GatedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                 causal: bool) -> torch.Tensor:
         # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
-        if (causal and q.is_cuda and q.shape[0] >= _CUDNN_MIN_ROWS and q.dtype in _CUDNN_DTYPES
-                and attention_impl(q.device) == "cudnn-pieces"):
+        if causal and uses_pieces(q.shape[0], q.dtype, q.device):
             try:
                 return attend_pieces(q, keys, vals, self.d ** -0.5)
             except RuntimeError as e:  # a cuDNN without this kernel: flash from now on

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.kernels import ops
-from engine.kernels.reference import mixed_rows
+from engine.kernels.reference import Layout, gdn_gates, mixed_rows
 from engine.model.norm import GatedRMSNorm
 
 StatePair = tuple[torch.Tensor, torch.Tensor]  # (recurrent state, conv state)
@@ -46,25 +45,14 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(cfg.value_dim, cfg.hidden_size, bias=False)
         self.record: list[GDNTrace] | None = None
 
-    def _project(self, x: torch.Tensor, lead: int = 0) -> tuple[torch.Tensor, ...]:
-        """x [T, hidden] -> mixed_qkv [lead + T, conv_dim] (rows from `lead` on; the first
-        `lead` rows zero, room for the conv state), z [T, HV, V], b, a [T, HV]. q, k and v are
-        written into mixed_qkv once each, straight from the projection's interleaved layout."""
+    def _proj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+        """x [T, hidden] -> qkvz [T, HK, 2K + 2RV] and ba [T, HK, 2R] (the projections'
+        interleaved per-head layouts) and the layout (HK, K, RV) that reads them."""
         t = x.shape[0]
         r = self.hv // self.hk
         qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * r * self.dv)
         ba = self.in_proj_ba(x).view(t, self.hk, 2 * r)
-        q, k, v, z = torch.split(qkvz, [self.dk, self.dk, r * self.dv, r * self.dv], dim=2)
-        b, a = torch.split(ba, [r, r], dim=2)
-        kd = self.cfg.key_dim
-        mixed = torch.empty(lead + t, self.cfg.conv_dim, dtype=qkvz.dtype, device=qkvz.device)
-        if lead:
-            mixed[:lead].zero_()
-        body = mixed[lead:]
-        body[:, :kd].view(t, self.hk, self.dk).copy_(q)
-        body[:, kd:2 * kd].view(t, self.hk, self.dk).copy_(k)
-        body[:, 2 * kd:].view(t, self.hk, r * self.dv).copy_(v)
-        return mixed, z.reshape(t, self.hv, self.dv), b.reshape(t, self.hv), a.reshape(t, self.hv)
+        return qkvz, ba, (self.hk, self.dk, r * self.dv)
 
     def _heads(self, conv_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = conv_out.shape[0]
@@ -74,10 +62,6 @@ class GatedDeltaNet(nn.Module):
         v = conv_out[:, 2 * kd:].reshape(t, self.hv, self.dv)
         # q/k stay grouped (HK heads): the kernels read value head h's q/k from head h // r
         return q, k, v
-
-    def _gates(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        return g, b.sigmoid()
 
     def _out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         t = o.shape[0]
@@ -98,9 +82,7 @@ class GatedDeltaNet(nn.Module):
         t = x.shape[0]
         w1 = conv.shape[0]
         r = self.hv // self.hk
-        qkvz = self.in_proj_qkvz(x).view(t, self.hk, 2 * self.dk + 2 * r * self.dv)
-        ba = self.in_proj_ba(x).view(t, self.hk, 2 * r)
-        layout = (self.hk, self.dk, r * self.dv)
+        qkvz, ba, layout = self._proj(x)
         conv_out = ops.conv_window(qkvz, layout, self.conv1d.weight[:, 0], conv, lo)
         q, k, v = self._heads(conv_out)
         g, beta = ops.gdn_gates(ba, self.A_log, self.dt_bias)
@@ -127,10 +109,13 @@ class GatedDeltaNet(nn.Module):
     def step(self, x: torch.Tensor, state: torch.Tensor,
              conv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token. x: [1, hidden]. Returns (out [1, hidden], new state, new conv)."""
-        mixed, z, b, a = self._project(x)
+        qkvz, ba, layout = self._proj(x)
+        mixed = mixed_rows(qkvz, layout, 0, 1)
         conv_out = ops.causal_conv1d(mixed, self.conv1d.weight[:, 0], conv)
         new_conv = torch.cat([conv[1:], mixed.to(conv.dtype)], dim=0)
         q, k, v = self._heads(conv_out)
-        g, beta = self._gates(a, b)
+        # the torch gates, as decode always had them (its CUDA graphs were validated with these)
+        g, beta = gdn_gates(ba, self.A_log, self.dt_bias)
+        z = qkvz[..., 2 * self.dk + layout[2]:].reshape(1, self.hv, self.dv)
         o, s = ops.recurrent_step(q[0], k[0], v[0], g[0], beta[0], state)
         return self._out(o[None], z), s, new_conv

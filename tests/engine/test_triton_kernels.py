@@ -929,7 +929,7 @@ def test_interp_add_norm_and_norm_rope(itg: ModuleType) -> None:
     projection."""
     glue = importlib.import_module("engine.kernels.triton_glue")
     from engine.config import preset
-    from engine.model.attention import apply_rope, rope_cos_sin
+    from engine.model.attention import rope_cos_sin
 
     gen = torch.Generator().manual_seed(13)
     x, y = torch.randn(37, 64, generator=gen), torch.randn(37, 64, generator=gen)
@@ -947,7 +947,7 @@ def test_interp_add_norm_and_norm_rope(itg: ModuleType) -> None:
         q = qg.to(dtype)[..., :d]
         got = glue.rms_norm_rope(q, wq.to(dtype), 1e-6, cos, sin)
         want = ref.rms_norm_rope(q, wq.to(dtype), 1e-6, cos, sin)
-        assert torch.equal(want, apply_rope(ref.rms_norm(q, wq.to(dtype), 1e-6), cos, sin))
+        assert torch.equal(want, ref.apply_rope(ref.rms_norm(q, wq.to(dtype), 1e-6), cos, sin))
         tol = 1e-6 if dtype == torch.float32 else 1.6e-2
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
@@ -973,11 +973,9 @@ def test_add_norm_and_norm_rope_on_gpu() -> None:
     wq = (0.1 * torch.randn(256, generator=gen)).bfloat16().cuda()
     cos, sin = rope_cos_sin(cfg, torch.arange(8192, 8192 + 4096, device="cuda"), torch.bfloat16)
     got = glue.rms_norm_rope(qg[..., :256], wq, 1e-6, cos, sin)
-    from engine.model.attention import apply_rope
-
     # within a bf16 step of torch's op-by-op result (the norm's fp32 sum may round differently
     # in a different kernel), and row-local: a row's result does not depend on the batch
-    want = apply_rope(glue.rms_norm(qg[..., :256], wq, 1e-6), cos, sin)
+    want = ref.apply_rope(glue.rms_norm(qg[..., :256], wq, 1e-6), cos, sin)
     torch.testing.assert_close(got.float(), want.float(), atol=1.6e-2, rtol=1.6e-2)
     one = glue.rms_norm_rope(qg[100:101, :, :256], wq, 1e-6, cos[100:101].contiguous(),
                              sin[100:101].contiguous())
