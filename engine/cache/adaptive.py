@@ -27,7 +27,10 @@ stream; the real pool admits as the one whose replay, exponentially decayed over
 is lower) and hazard = "empirical" (P(S) from the observed gap distribution G instead of the
 rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining wait
 E[gap - idle | gap > idle]); duel_hazard (with duel: four shadows, both P(S) forms x both
-admission rules; the real pool ranks and admits as the leader).
+admission rules; the real pool ranks and admits as the leader). Round-5 option (ADAPTIVE.md,
+"Round 5"): swap (a newcomer of session S replaces S's deepest evictable snapshot on its own path
+that is off the interval grid and was never hit by another session, with no admission test: the
+older one would be dominated by it).
 """
 
 from __future__ import annotations
@@ -109,8 +112,11 @@ class Adaptive(Policy):
                  flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
                  aging: str = "off", thin: float = 0.0,
                  admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate",
-                 duel_hazard: bool = False) -> None:
+                 duel_hazard: bool = False, swap: bool = False) -> None:
         super().__init__()
+        self.swap = bool(swap)
+        self._offer: tuple[RadixNode, str] | None = None  # the newcomer being offered now
+        self._swapping: int | None = None  # id of the victim chosen by the swap rule
         if hazard not in HAZARD:
             raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
         self.hazard = hazard
@@ -169,7 +175,7 @@ class Adaptive(Policy):
                 "rate": self.rate, "freq": self.freq, "censor": self.censor,
                 "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
                 "admit_margin": self.admit_margin, "duel": self.duel,
-                "hazard": self.hazard, "duel_hazard": self.duel_hazard}
+                "hazard": self.hazard, "duel_hazard": self.duel_hazard, "swap": self.swap}
 
     def bind(self, index: Any, sessions: Any) -> None:
         super().bind(index, sessions)
@@ -188,6 +194,7 @@ class Adaptive(Policy):
                 shadow.match(path, matched, self._current, tick)
 
     def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
+        self._offer = (node, session)
         for shadow in self._shadows:
             shadow.offer(node, pos, session, tick)
 
@@ -383,7 +390,32 @@ class Adaptive(Policy):
         vals = self.values(candidates, tick, pool=pool)
         return min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
 
+    def swap_victim(self, node: RadixNode, session: str, candidates: list[SnapshotEntry],
+                    pool: _Pool | None = None) -> SnapshotEntry | None:
+        """With `swap`: the deepest of `candidates` that belongs to `session`, lies on `node`'s
+        path (strictly above it), sits off the interval grid (a request end or branch point, not
+        an interval snapshot) and has no hit from another session; None if there is none."""
+        if not self.swap:
+            return None
+        pool = pool or self._pool
+        grid = self.grid_interval
+        best = None
+        for e in candidates:
+            if (e.session == session and e.node is not node and not (grid and e.pos % grid == 0)
+                    and not pool.foreign.get(e.id) and _on_path(e.node, node)
+                    and (best is None or e.pos > best.pos)):
+                best = e
+        return best
+
     def victim(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry | None:
+        self._swapping = None
+        if self._offer is not None:
+            node, session = self._offer
+            self._offer = None
+            a = self.swap_victim(node, session, candidates)
+            if a is not None:
+                self._swapping = a.id
+                return a
         v = self.choose(candidates, tick)
         if self.aging != "off":
             self._chosen = (v.id, self.values([v], tick)[v.id])
@@ -408,7 +440,9 @@ class Adaptive(Policy):
     def should_admit(self, node: RadixNode, pos: int, session: str, tick: int,
                      victim: SnapshotEntry) -> bool:
         """Refuse a newcomer worth less than the cheapest victim (only when the pool is full);
-        with `duel`, only while the strict shadow leads."""
+        with `duel`, only while the strict shadow leads; a swap victim is always replaced."""
+        if self._swapping is not None and self._swapping == victim.id:
+            return True
         if not self.admit_control or self.lenient():
             return True
         if self.admits(node, pos, session, tick, victim):

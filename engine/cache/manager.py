@@ -101,6 +101,7 @@ class CacheManager:
         _check_config(cfg)
         self.cfg = cfg
         self.policy = make_policy(cfg.policy, **dict(cfg.policy_opts))
+        self.policy.grid_interval = cfg.snapshot_interval
         self.index = SnapshotIndex(cfg.snapshot_slots, cfg.snapshot_bytes, self.policy)
         self.sessions = self.index.sessions
         self.radix = RadixCache(cfg.page_size, cfg.kv_pages, self._on_kv_evict)

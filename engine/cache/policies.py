@@ -28,6 +28,9 @@ class Policy(ABC):
 
     name: ClassVar[str]
     offline: ClassVar[bool] = False  # True: needs the future (simulator only)
+    # The manager's snapshot interval (0 = off): positions on this grid are interval snapshots,
+    # the others request ends or branch points (the adaptive policy's `swap` tells them apart).
+    grid_interval: int = 0
 
     def __init__(self) -> None:
         self.index: SnapshotIndex | None = None

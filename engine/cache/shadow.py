@@ -83,8 +83,10 @@ class ShadowCache:
             if not candidates:
                 self.refused += 1
                 return False
-            victim = self.owner.choose(candidates, tick, self)
-            if self.strict and not self.owner.admits(node, pos, session, tick, victim, self):
+            swap = self.owner.swap_victim(node, session, candidates, self)
+            victim = swap or self.owner.choose(candidates, tick, self)
+            if (swap is None and self.strict
+                    and not self.owner.admits(node, pos, session, tick, victim, self)):
                 self.refused += 1
                 return False
             self._drop(victim)

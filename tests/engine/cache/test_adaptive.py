@@ -345,3 +345,83 @@ def test_duel_hazard_shadows_replay_what_each_form_and_admission_would():
     best = min(shadows, key=lambda sh: sh.score)
     assert duel.policy.leader() == (best.hazard, best.strict)
     assert duel.policy._pool.hazard == best.hazard
+
+
+def _conv_stream(cm: CacheManager, seed: int, rounds: int = 6) -> list[int]:
+    """Four conversations in turn, each turn extending the previous prompt and reply, plus a
+    one-shot after each round; returns every resume's replay."""
+    rng = random.Random(seed)
+    convs = {f"c{i}": fresh(rng, 300 + 100 * i) for i in range(4)}
+    replays = []
+    for rnd in range(rounds):
+        for name in convs:
+            m, s = request(cm, convs[name], name)
+            if rnd:
+                replays.append(m - s)
+            convs[name] = grow(convs[name], rng, rng.randrange(80, 300))
+        request(cm, fresh(rng, 200), f"one{rnd}", reply=1)
+    return replays
+
+
+def test_swap_moves_a_sessions_snapshot_down_its_path_instead_of_evicting_another():
+    # Each request admits its prompt end and its full end: a session holds its restore anchor
+    # plus older, dominated snapshots on its path. With swap, a newcomer takes the slot of the
+    # deepest such own ancestor (evictable, off the grid, no foreign hit) with no admission
+    # test, where the plain rule refuses some newcomers.
+    plain = manager(slots=9)
+    replay_plain = _conv_stream(plain, seed=12)
+    cm = manager(slots=9, swap=True)
+    pol = cm.policy
+    swaps: list[tuple[str, str]] = []  # (victim's session, newcomer's session)
+    real_victim = pol.victim
+
+    def victim(candidates, tick):
+        offer = pol._offer
+        v = real_victim(candidates, tick)
+        if pol._swapping is not None:
+            assert offer is not None and v is not None and v.id == pol._swapping
+            swaps.append((v.session, offer[1]))
+        return v
+
+    pol.victim = victim
+    replay = _conv_stream(cm, seed=12)
+    assert swaps and all(a == b for a, b in swaps)
+    assert cm.index.counters["admit_refused"] == 0 < plain.index.counters["admit_refused"]
+    assert sum(replay) < sum(replay_plain)
+    assert max(replay) < CHUNK  # every resume restores its own last end-of-turn snapshot
+
+
+def test_swap_spares_grid_snapshots_and_snapshots_other_sessions_hit():
+    rng = random.Random(13)
+    cm = manager(slots=16, swap=True)
+    cm.policy.grid_interval = 256  # what the manager sets from its snapshot interval
+    conv = fresh(rng, 356)
+    request(cm, conv[:256], "s", reply=0)  # a snapshot at 256: on the grid
+    request(cm, conv, "s", reply=0)  # at 320: off the grid, never hit by another session
+    deeper = conv + fresh(rng, 200)
+    request(cm, deeper, "s", reply=0)  # its tip at 512
+    tip = cm.radix.find(deeper, 512)
+    assert tip is not None and tip.snapshot is not None
+    pol, grid, off = cm.policy, _entry(cm, "s", 256), _entry(cm, "s", 320)
+    cand = [grid, off, tip.snapshot]
+    assert pol.swap_victim(tip, "s", cand) is off  # the deepest own ancestor off the grid
+    assert pol.swap_victim(tip, "other", cand) is None  # only the session's own
+    assert pol.swap_victim(tip, "s", [grid, tip.snapshot]) is None  # grid: spared
+    pol._foreign[off.id] = 1  # another session restored from it: shared, spared
+    assert pol.swap_victim(tip, "s", cand) is None
+    assert manager(slots=16).policy.swap_victim(tip, "s", [off]) is None  # option off
+
+
+def test_duel_shadows_follow_swap_exactly():
+    # Without KV pressure a strict shadow with swap counts the replay of a real pool with swap.
+    def run(**opts) -> CacheManager:
+        cm = manager(slots=6, branch=True, **opts)
+        _mixed_stream(cm, seed=7)
+        return cm
+
+    duel, strict, lenient = run(duel=50, swap=True), run(swap=True), run(
+        swap=True, admit_control=False)
+    assert strict.counters["replay_tokens"] != run().counters["replay_tokens"]
+    s_shadow, l_shadow = duel.policy._shadows
+    assert s_shadow.replay == strict.counters["replay_tokens"]
+    assert l_shadow.replay == lenient.counters["replay_tokens"]
