@@ -29,8 +29,9 @@ rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining 
 E[gap - idle | gap > idle]); duel_hazard (with duel: four shadows, both P(S) forms x both
 admission rules; the real pool ranks and admits as the leader). Round-5 option (ADAPTIVE.md,
 "Round 5"): swap (a newcomer of session S replaces S's deepest evictable snapshot on its own path
-that is off the interval grid and was never hit by another session, with no admission test: the
-older one would be dominated by it).
+that is off the interval grid, was never hit by another session and is not a branch point S's
+first request made inside another session's prefix, with no admission test: the older one would
+be dominated by it).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class Adaptive(Policy):
         self.swap = bool(swap)
         self._offer: tuple[RadixNode, str] | None = None  # the newcomer being offered now
         self._swapping: int | None = None  # id of the victim chosen by the swap rule
+        self._matched = 0  # the running request's matched prefix length
+        self._shared_nodes: set[int] = set()  # radix node ids swap must spare (see on_offer)
         if hazard not in HAZARD:
             raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
         self.hazard = hazard
@@ -189,12 +192,19 @@ class Adaptive(Policy):
 
     # ---- set dueling -------------------------------------------------------------------------
     def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:
+        self._matched = matched
         if self._current is not None:
             for shadow in self._shadows:
                 shadow.match(path, matched, self._current, tick)
 
     def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
         self._offer = (node, session)
+        if self.swap and pos <= self._matched:
+            # inside a prefix this request matched: a branch point. On a session's first request
+            # the prefix came from other sessions (a shared document): swap spares it.
+            info = self.sessions.get(session) if self.sessions is not None else None
+            if info is not None and info.requests <= 1:
+                self._shared_nodes.add(node.id)
         for shadow in self._shadows:
             shadow.offer(node, pos, session, tick)
 
@@ -394,7 +404,8 @@ class Adaptive(Policy):
                     pool: _Pool | None = None) -> SnapshotEntry | None:
         """With `swap`: the deepest of `candidates` that belongs to `session`, lies on `node`'s
         path (strictly above it), sits off the interval grid (a request end or branch point, not
-        an interval snapshot) and has no hit from another session; None if there is none."""
+        an interval snapshot), has no hit from another session and is not a branch point a
+        session's first request made inside another session's prefix; None if there is none."""
         if not self.swap:
             return None
         pool = pool or self._pool
@@ -402,7 +413,8 @@ class Adaptive(Policy):
         best = None
         for e in candidates:
             if (e.session == session and e.node is not node and not (grid and e.pos % grid == 0)
-                    and not pool.foreign.get(e.id) and _on_path(e.node, node)
+                    and not pool.foreign.get(e.id) and e.node.id not in self._shared_nodes
+                    and _on_path(e.node, node)
                     and (best is None or e.pos > best.pos)):
                 best = e
         return best

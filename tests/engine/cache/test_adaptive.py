@@ -412,6 +412,24 @@ def test_swap_spares_grid_snapshots_and_snapshots_other_sessions_hit():
     assert manager(slots=16).policy.swap_victim(tip, "s", [off]) is None  # option off
 
 
+def test_swap_spares_a_first_requests_branch_point_inside_another_sessions_prefix():
+    # B's first request branches at 592 inside A's document: the snapshot admitted there (576,
+    # owned by B) is where the next reader of that document restores, so swap spares it; B's
+    # own prompt end (896, past what it matched) is not spared.
+    rng = random.Random(14)
+    cm = manager(slots=16, branch=True, swap=True)
+    doc = fresh(rng, 1000)
+    request(cm, doc, "A")
+    b = doc[:600] + fresh(rng, 300)
+    assert request(cm, b, "B") == (592, 0)
+    shared, tip = _entry(cm, "B", 576), _entry(cm, "B", 896)
+    pol = cm.policy
+    assert pol.swap_victim(tip.node, "B", [shared]) is None
+    assert request(cm, b + fresh(rng, 200), "B") == (896, 896)  # B's second turn
+    own, deeper = tip, _entry(cm, "B", 1088)
+    assert pol.swap_victim(deeper.node, "B", [shared, own]) is own
+
+
 def test_duel_shadows_follow_swap_exactly():
     # Without KV pressure a strict shadow with swap counts the replay of a real pool with swap.
     def run(**opts) -> CacheManager:
