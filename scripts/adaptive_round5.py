@@ -7,6 +7,8 @@ patches on the policy class here, not options, since none was kept.
            is off the interval grid and never hit by another session (no admission test);
   swap-any the first form tried (a patch): any live own ancestor on the path, grid or not, even
            the running request's restore anchor;
+  swap-noguard  swap=true without its last condition (a patch): a branch point a session's first
+           request made inside another session's prefix may be swapped out too;
   ancestor admission control is skipped when such an ancestor is live (it becomes dominated and
            goes next), i.e. a session's new tail is always admitted;
   domf     dominance (delta) discounts only the session's own return value P(S), not the hit
@@ -24,7 +26,13 @@ adaptive) / (best online - belady). Writes one JSON with every cell's replay and
     head -3000 ../shared/data/mooncake_conversation_trace.jsonl > /tmp/r5/moon3k.jsonl
     sed -n 3016,9015p ../shared/data/mooncake_conversation_trace.jsonl \
         > /tmp/r5/moon-3016-9015.jsonl
-    python scripts/adaptive_round5.py --tmp /tmp/r5 --out results/sim/adaptive-round5.json
+    python scripts/adaptive_round5.py --tmp /tmp/r5 --out results/sim/adaptive-round5.json \
+        --cells chat_s0-16,chat_s0-64,chat_s2-16,chat_s2-64,hold6016-16,hold6016w-16,\
+hold3016-16,hold9016-16,moon3k-16,moon3k-64,chat_s1-16,chat_s1-64
+    sed -n 1001,4000p ../shared/data/mooncake_conversation_trace.jsonl \
+        > /tmp/r5/moon-1001-4000.jsonl  # and 7001,10000 likewise
+    python scripts/adaptive_round5.py --tmp /tmp/r5 --out results/sim/adaptive-round5-guard.json \
+        --cells slice1000-16,slice7000-16 --variants default,swap=true,swap-noguard
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ CELLS: dict[str, tuple[str, int, int, str | None]] = {
     "moon3k-64": ("{tmp}/moon3k.jsonl", 64, 0, None),
     "chat_s1-16": ("{tmp}/synthetic_chat_s1.jsonl", 16, 0, None),
     "chat_s1-64": ("{tmp}/synthetic_chat_s1.jsonl", 64, 0, None),
+    # the two slices of scripts/adaptive_slices.py where swap-noguard collapsed
+    "slice1000-16": ("{tmp}/moon-1001-4000.jsonl", 16, 0, None),
+    "slice7000-16": ("{tmp}/moon-7001-10000.jsonl", 16, 0, None),
 }
 
 
@@ -84,6 +95,11 @@ def patched(variant: str, m: float) -> Iterator[None]:
     saved = (sn.SnapshotIndex.admit, ad.Adaptive.should_admit, ad.Adaptive.values,
              ad.Adaptive.leader)
     orig_admit, orig_should, orig_values, _ = saved
+    orig_offer = ad.Adaptive.on_offer
+
+    def offer_noguard(self: Any, node: Any, pos: int, session: str, tick: int) -> None:
+        orig_offer(self, node, pos, session, tick)
+        self._shared_nodes.clear()
 
     def admit_swap(self: Any, node: Any, pos: int, session: str, tick: int) -> Any:
         pol = self.policy
@@ -144,8 +160,11 @@ def patched(variant: str, m: float) -> Iterator[None]:
             ad.Adaptive.values = values_domf  # type: ignore[method-assign]
         elif variant == "hyst":
             ad.Adaptive.leader = leader_hyst  # type: ignore[method-assign]
+        elif variant == "noguard":
+            ad.Adaptive.on_offer = offer_noguard  # type: ignore[method-assign]
         yield
     finally:
+        ad.Adaptive.on_offer = orig_offer  # type: ignore[method-assign]
         (sn.SnapshotIndex.admit, ad.Adaptive.should_admit, ad.Adaptive.values,
          ad.Adaptive.leader) = saved
 
@@ -154,6 +173,7 @@ VARIANTS: list[tuple[str, str, float, dict[str, Any]]] = [
     ("default", "", 0.0, {}),
     ("swap=true", "", 0.0, {"swap": True}),
     ("swap-any", "swap-any", 0.0, {}),
+    ("swap-noguard", "noguard", 0.0, {"swap": True}),
     ("ancestor", "ancestor", 0.0, {}),
     ("domf delta=0", "domf", 0.0, {"delta": 0.0}),
     ("domf delta=0.05", "domf", 0.0, {}),
@@ -187,6 +207,7 @@ def main() -> None:
     ap.add_argument("--tmp", required=True, help="folder with the tuning/warm-up traces")
     ap.add_argument("--out", required=True)
     ap.add_argument("--cells", default=",".join(CELLS))
+    ap.add_argument("--variants", default="", help="comma-separated names (default: all)")
     a = ap.parse_args()
     out: dict[str, Any] = {"argv": sys.argv, "gap": "(best online - adaptive) / "
                            "(best online - belady)", "cells": {}}
@@ -208,7 +229,10 @@ def main() -> None:
         best = min(base[p] for p in ONLINE)
         row: dict[str, Any] = {"trace": trace, "slots": slots, "warmup": warm, "baseline_json":
                                ref, "replay": dict(base), "gap": {}}
+        pick = a.variants.split(",") if a.variants else [v[0] for v in VARIANTS]
         for name, patch, m, opts in VARIANTS:
+            if name.strip() not in pick and name not in pick:
+                continue
             t0 = time.perf_counter()
             with patched(patch, m):
                 rep = _run(setup, slots, warm, sim.PolicyVariant("adaptive", "adaptive", opts))
