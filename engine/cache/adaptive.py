@@ -453,7 +453,7 @@ class Adaptive(Policy):
                      victim: SnapshotEntry) -> bool:
         """Refuse a newcomer worth less than the cheapest victim (only when the pool is full);
         with `duel`, only while the strict shadow leads; a swap victim is always replaced."""
-        if self._swapping is not None and self._swapping == victim.id:
+        if self._swapping == victim.id:
             return True
         if not self.admit_control or self.lenient():
             return True
