@@ -119,7 +119,8 @@ class Adaptive(Policy):
         self._offer: tuple[RadixNode, str] | None = None  # the newcomer being offered now
         self._swapping: int | None = None  # id of the victim chosen by the swap rule
         self._matched = 0  # the running request's matched prefix length
-        self._shared_nodes: set[int] = set()  # radix node ids swap must spare (see on_offer)
+        self._shared_nodes: dict[int, RadixNode] = {}  # nodes swap must spare (see on_offer)
+        self._shared_prune = 1024  # prune nodes the KV tree evicted when this many are held
         if hazard not in HAZARD:
             raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
         self.hazard = hazard
@@ -204,7 +205,11 @@ class Adaptive(Policy):
             # the prefix came from other sessions (a shared document): swap spares it.
             info = self.sessions.get(session) if self.sessions is not None else None
             if info is not None and info.requests <= 1:
-                self._shared_nodes.add(node.id)
+                self._shared_nodes[node.id] = node
+                if len(self._shared_nodes) >= self._shared_prune:  # amortized: drop cut nodes
+                    self._shared_nodes = {k: n for k, n in self._shared_nodes.items()
+                                          if n.parent is not None}
+                    self._shared_prune = max(self._shared_prune, 2 * len(self._shared_nodes))
         for shadow in self._shadows:
             shadow.offer(node, pos, session, tick)
 

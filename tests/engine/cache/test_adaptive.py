@@ -443,3 +443,19 @@ def test_duel_shadows_follow_swap_exactly():
     s_shadow, l_shadow = duel.policy._shadows
     assert s_shadow.replay == strict.counters["replay_tokens"]
     assert l_shadow.replay == lenient.counters["replay_tokens"]
+
+
+def test_swap_forgets_spared_branch_points_whose_nodes_the_kv_tree_evicted():
+    from engine.cache.radix import RadixNode
+
+    cm = manager(slots=4, swap=True)
+    request(cm, fresh(random.Random(15), 200), "s")  # "s" has made one request
+    pol = cm.policy
+    pol._shared_prune = 4
+    pol.on_match([], 10_000, cm.tick)  # offers below 10,000 lie inside the matched prefix
+    live = RadixNode(9_999, (0,), [], cm.radix.root, 0)  # still in the tree (has a parent)
+    pol.on_offer(live, 64, "s", cm.tick)
+    for i in range(9):  # cut from the tree (parent None): what a KV eviction leaves
+        pol.on_offer(RadixNode(10_000 + i, (i,), [], None, 0), 64, "s", cm.tick)
+    assert len(pol._shared_nodes) < 4  # pruned as it grew, not one entry per offer
+    assert live.id in pol._shared_nodes
