@@ -85,3 +85,23 @@ def test_parity_policies_give_identical_tokens_and_digests(tmp_path: Path) -> No
     assert par["token_match_rate"] == 1.0 and par["digest_match_rate"] == 1.0
     assert par["first_divergence"] is None
     assert par["replay_differs"] >= 1, "the policies must restore from different snapshots"
+
+
+def test_parity_holds_for_adaptive_swap(tmp_path: Path) -> None:
+    # swap changes which snapshots stay (the engine writes the newcomer into the swapped slot);
+    # outputs must still be bitwise those of forecast
+    runs = {}
+    for name, extra in (("f", ["--policy", "forecast"]),
+                        ("s", ["--policy", "adaptive", "--adaptive-opt", "swap=true"])):
+        runs[name] = tmp_path / f"{name}.json"
+        code, text = invoke(["run", "parity", "--out", str(runs[name]), "--no-progress", *extra,
+                             *_sets("turns=3", "pressure=3")])
+        assert code == 0, text
+    cmp_path = tmp_path / "cmp.json"
+    code, text = invoke(["compare", str(runs["f"]), str(runs["s"]), "--json", str(cmp_path)])
+    assert code == 0, text
+    par = json.loads(cmp_path.read_text())["parity"]
+    assert par["requests"] == 15 and par["errors"] == 0
+    assert par["token_match_rate"] == 1.0 and par["digest_match_rate"] == 1.0
+    assert par["replay_differs"] >= 1, "the policies must restore from different snapshots"
+    assert json.loads(runs["s"].read_text())["engine"]["policy_opts"]["swap"] is True
