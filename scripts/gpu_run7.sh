@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scenario reruns with the run-6 CUDA defaults (split2 GDN, cuDNN key pieces, fused glue), the
 # adaptive default and branch admission on. One part per device call (each < 10 min on an H200).
-#   bash scripts/gpu_run7.sh deep [policies, comma-separated] | rr | checks
+#   bash scripts/gpu_run7.sh deep [policies, comma-separated] | rr | checks | swap
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
 S="python3 -m sbrbench.cli"
@@ -29,5 +29,14 @@ if [ "$part" = checks ]; then
   for pol in forecast adaptive; do
     run $S run parity $M --policy $pol --label run7 --out "$OUT/parity-run7-$pol.json"
   done
+fi
+if [ "$part" = swap ]; then  # the adaptive swap option (off by default) against forecast
+  SW="--policy adaptive --adaptive-opt swap=true"
+  run $S run parity $M --policy forecast --label run7-swap --out "$OUT/parity-run7s-forecast.json"
+  run $S run parity $M $SW --label run7-swap --out "$OUT/parity-run7s-adaptive-swap.json"
+  run $S run round-robin $M $RR --policy forecast --label run7-swap \
+    --out "$OUT/round-robin-run7s-forecast.json"
+  run $S run round-robin $M $RR $SW --label run7-swap \
+    --out "$OUT/round-robin-run7s-adaptive-swap.json"
 fi
 ls -la "$OUT"
