@@ -1074,6 +1074,29 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
 # ---------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _conv_taps(x, wt, st, o_t, o_d, col, mt, md, lo, sx_t, sw_d, ss_t, xdt: tl.constexpr,
+               W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """silu(sum_j x[t + j - (W-1)] w[:, j]) for rows o_t, channels o_d (read at columns col of
+    x's rows); input rows before lo come from the conv state (its W-1 rows end at lo)."""
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        src = o_t + (j - (W - 1))
+        in_x = (src >= lo) & mt
+        in_s = (src < lo) & (src >= lo - (W - 1)) & mt
+        xv = tl.load(x + src[:, None].to(tl.int64) * sx_t + col[None, :],
+                     mask=in_x[:, None] & md[None, :], other=0.0)
+        sv = tl.load(st + (src - lo + (W - 1))[:, None] * ss_t + o_d[None, :],
+                     mask=in_s[:, None] & md[None, :], other=0.0).to(xdt)
+        e = tl.where(in_x[:, None], xv.to(xdt), sv).to(tl.float32)
+        wj = tl.load(wt + o_d * sw_d + j, mask=md, other=0.0).to(tl.float32)
+        if j == 0:
+            acc = e * wj[None, :]
+        else:
+            acc = acc + e * wj[None, :]
+    return acc * tl.sigmoid(acc)
+
+
 @triton.jit(do_not_specialize=["t"])
 def _conv_kernel(x, wt, st, out, t, sx_t, sw_d, ss_t, D: tl.constexpr, W: tl.constexpr,
                  BT: tl.constexpr, BD: tl.constexpr):
@@ -1082,22 +1105,7 @@ def _conv_kernel(x, wt, st, out, t, sx_t, sw_d, ss_t, D: tl.constexpr, W: tl.con
     md = o_d < D
     mt = o_t < t
     xdt = out.dtype.element_ty
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        src = o_t + (j - (W - 1))
-        in_x = (src >= 0) & mt
-        in_s = (src < 0) & mt
-        xv = tl.load(x + src[:, None] * sx_t + o_d[None, :], mask=in_x[:, None] & md[None, :],
-                     other=0.0)
-        sv = tl.load(st + (src + (W - 1))[:, None] * ss_t + o_d[None, :],
-                     mask=in_s[:, None] & md[None, :], other=0.0).to(xdt)
-        e = tl.where(in_x[:, None], xv.to(xdt), sv).to(tl.float32)
-        wj = tl.load(wt + o_d * sw_d + j, mask=md, other=0.0).to(tl.float32)
-        if j == 0:
-            acc = e * wj[None, :]
-        else:
-            acc = acc + e * wj[None, :]
-    y = acc * tl.sigmoid(acc)
+    y = _conv_taps(x, wt, st, o_t, o_d, o_d, mt, md, 0, sx_t, sw_d, ss_t, xdt, W, BT, BD)
     tl.store(out + o_t[:, None] * D + o_d[None, :], y.to(xdt), mask=mt[:, None] & md[None, :])
 
 
@@ -1135,22 +1143,7 @@ def _conv_map_kernel(x, wt, st, out, t, lo, sx_t, sw_d, ss_t, D: tl.constexpr, W
                    tl.where(o_d < 2 * KD, (c2 // DK) * G + DK + c2 % DK,
                             (c3 // RV) * G + 2 * DK + c3 % RV))
     xdt = out.dtype.element_ty
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        src = o_t + (j - (W - 1))
-        in_x = (src >= lo) & mt
-        in_s = (src < lo) & (src >= lo - (W - 1)) & mt
-        xv = tl.load(x + src[:, None].to(tl.int64) * sx_t + col[None, :],
-                     mask=in_x[:, None] & md[None, :], other=0.0)
-        sv = tl.load(st + (src - lo + (W - 1))[:, None] * ss_t + o_d[None, :],
-                     mask=in_s[:, None] & md[None, :], other=0.0).to(xdt)
-        e = tl.where(in_x[:, None], xv.to(xdt), sv).to(tl.float32)
-        wj = tl.load(wt + o_d * sw_d + j, mask=md, other=0.0).to(tl.float32)
-        if j == 0:
-            acc = e * wj[None, :]
-        else:
-            acc = acc + e * wj[None, :]
-    y = acc * tl.sigmoid(acc)
+    y = _conv_taps(x, wt, st, o_t, o_d, col, mt, md, lo, sx_t, sw_d, ss_t, xdt, W, BT, BD)
     tl.store(out + o_t[:, None].to(tl.int64) * D + o_d[None, :], y.to(xdt),
              mask=mt[:, None] & md[None, :])
 
