@@ -1,30 +1,44 @@
-"""Prefix-stable chat template and incremental reply text, for the OpenAI-compatible server.
+"""The chat template (one for every path: in-process scenarios, the server, the simulator) and
+incremental reply text for the OpenAI-compatible server.
 
-Prefix stability is what lets multi-turn traffic hit the prefix cache: the ids of turn N+1's
-prompt must extend turn N's prompt + reply ids exactly. Two things could break it:
+`load_template` picks the checkpoint's own template when it has one (`chat_template` in
+tokenizer_config.json, or chat_template.jinja), rendered as transformers renders it (a sandboxed
+Jinja environment, then the tokenizer without added special tokens), and the built-in ChatML
+template otherwise (the presets' byte-level tokenizer).
+
+The built-in template is prefix-stable, which is what lets multi-turn traffic hit the prefix
+cache: the ids of turn N+1's prompt extend turn N's prompt + reply ids exactly. Two things could
+break it:
 
 - tokenizing the whole conversation as one string (BPE merges across message boundaries):
   each message is therefore encoded on its own and the pieces concatenated;
 - the reply's text not re-encoding to the generated ids (a byte-level model may emit invalid
   UTF-8 or special ids; the client sees U+FFFD or nothing, and cannot send the bytes back):
   such replies are kept in a bounded server-side `ReplyMemory`, keyed by the exact prompt they
-  answered and the text the client received, and rendered from the remembered ids.
+  answered and the text the client received, and rendered from the remembered ids; an
+  in-process caller passes the ids themselves (`Message.ids`).
 
 Message layout (ChatML): `<|im_start|>` + `{role}\\n` + content + END + `\\n`, where
 `<|im_start|>` is the tokenizer's special id when it has one and END is its `eos_id`, the token
 that ends a generated reply; the generation prompt is the assistant header. A reply that ended
-on END is therefore a verbatim prefix of the next prompt.
+on END is therefore a verbatim prefix of the next prompt. A checkpoint's own template is as
+prefix-stable as the checkpoint makes it (many drop earlier turns' reasoning), as on any server.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import re
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import NamedTuple, Protocol
+
+from engine.errors import ConfigError, UserError
 
 
 class TokenizerLike(Protocol):
@@ -38,6 +52,19 @@ class TokenizerLike(Protocol):
 class Message(NamedTuple):
     role: str
     content: str
+    ids: tuple[int, ...] | None = None  # the content's exact ids, when the caller has them
+
+
+class ChatTemplate(Protocol):
+    """Renders chat messages to prompt ids."""
+
+    name: str
+
+    def render(self, messages: Sequence[Message], *,
+               add_generation_prompt: bool = True) -> list[int]: ...
+
+    def remember(self, prompt_ids: Sequence[int], text: str,
+                 reply_ids: Sequence[int]) -> None: ...
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -82,8 +109,11 @@ class ReplyMemory:
         return tuple(ids)
 
 
-class ChatTemplate:
-    """Renders messages to prompt ids so that each turn's prompt extends the previous one."""
+class ChatML:
+    """The built-in template: renders messages so that each turn's prompt extends the previous
+    one (module docstring)."""
+
+    name = "chatml"
 
     def __init__(self, tokenizer: TokenizerLike, *, memory_entries: int = 4096) -> None:
         self.tokenizer = tokenizer
@@ -115,8 +145,8 @@ class ChatTemplate:
             head = self.header(m.role)
             out += head
             digest.update(_ids_bytes(head))
-            body: Sequence[int] | None = None
-            if m.role == "assistant":
+            body: Sequence[int] | None = m.ids
+            if body is None and m.role == "assistant":
                 body = self.memory.get(digest.hexdigest(), m.content)
             if body is None:
                 body = encode_text(self.tokenizer, m.content)
@@ -132,6 +162,106 @@ class ChatTemplate:
         if encode_text(self.tokenizer, text) == list(reply_ids):
             return
         self.memory.put(hashlib.sha256(_ids_bytes(prompt_ids)).hexdigest(), text, reply_ids)
+
+
+class CheckpointTemplate:
+    """A checkpoint's own Jinja chat template, rendered as transformers' `apply_chat_template`
+    renders it: a sandboxed environment (trim_blocks, lstrip_blocks, loop controls, `tojson`,
+    `raise_exception`, `strftime_now`), the tokenizer's special tokens as variables, then the
+    text encoded without added special tokens."""
+
+    name = "checkpoint"
+
+    def __init__(self, tokenizer: TokenizerLike, source: str,
+                 variables: dict[str, object] | None = None) -> None:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x: object, ensure_ascii: bool = False, indent: int | None = None,
+                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                              separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateError as e:
+            raise ConfigError(f"the checkpoint's chat template does not compile: {e}") from None
+        self.tokenizer = tokenizer
+        self.variables = dict(variables or {})
+
+    def text(self, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return str(self._template.render(messages=msgs,
+                                             add_generation_prompt=add_generation_prompt,
+                                             **self.variables))
+        except jinja2.exceptions.TemplateError as e:
+            raise UserError(f"chat template: {e}") from None
+
+    def render(self, messages: Sequence[Message], *,
+               add_generation_prompt: bool = True) -> list[int]:
+        text = self.text(messages, add_generation_prompt=add_generation_prompt)
+        return encode_text(self.tokenizer, text)
+
+    def remember(self, prompt_ids: Sequence[int], text: str, reply_ids: Sequence[int]) -> None:
+        """Nothing to remember: the template renders text, as transformers does."""
+
+
+def load_template(tokenizer: TokenizerLike, checkpoint: Path | None = None) -> ChatTemplate:
+    """The checkpoint's own chat template (`chat_template.jinja`, or `chat_template` in
+    tokenizer_config.json: a string, or a list of named templates of which "default" is used),
+    else the built-in ChatML template."""
+    if checkpoint is not None:
+        source, variables = _checkpoint_template(Path(checkpoint))
+        if source is not None:
+            return CheckpointTemplate(tokenizer, source, variables)
+    return ChatML(tokenizer)
+
+
+def _checkpoint_template(d: Path) -> tuple[str | None, dict[str, object]]:
+    cfg_path = d / "tokenizer_config.json"
+    cfg: dict[str, object] = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{cfg_path}: cannot read ({e})") from None
+    variables: dict[str, object] = {}
+    for k, v in cfg.items():
+        text = _token_text(v)
+        if k.endswith("_token") and text is not None:
+            variables[k] = text
+    jinja_file = d / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8"), variables
+    tmpl = cfg.get("chat_template")
+    if isinstance(tmpl, list):
+        named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}
+        tmpl = named.get("default")
+    return (tmpl if isinstance(tmpl, str) else None), variables
+
+
+def _token_text(v: object) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or {"content": ...}."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return str(v["content"])
+    return None
 
 
 class Delta(NamedTuple):

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UserError
 
 CHUNK = 64  # GDN chunk size; snapshots live on the absolute grid of multiples of CHUNK
 
@@ -217,3 +217,13 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return PRESETS[name]()
+
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def dtype_bytes(name: str) -> int:
+    """Bytes per element of a dtype name (float32, bfloat16, float16 and their short forms)."""
+    if name not in DTYPE_BYTES:
+        raise UserError(f"unknown dtype {name!r} (choose float32, bfloat16, float16)")
+    return DTYPE_BYTES[name]

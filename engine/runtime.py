@@ -1,6 +1,7 @@
 """Engine: one request at a time through the hybrid model with an exact prefix cache.
 
-Warm path of a request with prompt length L (see docs/INTERFACES.md and engine/cache/manager.py):
+Warm path of a request with prompt length L (engine/cache/driver.py makes the cache's calls;
+`_Request` below is the model's side of them):
 
 1. match the prompt in the radix tree (m tokens of cached KV), pick the deepest snapshot s <= m;
 2. restore it and run aligned windows over [s, L): replay [s, m) and prefill [m, L) in one pass
@@ -19,43 +20,33 @@ give bitwise-identical results.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from engine.cache.manager import CacheConfig, CacheManager, Plan
-from engine.cache.settings import EngineCacheArgs
+from engine.cache.driver import check_request, run_request
+from engine.cache.manager import CacheManager, Plan
+from engine.cache.settings import CacheSettings, policy_flops
+from engine.cache.snapshots import SnapshotEntry
+from engine.chat import ChatML, ChatTemplate, load_template
 from engine.config import CHUNK, ModelConfig, preset
-from engine.errors import BudgetError, ConfigError, UserError
+from engine.errors import UserError
 from engine.kernels.ops import gdn_config, glue_enabled, impl_name
 from engine.model.attention import attention_impl, warm_pieces
 from engine.model.graphs import DecodeGraphs
 from engine.model.model import HybridModel, RecurrentState
+from engine.record import CacheUse, RequestStats, Timing
+from engine.settings import EngineSettings
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from engine.weights import init_random, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
-
-
-def parse_bytes(text: str | int) -> int:
-    """'2GiB' -> 2147483648, '500MB' -> 500000000, '1024' -> 1024."""
-    if isinstance(text, int):
-        return text
-    mt = _SIZE.match(str(text))
-    if not mt:
-        raise UserError(f"bad size {text!r} (use e.g. 2GiB, 512MiB, 1e9 bytes as 1000000000)")
-    num, unit, binary = float(mt.group(1)), mt.group(2).upper(), mt.group(3)
-    base = 1024 if binary or unit == "" else 1000
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
-    return int(num * base ** power)
+KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class SamplingParams(NamedTuple):
@@ -65,24 +56,6 @@ class SamplingParams(NamedTuple):
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_ids: tuple[int, ...] = ()
-
-
-class RequestStats(NamedTuple):
-    prompt_tokens: int
-    cached_tokens: int
-    snapshot_pos: int
-    replay_tokens: int
-    new_tokens: int
-    generated_tokens: int
-    logits_sha256: str
-    match_s: float
-    restore_s: float
-    replay_s: float
-    prefill_s: float
-    ttft_s: float
-    decode_s: float
-    finalize_s: float
-    e2e_s: float
 
 
 class GenerateResult(NamedTuple):
@@ -107,51 +80,38 @@ class Engine:
     """A hybrid model, its tokenizer, the KV page pool, the snapshot pool and the cache logic."""
 
     def __init__(self, model: HybridModel, tokenizer: ByteTokenizer | HFTokenizer,
-                 device: str, dtype: torch.dtype, cache: EngineCacheArgs | None = None,
-                 source: str = "preset", seed: int = 0) -> None:
+                 device: str, dtype: torch.dtype, cache: CacheSettings | None = None,
+                 source: str = "preset", seed: int = 0,
+                 settings: EngineSettings | None = None,
+                 template: ChatTemplate | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
-        if torch.device(device).type == "cpu" and model.cfg.hidden_size <= 256:
-            # Tiny matmuls gain nothing from threads; on a busy machine the thread sync costs
-            # up to 20x (measured on 2 cores at load 7: 0.87 s vs 19.8 s for a 2k prefill).
-            torch.set_num_threads(int(os.environ.get("SBR_CPU_THREADS", "1")))
         self.config: ModelConfig = model.cfg
         self.tokenizer = tokenizer
+        self.template: ChatTemplate = template or ChatML(tokenizer)
         self.device = torch.device(device)
         self.dtype = dtype
         self.source = source
         self.seed = seed
-        self.args = cache or EngineCacheArgs()
-        a = self.args
-        self.window = a.exec_window or (2048 if self.device.type == "cuda" else 64)
-        self.cuda_graphs = (self.device.type == "cuda"
-                            and os.environ.get("SBR_CUDA_GRAPHS", "1") != "0")
+        self.settings = settings or EngineSettings.from_env()
+        threads = self.settings.cpu_threads
+        if self.device.type == "cpu" and model.cfg.hidden_size <= 256 and threads is not None:
+            torch.set_num_threads(threads)
+        self.cache_settings = cache or CacheSettings()
+        cs = self.cache_settings
+        self.window = self.settings.window(self.device.type)
+        self.cuda_graphs = self.device.type == "cuda" and self.settings.cuda_graphs
         self._graphs: DecodeGraphs | None = None
-        if self.window % CHUNK or self.window <= 0:
-            raise UserError(f"exec window must be a positive multiple of {CHUNK}")
-        if CHUNK % a.page_size:
-            raise UserError(f"page size must divide {CHUNK}")
         dbytes = torch.empty((), dtype=dtype).element_size()
         self.snapshot_bytes = self.config.snapshot_bytes(dbytes)
-        if a.snapshot_budget_bytes is not None:
-            slots = a.snapshot_budget_bytes // self.snapshot_bytes
-            if slots < 1:
-                raise BudgetError(
-                    f"snapshot budget {a.snapshot_budget_bytes} B is smaller than one snapshot "
-                    f"({self.snapshot_bytes} B for {len(self.config.gdn_layers)} GDN layers)")
-        else:
-            slots = a.snapshot_slots if a.snapshot_slots is not None else 16
-        if slots < 0:
-            raise UserError("snapshot slots must be >= 0")
-        self.slots = slots
-        kv_pages = max(1, a.kv_budget_tokens // a.page_size)
-        self.cm = CacheManager(CacheConfig(
-            page_size=a.page_size, chunk=CHUNK, kv_pages=kv_pages, snapshot_slots=slots,
-            snapshot_bytes=self.snapshot_bytes, snapshot_interval=a.snapshot_interval,
-            policy=a.policy, policy_opts=dict(a.policy_opts, **self._policy_model_opts())))
+        cfg = cs.resolve(self.snapshot_bytes, policy_flops(self.config))
+        self.cm: CacheManager | None = CacheManager(cfg) if cs.enabled else None
+        self.cache_config = cfg
+        self.slots = slots = cfg.snapshot_slots
         c = self.config
         # torch.empty: pages and slots cost memory only once written.
-        self.k_pool = [torch.empty(kv_pages, a.page_size, c.num_key_value_heads, c.head_dim,
-                                   dtype=dtype, device=self.device) for _ in c.attn_layers]
+        self.k_pool = [torch.empty(cfg.kv_pages, cfg.page_size, c.num_key_value_heads,
+                                   c.head_dim, dtype=dtype, device=self.device)
+                       for _ in c.attn_layers]
         self.v_pool = [torch.empty_like(k) for k in self.k_pool]
         nG = len(c.gdn_layers)
         self.snap_ssm = torch.empty(slots, nG, c.linear_num_value_heads, c.linear_key_head_dim,
@@ -164,22 +124,13 @@ class Engine:
         # cuDNN attention graphs for every key-piece shape the windows can meet, built now
         # rather than on the first request at each depth (engine.model.attention.warm_pieces)
         with torch.no_grad():
-            warm_pieces(self.config, self.window, dtype, self.device, a.kv_budget_tokens)
-
-    def _policy_model_opts(self) -> dict[str, Any]:
-        # Marconi-style policies value a snapshot by the FLOPs it saves; give them the model's.
-        name = self.args.policy
-        if name not in ("marconi", "adaptive"):
-            return {}
-        c = self.config
-        opts = {"flops_per_token": c.flops_per_token() + c.gdn_flops_per_token(),
-                "attn_flops_coeff": 0.5 * c.attn_flops(0)}
-        return {k: v for k, v in opts.items() if k not in self.args.policy_opts}
+            warm_pieces(self.config, self.window, dtype, self.device, cs.kv_budget_tokens)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str = "tiny", *, device: str = "cpu", dtype: str = "float32",
-                    seed: int = 0, cache: EngineCacheArgs | None = None) -> Engine:
+                    seed: int = 0, cache: CacheSettings | None = None,
+                    settings: EngineSettings | None = None) -> Engine:
         cfg = preset(name)
         dt = _dtype(dtype)
         dev = _device(device)
@@ -187,43 +138,50 @@ class Engine:
         init_random(model, seed)
         model = model.to(dtype=dt)
         tok = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
-        return cls(model, tok, dev, dt, cache, source=f"preset:{name}", seed=seed)
+        return cls(model, tok, dev, dt, cache, source=f"preset:{name}", seed=seed,
+                   settings=settings)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32",
-                        cache: EngineCacheArgs | None = None) -> Engine:
+                        cache: CacheSettings | None = None,
+                        settings: EngineSettings | None = None) -> Engine:
         dt = _dtype(dtype)
         dev = _device(device)
         model = load_checkpoint(path, dev, dt)
         tok = load_tokenizer(Path(path), model.cfg.vocab_size, model.cfg.eos_token_id)
-        return cls(model, tok, dev, dt, cache, source=f"checkpoint:{path}")
+        return cls(model, tok, dev, dt, cache, source=f"checkpoint:{path}", settings=settings,
+                   template=load_template(tok, Path(path)))
 
     # ---- introspection -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        a = self.args
+        """The result JSON's "engine" block: the model, how it computes, what it caches."""
+        cs, cfg = self.cache_settings, self.cache_config
         return {
             "preset": self.config.name, "source": self.source, "seed": self.seed,
-            "policy": self.cm.policy.name if a.enabled else "off",
-            "policy_opts": dict(a.policy_opts),
-            "tail_pin_k": a.policy_opts.get("k", a.policy_opts.get("tail_pin_k", 8)),
+            "policy": cfg.policy if self.cm is not None else "off",
+            "policy_opts": dict(cs.policy_opts),
             "snapshot_slots": self.slots, "snapshot_bytes": self.snapshot_bytes,
             "snapshot_budget_bytes": self.slots * self.snapshot_bytes,
-            "snapshot_interval": a.snapshot_interval, "chunk": CHUNK,
-            "page_size": a.page_size, "kv_budget_tokens": a.kv_budget_tokens,
+            "snapshot_interval": cfg.snapshot_interval, "chunk": CHUNK,
+            "page_size": cfg.page_size, "kv_budget_tokens": cfg.kv_pages * cfg.page_size,
             "exec_window": self.window, "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""), "kernels": impl_name(self.device),
             "gdn_config": gdn_config(self.device),
             "glue_kernels": impl_name(self.device) == "triton" and glue_enabled(),
             "attention": attention_impl(self.device),
             "cuda_graphs": self.cuda_graphs,
-            "cache_enabled": a.enabled, "branch_admission": self.cm.cfg.branch_admission,
+            "cache_enabled": self.cm is not None, "branch_admission": cfg.branch_admission,
+            "cache_settings": cs.describe(), "settings": self.settings.describe(),
+            "chat_template": self.template.name,
             "params": sum(p.numel() for p in self.model.parameters()),
         }
 
     def cache_stats(self) -> dict[str, Any]:
+        if self.cm is None:
+            return {"cache_enabled": False}
         st = dict(self.cm.stats())
         st["snapshot_pool_bytes"] = st.get("snapshots_in_use", 0) * self.snapshot_bytes
-        st["kv_pool_bytes"] = st.get("pages_in_use", 0) * self.args.page_size \
+        st["kv_pool_bytes"] = st.get("pages_in_use", 0) * self.cache_config.page_size \
             * self.config.kv_bytes_per_token(torch.empty((), dtype=self.dtype).element_size())
         return st
 
@@ -233,124 +191,22 @@ class Engine:
                  use_cache: bool = True) -> GenerateResult:
         """Generate up to params.max_tokens tokens after prompt_ids (see module docstring)."""
         p = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        self._validate(prompt, p)
-        use_cache = use_cache and self.args.enabled
-        t0 = self.clock.now()
-        plan: Plan | None = self.cm.begin(prompt, session) if use_cache else None
-        try:
-            res = self._run(prompt, p, plan, on_token, t0)
-        except BaseException:
-            if plan is not None:
-                self.cm.abort(plan)
-            raise
-        self.requests += 1
-        return res
-
-    def _validate(self, prompt: list[int], p: SamplingParams) -> None:
-        v = self.config.vocab_size
-        if not prompt:
-            raise UserError("empty prompt: at least one token is needed")
-        bad = next((t for t in prompt if not 0 <= t < v), None)
-        if bad is not None:
-            raise UserError(f"prompt token id {bad} is outside the vocabulary (0..{v - 1})")
-        if p.max_tokens < 1:
-            raise UserError(f"max_tokens must be >= 1, got {p.max_tokens}")
+        prompt = tuple(int(t) for t in prompt_ids)
         if p.temperature < 0 or not 0 < p.top_p <= 1:
             raise UserError("temperature must be >= 0 and top_p in (0, 1]")
-        limit = self.config.max_position_embeddings
-        if len(prompt) + p.max_tokens > limit:
-            raise BudgetError(f"prompt ({len(prompt)}) + max_tokens ({p.max_tokens}) exceeds "
-                              f"the context of {limit} tokens")
-        need = -(-(len(prompt) + p.max_tokens) // self.args.page_size)
-        if self.args.enabled and need > self.cm.cfg.kv_pages:
-            raise BudgetError(f"request needs {need * self.args.page_size} KV tokens; the KV "
-                              f"budget is {self.cm.cfg.kv_pages * self.args.page_size} tokens")
-
-    def _run(self, prompt: list[int], p: SamplingParams, plan: Plan | None,
-             on_token: Callable[[int], bool] | None, t0: float) -> GenerateResult:
-        L, ps, dev = len(prompt), self.args.page_size, self.device
-        m = plan.matched if plan else 0
-        s = plan.restore_pos if plan else 0
-        n_max = L + p.max_tokens
-        pages: list[int] = []
-        if plan is not None:
-            pages = plan.kv_pages + self.cm.alloc_pages(-(-n_max // ps) - m // ps, plan)
-        cap = -(-n_max // self.window) * self.window + self.window
-        kv = self.model.kv_buffers(cap, dev, self.dtype)
-        if m:
-            self._gather_kv(pages, m, kv)
-        t_match = self.clock.now()
-
-        if plan is not None and plan.snapshot is not None:
-            slot = plan.snapshot.slot
-            state = RecurrentState(self.snap_ssm[slot].clone(), self.snap_conv[slot].clone())
-        else:
-            state = self.model.zero_state(dev, self.dtype)
-        t_restore = self.clock.now()
-
-        g0 = L // CHUNK * CHUNK
-        want = set(plan.admit_positions) if plan else set()
-        if g0 > s:
-            want.add(g0)
-        ids = torch.tensor(prompt, dtype=torch.long, device=dev)
-        hidden, state_L, caps, replay_s, prefill_s = self._windows(ids, s, L, m, state, kv, want)
-        logits = self.model.logits(hidden)[0]
-        digest = hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest()
-        gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
-        tok = _sample(logits, p, gen)
-        t_first = self.clock.now()
-        grid_state = caps.get(g0, state) if g0 > s else state
-
-        out = [tok]
-        finish = "length"
-        cancelled = on_token is not None and on_token(tok) is False
-        if plan is not None:
-            self._scatter_kv(pages, kv, m, L)
-            pages = self.cm.insert(plan, prompt[:L // ps * ps], pages)
-            self._admit(plan, prompt, plan.admit_positions, caps)
-        if cancelled:
-            finish = "cancelled"
-        elif self._stops(tok, p):
-            finish = "stop"
-        else:
-            graphs = self._decode_graphs()
-            if graphs is not None:
-                graphs.start(state_L)
-            state_cur = state_L
-            for i in range(1, p.max_tokens):
-                if graphs is not None:
-                    logits = graphs.step(out[-1], L + i - 1, kv)
-                else:
-                    h, state_cur = self.model.step(out[-1], L + i - 1, state_cur, kv)
-                    logits = self.model.logits(h)
-                tok = _sample(logits[0], p, gen)
-                out.append(tok)
-                if on_token is not None and on_token(tok) is False:
-                    finish = "cancelled"
-                    break
-                if self._stops(tok, p):
-                    finish = "stop"
-                    break
-        t_dec = self.clock.now()
-
-        full = prompt + out
-        if plan is not None:
-            # Also after a cancel (a stop string, a client gone): the tokens generated so far
-            # are valid, and the next turn may match through them.
-            self._finalize(plan, full, g0, grid_state, kv, pages)
-            self.cm.finish(plan, full)
+        cm = self.cm if use_cache else None
+        check_request(self.cache_config if self.cm is not None else None, prompt, p.max_tokens,
+                      max_context=self.config.max_position_embeddings,
+                      vocab_size=self.config.vocab_size)
+        t0 = self.clock.now()
+        run = _Request(self, prompt, p, on_token, t0)
+        served = run_request(cm, prompt, p.max_tokens, session, run)
         t_end = self.clock.now()
-        st = RequestStats(
-            prompt_tokens=L, cached_tokens=m, snapshot_pos=s, replay_tokens=m - s,
-            new_tokens=L - m, generated_tokens=len(out), logits_sha256=digest,
-            match_s=t_match - t0, restore_s=t_restore - t_match, replay_s=replay_s,
-            prefill_s=prefill_s, ttft_s=t_first - t0, decode_s=t_dec - t_first,
-            finalize_s=t_end - t_dec, e2e_s=t_end - t0)
-        return GenerateResult(out, st, finish)
+        self.requests += 1
+        return GenerateResult(list(served.reply), run.stats(served.use, t_end), run.finish)
 
     def _decode_graphs(self) -> DecodeGraphs | None:
-        """The captured decode step (CUDA only; SBR_CUDA_GRAPHS=0 turns it off), built on
+        """The captured decode step (CUDA only, unless settings.cuda_graphs is off), built on
         first use."""
         if not self.cuda_graphs:
             return None
@@ -363,7 +219,7 @@ class Engine:
         return (not p.ignore_eos and eos is not None and tok == eos) or tok in p.stop_ids
 
     def _windows(self, ids: torch.Tensor, a: int, b: int, m: int, state: RecurrentState,
-                 kv: list[tuple[torch.Tensor, torch.Tensor]], want: set[int],
+                 kv: KV, want: set[int],
                  ) -> tuple[torch.Tensor, RecurrentState, dict[int, RecurrentState], float, float]:
         """Aligned windows over [a, b) from `state` at a (a on the grid). Window time counts as
         replay while the window's valid rows all lie before m, as prefill otherwise."""
@@ -388,52 +244,130 @@ class Engine:
         assert hidden is not None
         return hidden, state, caps, replay_s, prefill_s
 
-    def _finalize(self, plan: Plan, full: list[int], g0: int, grid_state: RecurrentState,
-                  kv: list[tuple[torch.Tensor, torch.Tensor]], pages: list[int]) -> None:
-        """Recompute the reply in aligned windows from the prompt's last grid state: canonical
-        KV for the reply's pages, and the end-of-generation snapshot."""
-        n, ps, L = len(full), self.args.page_size, plan.prompt_len
-        end = n // CHUNK * CHUNK
-        ids = torch.tensor(full, dtype=torch.long, device=self.device)
-        want = {end} if end > g0 else set()
-        _, _, caps, _, _ = self._windows(ids, g0, n, n, grid_state, kv, want)
-        self._scatter_kv(pages, kv, L, n)
-        self.cm.insert(plan, full[:n // ps * ps], pages)
-        if want:
-            self._admit(plan, full, [end], caps)
-
-    def _admit(self, plan: Plan, tokens: list[int], positions: Sequence[int],
-               caps: dict[int, RecurrentState]) -> None:
-        for pos in positions:
-            if pos not in caps:
-                continue
-            entry = self.cm.admit(plan, tokens, pos)
-            if entry is not None:
-                self.snap_ssm[entry.slot].copy_(caps[pos].ssm)
-                self.snap_conv[entry.slot].copy_(caps[pos].conv)
-
     def _page_index(self, pages: list[int], a: int, b: int) -> torch.Tensor:
         """Flat pool row of every position in [a, b)."""
-        ps = self.args.page_size
+        ps = self.cache_config.page_size
         pos = torch.arange(a, b)
         pg = torch.tensor(pages, dtype=torch.long)[pos // ps]
         return (pg * ps + pos % ps).to(self.device)
 
-    def _gather_kv(self, pages: list[int], m: int,
-                   kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _gather_kv(self, pages: list[int], m: int, kv: KV) -> None:
         idx = self._page_index(pages, 0, m)
         for (kb, vb), kp, vp in zip(kv, self.k_pool, self.v_pool, strict=True):
             kb[:m] = kp.view(-1, *kp.shape[2:]).index_select(0, idx)
             vb[:m] = vp.view(-1, *vp.shape[2:]).index_select(0, idx)
 
-    def _scatter_kv(self, pages: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]],
-                    a: int, b: int) -> None:
+    def _scatter_kv(self, pages: list[int], kv: KV, a: int, b: int) -> None:
         if b <= a:
             return
         idx = self._page_index(pages, a, b)
         for (kb, vb), kp, vp in zip(kv, self.k_pool, self.v_pool, strict=True):
             kp.view(-1, *kp.shape[2:]).index_copy_(0, idx, kb[a:b])
             vp.view(-1, *vp.shape[2:]).index_copy_(0, idx, vb[a:b])
+
+
+class _Request:
+    """The model's side of one request (engine.cache.driver.Executor): the windows, the
+    sampling, the decode and the finalize, with the phase timings."""
+
+    def __init__(self, eng: Engine, prompt: tuple[int, ...], p: SamplingParams,
+                 on_token: Callable[[int], bool] | None, t0: float) -> None:
+        self.eng, self.ids, self.p, self.on_token, self.t0 = eng, prompt, p, on_token, t0
+        self.finish = "length"
+        self.out: list[int] = []
+        self.times: dict[str, float] = {}
+        self.digest = ""
+        self.cancelled = False
+
+    def prompt(self, plan: Plan | None, pages: list[int]) -> Mapping[int, RecurrentState]:
+        eng, prompt, p = self.eng, self.ids, self.p
+        L, dev = len(prompt), eng.device
+        m = plan.matched if plan else 0
+        s = plan.restore_pos if plan else 0
+        n_max = L + p.max_tokens
+        cap = -(-n_max // eng.window) * eng.window + eng.window
+        self.kv = kv = eng.model.kv_buffers(cap, dev, eng.dtype)
+        if m:
+            eng._gather_kv(pages, m, kv)
+        t_match = eng.clock.now()
+        if plan is not None and plan.snapshot is not None:
+            slot = plan.snapshot.slot
+            state = RecurrentState(eng.snap_ssm[slot].clone(), eng.snap_conv[slot].clone())
+        else:
+            state = eng.model.zero_state(dev, eng.dtype)
+        t_restore = eng.clock.now()
+        self.g0 = g0 = L // CHUNK * CHUNK
+        want = set(plan.admit_positions) if plan else set()
+        if g0 > s:
+            want.add(g0)
+        ids = torch.tensor(prompt, dtype=torch.long, device=dev)
+        hidden, self.state_L, caps, replay_s, prefill_s = eng._windows(ids, s, L, m, state, kv,
+                                                                       want)
+        logits = eng.model.logits(hidden)[0]
+        self.digest = hashlib.sha256(logits.float().cpu().numpy().tobytes()).hexdigest()
+        self.gen = torch.Generator().manual_seed(p.seed if p.seed is not None else 0)
+        tok = _sample(logits, p, self.gen)
+        t_first = eng.clock.now()
+        self.grid_state = caps.get(g0, state) if g0 > s else state
+        self.out = [tok]
+        self.cancelled = self.on_token is not None and self.on_token(tok) is False
+        if plan is not None:
+            eng._scatter_kv(pages, kv, m, L)
+        self.times = {"match_s": t_match - self.t0, "restore_s": t_restore - t_match,
+                      "replay_s": replay_s, "prefill_s": prefill_s, "ttft_s": t_first - self.t0}
+        return caps
+
+    def store(self, entry: SnapshotEntry, state: RecurrentState) -> None:
+        self.eng.snap_ssm[entry.slot].copy_(state.ssm)
+        self.eng.snap_conv[entry.slot].copy_(state.conv)
+
+    def generate(self) -> list[int]:
+        eng, p, out = self.eng, self.p, self.out
+        L = len(self.ids)
+        if self.cancelled:
+            self.finish = "cancelled"
+        elif eng._stops(out[0], p):
+            self.finish = "stop"
+        else:
+            graphs = eng._decode_graphs()
+            if graphs is not None:
+                graphs.start(self.state_L)
+            state_cur = self.state_L
+            for i in range(1, p.max_tokens):
+                if graphs is not None:
+                    logits = graphs.step(out[-1], L + i - 1, self.kv)
+                else:
+                    h, state_cur = eng.model.step(out[-1], L + i - 1, state_cur, self.kv)
+                    logits = eng.model.logits(h)
+                tok = _sample(logits[0], p, self.gen)
+                out.append(tok)
+                if self.on_token is not None and self.on_token(tok) is False:
+                    self.finish = "cancelled"
+                    break
+                if eng._stops(tok, p):
+                    self.finish = "stop"
+                    break
+        self.t_dec = eng.clock.now()
+        return out
+
+    def reply(self, full: tuple[int, ...], pages: list[int],
+              end: int | None) -> Mapping[int, RecurrentState]:
+        """Recompute the reply in aligned windows from the prompt's last grid state: canonical
+        KV for the reply's pages (also after a cancel: the tokens so far are valid and the next
+        turn may match through them), and the state at `end`."""
+        eng = self.eng
+        n = len(full)
+        ids = torch.tensor(full, dtype=torch.long, device=eng.device)
+        want = {end} if end is not None else set()
+        _, _, caps, _, _ = eng._windows(ids, self.g0, n, n, self.grid_state, self.kv, want)
+        eng._scatter_kv(pages, self.kv, len(self.ids), n)
+        return caps
+
+    def stats(self, use: CacheUse, t_end: float) -> RequestStats:
+        t_dec = self.t_dec
+        timing = Timing(**self.times, decode_s=t_dec - self.t0 - self.times["ttft_s"],
+                        finalize_s=t_end - t_dec, e2e_s=t_end - self.t0)
+        return RequestStats(use, len(self.out), self.digest, timing)
 
 
 def _sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
@@ -466,5 +400,4 @@ def _device(name: str) -> str:
     return name
 
 
-__all__ = ["Engine", "EngineCacheArgs", "SamplingParams", "RequestStats", "GenerateResult",
-           "parse_bytes", "ConfigError"]
+__all__ = ["Engine", "GenerateResult", "SamplingParams"]

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import anyio
 from fastapi import FastAPI, Request
@@ -37,13 +37,14 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from engine.chat import ChatTemplate, Message, TextStream, encode_text
 from engine.errors import BudgetError, UserError
+from engine.record import CACHE_FIELDS, TIMING_FIELDS
 from engine.runtime import GenerateResult, SamplingParams
 
 log = logging.getLogger("engine.server")
@@ -66,16 +67,6 @@ CACHE_COUNTERS = frozenset(
         "kv_evicted_pages",
     }
 )
-TIMING_FIELDS = (
-    "match_s",
-    "restore_s",
-    "replay_s",
-    "prefill_s",
-    "ttft_s",
-    "decode_s",
-    "finalize_s",
-    "e2e_s",
-)
 
 
 class EngineLike(Protocol):
@@ -83,6 +74,7 @@ class EngineLike(Protocol):
 
     tokenizer: Any
     config: Any
+    template: ChatTemplate
 
     def generate(
         self,
@@ -200,30 +192,23 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-class SbrTiming(BaseModel):
-    queue_s: float
-    match_s: float
-    restore_s: float
-    replay_s: float
-    prefill_s: float
-    ttft_s: float
-    decode_s: float
-    finalize_s: float
-    e2e_s: float
-
-
-class SbrInfo(BaseModel):
-    """The cache at work: what was matched, restored, replayed and newly computed."""
-
-    prompt_tokens: int
-    cached_tokens: int
-    snapshot_pos: int
-    replay_tokens: int
-    new_tokens: int
-    generated_tokens: int
-    logits_sha256: str
-    session: str | None
-    timing: SbrTiming
+# The `sbr` object's schema, derived from the engine's per-request record (engine/record.py).
+_TIMING_FIELDS: dict[str, Any] = {k: (float, ...) for k in ("queue_s", *TIMING_FIELDS)}
+SbrTiming = create_model("SbrTiming", **_TIMING_FIELDS)
+_SBR_FIELDS: dict[str, Any] = {
+    **{k: (int, ...) for k in CACHE_FIELDS},
+    "generated_tokens": (int, ...),
+    "logits_sha256": (str, ...),
+    "session": (str | None, ...),
+    "timing": (SbrTiming, ...),
+}
+if TYPE_CHECKING:
+    SbrInfo = BaseModel
+else:
+    SbrInfo = create_model(
+        "SbrInfo",
+        __doc__="The cache at work: what was matched, restored, replayed and newly computed.",
+        **_SBR_FIELDS)
 
 
 class ChatResponseMessage(BaseModel):
@@ -620,9 +605,10 @@ class Metrics:
             self.observe(out)
 
     def observe(self, out: Outcome) -> None:
-        s = out.result.stats
-        self.ttft.observe(s.ttft_s)
-        self.e2e.observe(s.e2e_s)
+        st = out.result.stats
+        s = st.cache
+        self.ttft.observe(st.timing.ttft_s)
+        self.e2e.observe(st.timing.e2e_s)
         self.queue_wait.observe(out.queue_s)
         self.replay_hist.observe(s.replay_tokens)
         for kind, n in (
@@ -630,7 +616,7 @@ class Metrics:
             ("cached", s.cached_tokens),
             ("replay", s.replay_tokens),
             ("new", s.new_tokens),
-            ("generated", s.generated_tokens),
+            ("generated", st.generated_tokens),
         ):
             self.tokens.labels(kind).inc(n)
 
@@ -639,28 +625,25 @@ class Metrics:
 
 
 def _usage(out: Outcome) -> dict:
-    s = out.result.stats
+    st = out.result.stats
+    n = st.cache.prompt_tokens
     return {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.generated_tokens,
-        "total_tokens": s.prompt_tokens + s.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
+        "prompt_tokens": n,
+        "completion_tokens": st.generated_tokens,
+        "total_tokens": n + st.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": st.cache.cached_tokens},
     }
 
 
 def _sbr(out: Outcome, session: str | None) -> dict:
-    s = out.result.stats
-    timing = {"queue_s": out.queue_s, **{k: getattr(s, k) for k in TIMING_FIELDS}}
+    """The `sbr` object: the engine's record (engine/record.py), the session, the queue wait."""
+    st = out.result.stats
     return {
-        "prompt_tokens": s.prompt_tokens,
-        "cached_tokens": s.cached_tokens,
-        "snapshot_pos": s.snapshot_pos,
-        "replay_tokens": s.replay_tokens,
-        "new_tokens": s.new_tokens,
-        "generated_tokens": s.generated_tokens,
-        "logits_sha256": s.logits_sha256,
+        **st.cache._asdict(),
+        "generated_tokens": st.generated_tokens,
+        "logits_sha256": st.logits_sha256,
         "session": session,
-        "timing": timing,
+        "timing": {"queue_s": out.queue_s, **st.timing._asdict()},
     }
 
 
@@ -765,7 +748,7 @@ def create_app(
     worker = EngineWorker(engine, max_queue)
     metrics = Metrics(worker)
     worker.on_finish = metrics.finished
-    template = ChatTemplate(engine.tokenizer)
+    template: ChatTemplate = engine.template
     tokenizer = engine.tokenizer
     context = int(engine.config.max_position_embeddings)
     vocab = int(tokenizer.vocab_size)

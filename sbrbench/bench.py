@@ -555,13 +555,15 @@ def build_model_on_gpu(preset_name: str, dtype: torch.dtype, seed: int = 0) -> A
 
 
 def _engine(model: Any, dtype: torch.dtype, window: int, kv_tokens: int) -> Any:
-    from engine.runtime import Engine, EngineCacheArgs  # noqa: PLC0415
+    from engine.cache.settings import CacheSettings  # noqa: PLC0415
+    from engine.runtime import Engine  # noqa: PLC0415
+    from engine.settings import EngineSettings  # noqa: PLC0415
     from engine.tokenizer import ByteTokenizer  # noqa: PLC0415
 
     cfg = model.cfg
-    args = EngineCacheArgs(policy="lru", snapshot_slots=2, exec_window=window,
-                           kv_budget_tokens=kv_tokens)
-    return Engine(model, ByteTokenizer(cfg.vocab_size, cfg.eos_token_id), DEVICE, dtype, args)
+    cache = CacheSettings(policy="lru", snapshot_slots=2, kv_budget_tokens=kv_tokens)
+    return Engine(model, ByteTokenizer(cfg.vocab_size, cfg.eos_token_id), DEVICE, dtype, cache,
+                  settings=EngineSettings.from_env(exec_window=window))
 
 
 def bench_prefill_rows(model: Any, dtype: torch.dtype, lengths: Sequence[int],
@@ -582,7 +584,8 @@ def bench_prefill_rows(model: Any, dtype: torch.dtype, lengths: Sequence[int],
             # warm-up: compile the kernels of windows with and without grid captures
             eng.generate(ids[:n], SamplingParams(max_tokens=1), use_cache=False)
         for n in lengths:
-            stats = [eng.generate(ids[:n], SamplingParams(max_tokens=1), use_cache=False).stats
+            one = SamplingParams(max_tokens=1)
+            stats = [eng.generate(ids[:n], one, use_cache=False).stats.timing
                      for _ in range(reps)]
             each = [round(s.prefill_s, 4) for s in stats]
             pre = statistics.median(s.prefill_s for s in stats)

@@ -139,9 +139,10 @@ def static_params(checkpoint: Path | None, preset: str | None, seed: int) -> lis
 
 def load_engine(checkpoint: Path | None, preset: str | None, seed: int, device: str) -> Engine:
     """The engine without its prefix cache (a trace needs neither KV pool nor snapshots)."""
-    from engine.runtime import Engine, EngineCacheArgs
+    from engine.cache.settings import CacheSettings
+    from engine.runtime import Engine
 
-    no_cache = EngineCacheArgs(enabled=False, snapshot_slots=0, kv_budget_tokens=16)
+    no_cache = CacheSettings(enabled=False, snapshot_slots=0, kv_budget_tokens=16)
     if checkpoint is None:
         return Engine.from_preset(str(preset), device=device, seed=seed, cache=no_cache)
     decay.read_gdn_params(checkpoint, need_projections=True)  # fail fast, before loading

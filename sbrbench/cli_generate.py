@@ -64,10 +64,10 @@ def register(app: typer.Typer) -> None:
         res = eng.generate(ids, SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
                                                max_tokens=max_tokens, ignore_eos=ignore_eos),
                            use_cache=False)
-        st = res.stats
-        timings = {"ttft_s": st.ttft_s, "decode_s": st.decode_s, "e2e_s": st.e2e_s,
-                   "prefill_tok_s": st.prompt_tokens / st.ttft_s if st.ttft_s else None,
-                   "decode_tok_s": (len(res.tokens) - 1) / st.decode_s if st.decode_s else None}
+        st, t = res.stats, res.stats.timing
+        timings = {"ttft_s": t.ttft_s, "decode_s": t.decode_s, "e2e_s": t.e2e_s,
+                   "prefill_tok_s": len(ids) / t.ttft_s if t.ttft_s else None,
+                   "decode_tok_s": (len(res.tokens) - 1) / t.decode_s if t.decode_s else None}
         out = {"tokens": res.tokens, "text": eng.tokenizer.decode(res.tokens),
                "finish_reason": res.finish_reason, "prompt_tokens": len(ids),
                "logits_sha256": st.logits_sha256, "timings": timings,
@@ -78,5 +78,5 @@ def register(app: typer.Typer) -> None:
         con = Console()
         con.print(f"[bold]tokens[/] {res.tokens}")
         con.print(f"[bold]text[/] {out['text']!r}")
-        con.print(f"[dim]prompt {len(ids)} tok, TTFT {st.ttft_s * 1e3:.1f} ms, "
-                  f"e2e {st.e2e_s * 1e3:.1f} ms, finish {res.finish_reason}[/]")
+        con.print(f"[dim]prompt {len(ids)} tok, TTFT {t.ttft_s * 1e3:.1f} ms, "
+                  f"e2e {t.e2e_s * 1e3:.1f} ms, finish {res.finish_reason}[/]")

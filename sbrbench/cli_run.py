@@ -8,7 +8,9 @@ from typing import Any, NamedTuple
 import typer
 from rich.console import Console
 
+from engine.cache.settings import CacheSettings
 from engine.errors import UserError
+from sbrbench.cache_options import cache_settings, parse_adaptive_opts, split_policies
 from sbrbench.results import (
     ResultWriter,
     argv,
@@ -25,14 +27,9 @@ from sbrbench.scenarios import (
     make_scenario,
     run_scenario,
 )
-from sbrbench.targets import (
-    CacheSpec,
-    EngineTarget,
-    HttpTarget,
-    Target,
-    parse_adaptive_opts,
-    parse_bytes,
-)
+from sbrbench.targets.base import Target
+from sbrbench.targets.engine import EngineTarget
+from sbrbench.targets.http import HttpTarget
 
 console = Console()
 TARGETS = ("engine", "http", "sim")
@@ -53,56 +50,9 @@ class TargetArgs(NamedTuple):
     concurrency: int
 
 
-def split_policies(text: str) -> list[str]:
-    pols = [p.strip() for p in text.split(",") if p.strip()]
-    if not pols:
-        raise UserError("--policy: no policy given")
-    if len(set(pols)) != len(pols):
-        raise UserError(f"--policy {text!r}: a policy is listed twice")
-    from engine.cache.policies import POLICIES
-
-    for p in pols:
-        if p not in POLICIES or p == "belady":
-            known = ", ".join(k for k in POLICIES if k != "belady")
-            raise UserError(f"--policy: unknown policy {p!r} (known: {known})")
-    return pols
-
-
-def make_spec(
-    cfg: ScenarioConfig,
-    policy: str,
-    *,
-    tail_pin_k: int | None,
-    marconi_alpha: float | None,
-    snapshot_slots: int | None,
-    snapshot_budget: str | None,
-    snapshot_interval: int | None,
-    kv_budget_tokens: int | None,
-    adaptive_opts: dict[str, Any] | None = None,
-) -> CacheSpec:
-    """Cache settings: CLI flags over the scenario's [engine] table."""
-    e = cfg.engine
-    budget = snapshot_budget if snapshot_budget is not None else e["snapshot_budget"]
-    spec = CacheSpec(
-        policy=policy,
-        tail_pin_k=tail_pin_k if tail_pin_k is not None else e["tail_pin_k"],
-        marconi_alpha=marconi_alpha if marconi_alpha is not None else e["marconi_alpha"],
-        snapshot_slots=snapshot_slots if snapshot_slots is not None else e["snapshot_slots"],
-        snapshot_budget_bytes=parse_bytes(budget) if budget else None,
-        snapshot_interval=snapshot_interval
-        if snapshot_interval is not None
-        else e["snapshot_interval"],
-        page_size=e["page_size"],
-        kv_budget_tokens=kv_budget_tokens
-        if kv_budget_tokens is not None
-        else e["kv_budget_tokens"],
-        adaptive_opts=dict(adaptive_opts or {}),
-    )
-    if spec.tail_pin_k < 1 or spec.snapshot_slots < 1:
-        raise UserError("--tail-pin-k and --snapshot-slots must be >= 1")
-    if spec.snapshot_interval < 0 or spec.kv_budget_tokens < 0:
-        raise UserError("--snapshot-interval and --kv-budget-tokens must be >= 0")
-    return spec
+def make_settings(cfg: ScenarioConfig, policy: str, flags: dict[str, Any]) -> CacheSettings:
+    """Cache settings of one policy run: CLI flags over the scenario's [engine] table."""
+    return cache_settings(policy, cfg.engine, **flags)
 
 
 def load_sim_target() -> Any:
@@ -112,11 +62,11 @@ def load_sim_target() -> Any:
     return SimTarget
 
 
-def make_target(args: TargetArgs, spec: CacheSpec) -> Target:
+def make_target(args: TargetArgs, cache: CacheSettings) -> Target:
     """A fresh target for one policy run (fresh cache state)."""
     if args.kind == "engine":
         return EngineTarget.build(
-            spec=spec,
+            cache=cache,
             preset=args.preset,
             checkpoint=args.checkpoint,
             device=args.device,
@@ -125,7 +75,7 @@ def make_target(args: TargetArgs, spec: CacheSpec) -> Target:
         )
     if args.kind == "sim":
         return load_sim_target().build(
-            spec=spec,
+            cache=cache,
             preset=args.preset,
             checkpoint=args.checkpoint,
             device=args.device,
@@ -154,7 +104,7 @@ class RunResult(NamedTuple):
 def run_one(
     cfg: ScenarioConfig,
     target: Target,
-    spec: CacheSpec | None,
+    cache: CacheSettings | None,
     out: Path,
     *,
     seed: int,
@@ -170,16 +120,7 @@ def run_one(
     scenario.prepare(target)
     warm = getattr(target, "warmup", None) if warmup else None
     warmup_s = warm() if callable(warm) else None
-    eng: dict[str, Any] = {}
-    if spec is not None:
-        eng = {
-            "policy": spec.policy,
-            "tail_pin_k": spec.tail_pin_k if spec.policy == "tail-pin" else None,
-            "policy_opts": spec.policy_opts(),
-            "snapshot_slots": spec.snapshot_slots,
-            "snapshot_budget_bytes": spec.snapshot_budget_bytes,
-        }
-    eng.update(target.engine_info() or {})
+    eng: dict[str, Any] = dict(target.engine_info() or {})
     if declared_policy and not eng.get("policy"):
         # an HTTP server's policy is what the user says it is; keep it, marked as declared
         eng.update(policy=declared_policy, policy_declared=True)
@@ -192,7 +133,6 @@ def run_one(
         "target": target.describe(),
         "engine": eng,
         "params": {**cfg.params, "seed": seed},
-        "cache_spec": spec.to_dict() if spec else None,
         "scenario_file": cfg.source,
         "warmup_s": warmup_s,
     }
@@ -259,12 +199,13 @@ def register(app: typer.Typer) -> None:
         policy: str | None = typer.Option(
             None, help="eviction policy, or a,b to run both and compare (default: scenario's)"
         ),
-        tail_pin_k: int | None = typer.Option(None, help="tail-pin: K deepest pinned"),
+        tail_pin_k: int | None = typer.Option(None, min=1, help="tail-pin: K deepest pinned"),
         marconi_alpha: float | None = typer.Option(None, help="marconi: FLOP-saving weight"),
-        snapshot_slots: int | None = typer.Option(None, help="snapshot pool slots"),
+        snapshot_slots: int | None = typer.Option(None, min=1, help="snapshot pool slots"),
         snapshot_budget: str | None = typer.Option(None, help="snapshot pool bytes, e.g. 2GiB"),
-        snapshot_interval: int | None = typer.Option(None, help="tokens between snapshots"),
-        kv_budget_tokens: int | None = typer.Option(None, help="KV pool size in tokens"),
+        snapshot_interval: int | None = typer.Option(
+            None, min=0, help="tokens between snapshots"),
+        kv_budget_tokens: int | None = typer.Option(None, min=1, help="KV pool size in tokens"),
         adaptive_opt: list[str] = typer.Option(
             [], "--adaptive-opt",
             help="adaptive: policy option KEY=VALUE, repeatable (duel=1000, hazard=empirical)"),
@@ -289,6 +230,10 @@ def register(app: typer.Typer) -> None:
         aopts = parse_adaptive_opts(adaptive_opt)
         if aopts and target == "http":
             raise UserError("--adaptive-opt needs --target engine or sim (set it on the server)")
+        flags: dict[str, Any] = dict(
+            tail_pin_k=tail_pin_k, marconi_alpha=marconi_alpha, adaptive_opts=aopts,
+            snapshot_slots=snapshot_slots, snapshot_budget=snapshot_budget,
+            snapshot_interval=snapshot_interval, kv_budget_tokens=kv_budget_tokens)
         targs = TargetArgs(
             target,
             preset,
@@ -312,41 +257,31 @@ def register(app: typer.Typer) -> None:
                     )
                 pols = [policy]
         else:
-            pols = list(split_policies(policy or cfg.engine["policy"]))
+            pols = list(split_policies(policy or cfg.engine.get("policy", "adaptive")))
         stamp = timestamp()
         results: list[RunResult] = []
         for pol in pols:
-            spec = None
+            cache = None
             if target != "http":
-                spec = make_spec(
-                    cfg,
-                    str(pol),
-                    tail_pin_k=tail_pin_k,
-                    marconi_alpha=marconi_alpha,
-                    snapshot_slots=snapshot_slots,
-                    snapshot_budget=snapshot_budget,
-                    snapshot_interval=snapshot_interval,
-                    kv_budget_tokens=kv_budget_tokens,
-                    adaptive_opts=aopts,
-                )
+                cache = make_settings(cfg, str(pol), flags)
             name = pol or "http"
             path = (
                 (out if len(pols) == 1 else sibling_out(out, name))
                 if out
                 else default_out(cfg.name, name, stamp)
             )
-            tgt = make_target(targs, spec or CacheSpec())
+            tgt = make_target(targs, cache or CacheSettings())
             try:
                 res = run_one(
                     cfg,
                     tgt,
-                    spec,
+                    cache,
                     path,
                     seed=seed,
                     label=label if len(pols) == 1 or not label else f"{label}-{name}",
                     progress=progress,
                     warmup=warmup,
-                    declared_policy=pol if spec is None else None,
+                    declared_policy=pol if cache is None else None,
                 )
             finally:
                 tgt.close()

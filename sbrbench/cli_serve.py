@@ -30,7 +30,8 @@ def serve(
         None, "--snapshot-budget", help="Snapshot pool bytes (2GiB, 512MB; default: slots decide)."
     ),
     snapshot_interval: int = typer.Option(
-        0, "--snapshot-interval", help="Tokens between snapshots (0: engine default)."
+        4096, "--snapshot-interval", min=0,
+        help="Also admit a snapshot every this many tokens of a prefill (0: off)."
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
     port: int = typer.Option(8000, "--port", help="Port to bind (0: any free port)."),
@@ -50,7 +51,8 @@ def serve(
 ) -> None:
     """OpenAI-compatible server (chat + completions, SSE, /metrics) over the engine."""
     from engine.server import serve as run_server
-    from sbrbench.targets import CacheSpec, EngineTarget, parse_adaptive_opts, parse_bytes
+    from sbrbench.cache_options import cache_settings, parse_adaptive_opts
+    from sbrbench.targets.engine import EngineTarget
 
     if max_queue < 1:
         raise UserError(f"--max-queue must be >= 1, got {max_queue}")
@@ -60,16 +62,16 @@ def serve(
         raise UserError(f"--port must lie in [0, 65535], got {port}")
     if checkpoint is not None and not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint}: not a directory")
-    spec = CacheSpec(
-        policy=policy,
+    cache = cache_settings(
+        policy,
         tail_pin_k=tail_pin_k,
         snapshot_slots=snapshot_slots,
-        snapshot_budget_bytes=parse_bytes(snapshot_budget) if snapshot_budget else None,
+        snapshot_budget=snapshot_budget,
         snapshot_interval=snapshot_interval,
         adaptive_opts=parse_adaptive_opts(adaptive_opt),
     )
     target = EngineTarget.build(
-        spec=spec,
+        cache=cache,
         preset=preset,
         checkpoint=str(checkpoint) if checkpoint else None,
         device=device,

@@ -13,8 +13,8 @@ from rich.table import Table
 
 from engine.errors import UserError
 from sbrbench import sim
+from sbrbench.cache_options import parse_adaptive_opts
 from sbrbench.costmodel import CostModel
-from sbrbench.targets import parse_adaptive_opts
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: room for the whole table
@@ -71,30 +71,23 @@ class Setup:
         link_replies: bool,
         branch_admission: bool = True,
     ) -> None:
+        from engine.cache.settings import CacheSettings, policy_flops
+        from engine.config import dtype_bytes
+        from sbrbench.costmodel import resolve
+
         if (trace is None) == (scenario is None):
             raise UserError("give exactly one of --trace FILE or --scenario NAME")
         self.model = sim.model_config(preset)
-        self.extra = {"branch_admission": branch_admission}
         self.preset, self.dtype = preset, dtype
-        from sbrbench.costmodel import resolve
-
         self.cost: CostModel = resolve(costmodel, preset, "cuda")
-        kv = kv_budget_tokens
-        if kv is None:
-            kv = TRACE_KV_TOKENS if trace is not None else sim.SimCacheArgs().kv_budget_tokens
-        self.args = sim.SimCacheArgs(
-            page_size=page_size,
-            snapshot_interval=sim.SimCacheArgs().snapshot_interval
-            if snapshot_interval is None
-            else snapshot_interval,
-            kv_budget_tokens=kv,
-        )
-        if page_size < 1 or 64 % page_size:
-            raise UserError(f"--page-size must divide 64, got {page_size}")
-        if self.args.snapshot_interval < 0 or self.args.snapshot_interval % 64:
-            raise UserError("--snapshot-interval must be 0 or a multiple of 64")
-        if kv < page_size:
-            raise UserError("--kv-budget-tokens must hold at least one page")
+        given: dict[str, Any] = {"page_size": page_size, "branch_admission": branch_admission}
+        if snapshot_interval is not None:
+            given["snapshot_interval"] = snapshot_interval
+        given["kv_budget_tokens"] = kv_budget_tokens if kv_budget_tokens is not None else (
+            TRACE_KV_TOKENS if trace is not None else CacheSettings().kv_budget_tokens)
+        self.settings = CacheSettings(policy="lru", **given)
+        self.snapshot_bytes = self.model.snapshot_bytes(dtype_bytes(dtype))
+        self.flops = policy_flops(self.model)
         t0 = time.perf_counter()
         if trace is not None:
             self.stream: sim.Stream = sim.load_trace(
@@ -108,31 +101,19 @@ class Setup:
         self, name: str, file: Path | None, sets: list[str], seed: int, limit: int
     ) -> sim.Stream:
         from sbrbench.scenarios import load_config
-        from sbrbench.targets import CacheSpec
 
         cfg = load_config(name, file, sets)
-        spec = CacheSpec(
-            policy="lru",
-            page_size=self.args.page_size,
-            snapshot_interval=self.args.snapshot_interval,
-            kv_budget_tokens=self.args.kv_budget_tokens,
-        )
-        stream = sim.record_scenario(cfg, seed, spec, preset_name=self.preset, dtype=self.dtype)
+        stream = sim.record_scenario(cfg, seed, self.settings, preset_name=self.preset,
+                                     dtype=self.dtype)
         if limit:
             stream = sim.ListStream(stream.requests[:limit], stream.info)
         return stream
 
-    def base(self, *, slots: int | None = None, budget: int | None = None) -> Any:
-        a = self.args
-        args = sim.SimCacheArgs(
-            policy="lru",
-            snapshot_slots=slots,
-            snapshot_budget_bytes=budget,
-            snapshot_interval=a.snapshot_interval,
-            page_size=a.page_size,
-            kv_budget_tokens=a.kv_budget_tokens,
-        )
-        return sim.cache_config(args, self.model, self.dtype, **self.extra)
+    def base(self, *, slots: int | None = None, budget: int | None = None) -> sim.SimCache:
+        settings = self.settings.replace(snapshot_budget_bytes=budget)
+        if slots is not None:
+            settings = settings.replace(snapshot_slots=slots)
+        return sim.SimCache(settings, self.snapshot_bytes, self.flops)
 
     def header(self) -> dict[str, Any]:
         from sbrbench.results import argv, capture_env, now_iso
@@ -145,14 +126,15 @@ class Setup:
             "model": {
                 "preset": self.preset,
                 "dtype": self.dtype,
-                "snapshot_bytes": self.model.snapshot_bytes(sim.DTYPE_BYTES[self.dtype]),
+                "snapshot_bytes": self.snapshot_bytes,
             },
             "costmodel": self.cost.describe(),
             "ttft": "modelled",
         }
 
 
-def _cache_info(cfg: Any) -> dict[str, Any]:
+def _cache_info(cache: sim.SimCache) -> dict[str, Any]:
+    cfg = cache.config()
     return {
         "page_size": cfg.page_size,
         "chunk": cfg.chunk,
@@ -162,12 +144,13 @@ def _cache_info(cfg: Any) -> dict[str, Any]:
         "snapshot_bytes": cfg.snapshot_bytes,
         "snapshot_budget_bytes": cfg.snapshot_slots * cfg.snapshot_bytes,
         "snapshot_interval": cfg.snapshot_interval,
-        "branch_admission": bool(getattr(cfg, "branch_admission", False)),
+        "branch_admission": cfg.branch_admission,
     }
 
 
 def _run_all(
-    setup: Setup, cfg: Any, vs: list[sim.PolicyVariant], future: sim.FutureIndex | None, label: str
+    setup: Setup, cache: sim.SimCache, vs: list[sim.PolicyVariant],
+    future: sim.FutureIndex | None, label: str
 ) -> dict[str, sim.PolicyRun]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -189,10 +172,9 @@ def _run_all(
             task = prog.add_task(f"{label} {v.name}", total=n)
             runs[v.name] = sim.run_policy(
                 setup.stream,
-                cfg,
+                cache,
                 v,
                 setup.cost,
-                model=setup.model,
                 future=future,
                 max_context=setup.model.max_position_embeddings,
                 progress=updater(task),
@@ -201,11 +183,13 @@ def _run_all(
     return runs
 
 
-def _future(setup: Setup, cfg: Any, vs: list[sim.PolicyVariant]) -> tuple[Any, float]:
+def _future(setup: Setup, cache: sim.SimCache,
+            vs: list[sim.PolicyVariant]) -> tuple[Any, float]:
     if not any(v.policy == "belady" for v in vs):
         return None, 0.0
     t0 = time.perf_counter()
-    fut = sim.FutureIndex(setup.stream, cfg, max_context=setup.model.max_position_embeddings)
+    fut = sim.FutureIndex(setup.stream, cache.config(),
+                          max_context=setup.model.max_position_embeddings)
     return fut, time.perf_counter() - t0
 
 
@@ -372,7 +356,7 @@ def plot_sweep(
 def _budget(text: str | None) -> int | None:
     if not text:
         return None
-    from sbrbench.targets import parse_bytes
+    from engine.cache.settings import parse_bytes
 
     return parse_bytes(text)
 
@@ -456,21 +440,19 @@ def register(app: typer.Typer) -> None:
             link_replies=link_replies,
             branch_admission=branch_admission,
         )
-        cfg = setup.base(
-            slots=16 if snapshot_slots is None and not snapshot_budget else snapshot_slots,
-            budget=_budget(snapshot_budget),
-        )
-        future, future_s = _future(setup, cfg, vs)
+        cache = setup.base(slots=snapshot_slots, budget=_budget(snapshot_budget))
+        n_slots = cache.config().snapshot_slots
+        future, future_s = _future(setup, cache, vs)
         if warmup and warmup >= len(setup.stream):
             raise UserError(f"--warmup {warmup} leaves none of the {len(setup.stream)} requests")
-        runs = _run_all(setup, cfg, vs, future, f"{cfg.snapshot_slots} slots")
+        runs = _run_all(setup, cache, vs, future, f"{n_slots} slots")
         summaries = {name: r.summary(warmup) for name, r in runs.items()}
         sim.versus_belady(summaries)
         doc: dict[str, Any] = {
             "schema": sim.SIM_SCHEMA,
             **setup.header(),
             "warmup_requests": warmup,
-            "cache": _cache_info(cfg),
+            "cache": _cache_info(cache),
             "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
             "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
             "summary": {"policies": summaries},
@@ -484,7 +466,7 @@ def register(app: typer.Typer) -> None:
                 summaries,
                 f"{len(setup.stream)} requests"
                 + (f" (first {warmup} not counted)" if warmup else "")
-                + f", {cfg.snapshot_slots} slots -> {path}",
+                + f", {n_slots} slots -> {path}",
             )
         )
 
@@ -572,8 +554,7 @@ def register(app: typer.Typer) -> None:
             "partial": True,
         }
         for s in slot_list:
-            cfg = setup.base(slots=s)
-            runs = _run_all(setup, cfg, vs, future, f"{s} slots")
+            runs = _run_all(setup, setup.base(slots=s), vs, future, f"{s} slots")
             summaries = {name: r.summary() for name, r in runs.items()}
             sim.versus_belady(summaries)
             for name, summ in summaries.items():

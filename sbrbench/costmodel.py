@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from engine.errors import ConfigError, UserError
+from engine.record import Timing
 
 COSTMODEL_SCHEMA = "sbrbench.costmodel/v1"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -76,16 +77,6 @@ def attention_work(s: int, L: int) -> int:
     return (L * (L + 1) - s * (s + 1)) // 2
 
 
-class Timing(NamedTuple):
-    """A modelled TTFT split like the engine's phases (seconds)."""
-
-    restore_s: float
-    replay_s: float
-    prefill_s: float
-    overhead_s: float
-    ttft_s: float
-
-
 @dataclass(slots=True)
 class CostModel:
     """Coefficients of the TTFT model (seconds) and where they came from."""
@@ -121,16 +112,21 @@ class CostModel:
         rows, pairs = self.work(s, L)
         return self.a * rows + self.b * pairs + self.c + (self.restore if s > 0 else 0.0)
 
-    def timing(self, s: int, m: int, L: int) -> Timing:
-        """`ttft` split into restore, replay [s, m), prefill [m, L) and the constant. Windowed:
-        a window is replay when it ends at or before m (as the engine counts it)."""
+    def timing(self, s: int, m: int, L: int, generated: int = 1) -> Timing:
+        """The engine's phase split, modelled: the per-request constant as match_s, restore,
+        replay [s, m), prefill [m, L), decode of the `generated` tokens after the first; no
+        finalize. Windowed: a window is replay when it ends at or before m (as the engine
+        counts it)."""
         restore = self.restore if s > 0 else 0.0
         cut = max(min(m // self.window * self.window, L), s) if self.window else m
         r_rows, r_pairs = self.work(s, cut)
         rows, pairs = self.work(s, L)
         replay = self.a * r_rows + self.b * r_pairs
         prefill = self.a * (rows - r_rows) + self.b * (pairs - r_pairs)
-        return Timing(restore, replay, prefill, self.c, restore + replay + prefill + self.c)
+        ttft = restore + replay + prefill + self.c
+        decode = self.decode * max(0, generated - 1)
+        return Timing(match_s=self.c, restore_s=restore, replay_s=replay, prefill_s=prefill,
+                      ttft_s=ttft, decode_s=decode, finalize_s=0.0, e2e_s=ttft + decode)
 
     def e2e(self, ttft_s: float, generated: int) -> float:
         return ttft_s + self.decode * max(0, generated - 1)
@@ -348,19 +344,22 @@ def measure_point(
     if m > s:
         engine.generate(toks[: m + 1], one)
         cm = engine.cm
+        assert cm is not None
         for pos in range(s + 64, m + 1, 64):
             node = cm.radix.find(toks, pos)
             if node is not None and node.snapshot is not None:
                 cm.index.drop(node.snapshot, "policy")
     res = engine.generate(toks, SamplingParams(max_tokens=decode_tokens, ignore_eos=True))
     st = res.stats
-    if st.snapshot_pos != s or st.cached_tokens != m:
+    use = st.cache
+    if use.snapshot_pos != s or use.cached_tokens != m:
         raise RuntimeError(
-            f"calibration point {point}: engine restored at {st.snapshot_pos} with "
-            f"{st.cached_tokens} cached (KV or snapshot budget too small?)"
+            f"calibration point {point}: engine restored at {use.snapshot_pos} with "
+            f"{use.cached_tokens} cached (KV or snapshot budget too small?)"
         )
-    dec = st.decode_s / (st.generated_tokens - 1) if st.generated_tokens > 1 else None
-    return st.ttft_s, dec
+    t = st.timing
+    dec = t.decode_s / (st.generated_tokens - 1) if st.generated_tokens > 1 else None
+    return t.ttft_s, dec
 
 
 def fit(samples: Sequence[Sample], window: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
@@ -484,7 +483,8 @@ def calibrate(
     on_sample: Callable[[Sample], None] | None = None,
 ) -> CostModel:
     """Time `Engine.generate` at each point (fastest of `reps`) and fit the model."""
-    from engine.runtime import Engine, EngineCacheArgs
+    from engine.cache.settings import CacheSettings
+    from engine.runtime import Engine
 
     pts = list(points) if points is not None else default_points(preset_name)
     for p in pts:
@@ -502,7 +502,7 @@ def calibrate(
         device=device,
         dtype=dtype,
         seed=seed,
-        cache=EngineCacheArgs(
+        cache=CacheSettings(
             policy="lru",
             snapshot_slots=8,
             snapshot_interval=0,

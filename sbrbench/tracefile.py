@@ -20,6 +20,10 @@ import numpy as np
 from engine.errors import ConfigError
 
 TRACE_BLOCK = 512  # tokens per hash id in the Mooncake release
+# The first 400 requests of the Mooncake conversation trace, shipped with the package
+# (sbrbench/data/traces/README.md): the default trace of `run trace` and of the examples.
+SAMPLE_TRACE = (Path(__file__).resolve().parent / "data" / "traces"
+                / "mooncake-conversation-400.jsonl")
 
 
 class TraceRecord(NamedTuple):

@@ -105,6 +105,7 @@ class Adaptive(Policy):
     """Expected-replay value eviction (see the module docstring for the rule)."""
 
     name = "adaptive"
+    uses_model_flops = True
 
     def __init__(self, delta: float = 0.05, admit_control: bool = True,
                  surv: bool = True, rate: bool = True, freq: bool = True,

@@ -1,20 +1,10 @@
-"""The warm-path decision logic, shared by the engine and the simulator so both decide alike.
+"""The prefix cache's state and decisions: the KV radix tree, the snapshot index and the policy.
 
-Call sequence for one request (the engine's; the simulator does the same without tensors)::
-
-    plan = cm.begin(prompt, session)          # tick += 1; match, pick snapshot, lock path
-    try:
-        # restore plan.snapshot.slot (if any), replay [plan.restore_pos, plan.matched) over
-        # plan.kv_pages, then prefill [matched, L) into pages you allocate:
-        pages = plan.kv_pages + cm.alloc_pages(n_new, plan)      # BudgetError if it can't fit
-        for p in plan.admit_positions:                           # while prefilling
-            pages = cm.insert(plan, prompt[:p], pages)           # tokens[:p] into the tree
-            entry = cm.admit(plan, prompt, p)                    # None: refused / present
-            if entry is not None: write the state at p into pool[entry.slot]
-        ...decode...
-        pages = cm.insert(plan, prompt + reply, pages)           # so the next turn matches
-    finally:
-        cm.finish(plan, prompt + reply)       # seq_end marker, unlock, free unused pages
+`engine.cache.driver.run_request` is the one caller-side sequence (the engine and the simulator
+both go through it): ``begin`` (match, choose the snapshot, lock the path, plan admissions) ->
+``alloc_pages`` -> ``insert`` the prompt's whole pages -> ``admit`` the planned positions ->
+``insert`` prompt + reply -> ``admit`` the end-of-generation position -> ``finish`` (or
+``abort`` on failure).
 
 Pages allocated with ``alloc_pages(n, plan)`` belong to the plan until ``insert`` hands them to
 the tree; ``finish``/``abort`` frees the rest (e.g. the partial last page), so the caller never
@@ -35,17 +25,19 @@ from engine.errors import BudgetError, ConfigError, UserError
 
 
 class CacheConfig(NamedTuple):
-    page_size: int = 16
-    chunk: int = 64  # GDN chunk: snapshots only at multiples of it
-    kv_pages: int = 4096  # KV budget in pages of page_size tokens
-    snapshot_slots: int = 16  # snapshot pool size (the engine converts a byte budget)
-    snapshot_bytes: int = 0  # bytes of one snapshot (reporting and marconi's per-byte value)
-    snapshot_interval: int = 0  # also admit every this many tokens inside a prefill; 0 = off
-    policy: str = "forecast"
-    policy_opts: dict[str, Any] = {}  # never mutated
+    """The manager's resolved configuration; `CacheSettings.resolve` is where it is made."""
+
+    page_size: int
+    chunk: int  # GDN chunk: snapshots only at multiples of it
+    kv_pages: int  # KV budget in pages of page_size tokens
+    snapshot_slots: int  # snapshot pool size
+    snapshot_bytes: int  # bytes of one snapshot (reporting and marconi's per-byte value)
+    snapshot_interval: int  # also admit every this many tokens inside a prefill; 0 = off
+    policy: str
+    policy_opts: dict[str, Any]  # never mutated
     # Also admit at the deepest grid position of the matched prefix when the request branches
     # off a cached path there (Marconi's branch points); free: the replay passes through it.
-    branch_admission: bool = True
+    branch_admission: bool
 
 
 class Plan(NamedTuple):
@@ -67,13 +59,6 @@ class _Active:
     locks: list[RadixNode] = field(default_factory=list)
     snapshot: SnapshotEntry | None = None
     owned: set[int] = field(default_factory=set)  # page ids allocated, not yet in the tree
-
-
-def slots_for_budget(budget_bytes: int, snapshot_bytes: int) -> int:
-    """How many snapshots of ``snapshot_bytes`` fit in ``budget_bytes``."""
-    if snapshot_bytes <= 0:
-        raise ConfigError(f"snapshot size must be > 0 bytes, got {snapshot_bytes}")
-    return max(0, budget_bytes // snapshot_bytes)
 
 
 def _check_config(cfg: CacheConfig) -> None:

@@ -28,6 +28,8 @@ class Policy(ABC):
 
     name: ClassVar[str]
     offline: ClassVar[bool] = False  # True: needs the future (simulator only)
+    # True: takes the model's FLOP figures (settings.policy_flops) as constructor options
+    uses_model_flops: ClassVar[bool] = False
     # The manager's snapshot interval (0 = off): positions on this grid are interval snapshots,
     # the others request ends or branch points (the adaptive policy's `swap` tells them apart).
     grid_interval: int = 0
@@ -164,6 +166,7 @@ class Marconi(Policy):
     """
 
     name = "marconi"
+    uses_model_flops = True
 
     def __init__(
         self,

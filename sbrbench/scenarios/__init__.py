@@ -78,7 +78,7 @@ def parse_config(doc: dict, name: str, where: str) -> ScenarioConfig:
         if table not in doc:
             raise ConfigError(f"{where}: missing table [{table}]")
     params = check_table(doc["params"], cls.PARAMS, f"{where} [params]")
-    engine = check_table(doc["engine"], ENGINE_PARAMS, f"{where} [engine]")
+    engine = check_table(doc["engine"], ENGINE_PARAMS, f"{where} [engine]", required=False)
     cls.check_params(params, f"{where} [params]")
     return ScenarioConfig(name, desc, params, engine, where)
 

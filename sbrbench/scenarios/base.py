@@ -17,15 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
+from engine.chat import ChatTemplate, Message
 from engine.errors import ConfigError, UserError
-from sbrbench.targets import (
-    Request,
-    Response,
-    Target,
-    Turn,
-    generation_header,
-    render_turn,
-)
+from sbrbench.targets.base import Request, Response, Target
 
 _PKG = Path(__file__).resolve().parent.parent
 REPO_ROOT = _PKG.parent
@@ -46,15 +40,17 @@ class Param(NamedTuple):
     max: float | None = None
 
 
+# The [engine] table: the cache settings a scenario is meant to run with (sbrbench.cache_options;
+# a key left out takes engine.cache.settings.CacheSettings' default; flags override).
 ENGINE_PARAMS: dict[str, Param] = {
     "policy": Param(str, "policy or comma-separated policies to run"),
     "tail_pin_k": Param(int, "tail-pin: deepest snapshots pinned per resumable session", 1),
     "marconi_alpha": Param(float, "marconi: weight of FLOPs saved per byte", 0),
     "snapshot_slots": Param(int, "snapshot pool slots", 1),
-    "snapshot_budget": Param(str, "snapshot pool bytes, e.g. 2GiB ('' = slots only)"),
-    "snapshot_interval": Param(int, "tokens between admitted snapshots (0 = engine default)", 0),
-    "page_size": Param(int, "KV page size in tokens (0 = engine default)", 0),
-    "kv_budget_tokens": Param(int, "KV pool size in tokens (0 = engine default)", 0),
+    "snapshot_budget": Param(str, "snapshot pool bytes, e.g. 2GiB (instead of slots)"),
+    "snapshot_interval": Param(int, "also admit a snapshot every this many tokens (0 = off)", 0),
+    "page_size": Param(int, "KV page size in tokens (a divisor of 64)", 1, 64),
+    "kv_budget_tokens": Param(int, "KV pool size in tokens", 1),
 }
 
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -83,17 +79,20 @@ def check_value(key: str, value: Any, spec: Param, where: str) -> Any:
     return value
 
 
-def check_table(table: Any, schema: dict[str, Param], where: str) -> dict[str, Any]:
-    """Every key of `schema` present, no other key, each of the right type and bounds."""
+def check_table(table: Any, schema: dict[str, Param], where: str, *,
+                required: bool = True) -> dict[str, Any]:
+    """No key outside `schema`, each of the right type and bounds; with `required`, every key
+    of `schema` present."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: expected a table")
     unknown = sorted(set(table) - set(schema))
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(schema)})")
     missing = [k for k in schema if k not in table]
-    if missing:
+    if required and missing:
         raise ConfigError(f"{where}: missing key '{missing[0]}'")
-    return {k: check_value(k, table[k], spec, where) for k, spec in schema.items()}
+    return {k: check_value(k, table[k], spec, where) for k, spec in schema.items()
+            if k in table}
 
 
 def parse_set_value(key: str, text: str, spec: Param) -> Any:
@@ -155,7 +154,7 @@ _TOOL_KEYS = ["path", "line", "status", "msg", "value", "id", "size", "kind", "o
 
 
 class TextGen:
-    """Seeded printable-ASCII text (so byte ids == token ids on the byte-level tokenizer)."""
+    """Seeded printable-ASCII text (one byte per character: the byte-level tokenizer's tokens)."""
 
     def __init__(self, seed: int | str) -> None:
         self.rng = random.Random(seed)
@@ -164,17 +163,17 @@ class TextGen:
             for _ in range(600)
         ]
 
-    def _fill(self, n: int, piece: Callable[[], str]) -> tuple[int, ...]:
+    def _fill(self, n: int, piece: Callable[[], str]) -> str:
         out: list[str] = []
         size = 0
         while size < n:
             s = piece()
             out.append(s)
             size += len(s)
-        return tuple("".join(out).encode("ascii")[:n])
+        return "".join(out)[:n]
 
-    def prose(self, n: int) -> tuple[int, ...]:
-        """n token ids of sentence-like text."""
+    def prose(self, n: int) -> str:
+        """n characters of sentence-like text."""
 
         def sentence() -> str:
             w = [self.rng.choice(self.words) for _ in range(self.rng.randint(4, 14))]
@@ -182,8 +181,8 @@ class TextGen:
 
         return self._fill(n, sentence)
 
-    def tool_output(self, n: int) -> tuple[int, ...]:
-        """n token ids of log/JSON-like tool output."""
+    def tool_output(self, n: int) -> str:
+        """n characters of log/JSON-like tool output."""
 
         def record() -> str:
             keys = self.rng.sample(_TOOL_KEYS, self.rng.randint(2, 5))
@@ -204,38 +203,50 @@ class TextGen:
         return self._fill(n, record)
 
 
+# Tool outputs travel as user messages on every target (an OpenAI `tool` message needs a tool
+# call id a scenario does not have), marked so a reader of the prompt can tell them apart.
+TOOL_PREFIX = "[tool output]\n"
+
+
 class Conversation:
-    """A chat at token level; the prompt of each request extends the previous one plus reply."""
+    """A chat whose every request renders all turns so far with the target's chat template."""
 
-    def __init__(self, session: str) -> None:
+    def __init__(self, session: str, template: ChatTemplate) -> None:
         self.session = session
-        self.turns: list[Turn] = []
-        self._ids: list[int] = []
+        self.template = template
+        self.messages: list[Message] = []
+        self._ids: list[int] | None = None  # the rendered prompt, until the next add
 
-    def add(self, role: str, ids: tuple[int, ...], text: str | None = None) -> None:
-        turn = Turn(role, tuple(ids), text)
-        self.turns.append(turn)
-        self._ids.extend(render_turn(turn))
+    def add(self, role: str, text: str) -> None:
+        """Append a turn: "system", "user", or "tool" (sent as a marked user message)."""
+        if role == "tool":
+            role, text = "user", TOOL_PREFIX + text
+        self.messages.append(Message(role, text))
+        self._ids = None
+
+    def _prompt(self) -> list[int]:
+        if self._ids is None:
+            self._ids = self.template.render(self.messages)
+        return self._ids
 
     def request(self, max_tokens: int) -> Request:
-        """The next request: every turn so far, then the assistant header."""
-        return Request(
-            tuple(self._ids + generation_header()), tuple(self.turns), max_tokens, self.session
-        )
+        """The next request: every turn so far, then the assistant's generation prompt."""
+        return Request(tuple(self._prompt()), tuple(self.messages), max_tokens, self.session)
 
     def add_reply(self, resp: Response) -> None:
-        """Append the reply (empty on error, so the next prompt still extends this one)."""
+        """Append the reply (empty on error, so the next prompt still extends this one); with
+        the generated ids when the target knows them (they render exactly, lossy or not)."""
         if resp.error:
-            self.add("assistant", ())
-        elif resp.tokens or not resp.text:
-            self.add("assistant", tuple(resp.tokens), resp.text if resp.text else None)
+            self.messages.append(Message("assistant", ""))
         else:
-            self.add("assistant", tuple(resp.text.encode("utf-8")), resp.text)
+            ids = tuple(resp.tokens) if resp.stats is not None else None
+            self.messages.append(Message("assistant", resp.text, ids))
+        self._ids = None
 
     @property
     def depth(self) -> int:
         """Tokens of the next request's prompt."""
-        return len(self._ids) + len(generation_header())
+        return len(self._prompt())
 
 
 def turn_plan_lengths(rng: random.Random, p: dict[str, Any]) -> tuple[str, int]:
@@ -297,8 +308,13 @@ class Scenario(ABC):
         """Cross-field checks beyond types and bounds."""
         check_ranges(p, where)
 
-    def prepare(self, target: Target) -> None:  # noqa: B027 - optional hook
-        """Anything to check against the target before the first request (e.g. vocab size)."""
+    def prepare(self, target: Target) -> None:
+        """Take the target's chat template; subclasses also check what they need of the target
+        (e.g. its vocabulary) before the first request."""
+        self.template = target.template
+
+    def conversation(self, session: str) -> Conversation:
+        return Conversation(session, self.template)
 
     @abstractmethod
     def waves(self) -> Iterator[list[Step]]: ...
@@ -340,29 +356,15 @@ def _safe_send(target: Target, req: Request) -> Response:
 
 
 def make_row(i: int, step: Step, resp: Response, started_s: float) -> dict[str, Any]:
-    """A result row: the step's fields, then what the target measured."""
+    """A result row: the step's fields, then what the target measured (Response.row)."""
     req = step.request
     row: dict[str, Any] = {"i": i, **step.row}
     row.setdefault("depth", len(req.prompt_ids))
     row["session"] = req.session
     row["t_s"] = round(started_s, 6)
-    row.update(
-        ttft_s=resp.ttft_s,
-        e2e_s=resp.e2e_s,
-        prompt_tokens=resp.prompt_tokens if resp.prompt_tokens is not None else len(req.prompt_ids),
-        cached_tokens=resp.cached_tokens,
-        snapshot_pos=resp.snapshot_pos,
-        replay_tokens=resp.replay_tokens,
-        new_tokens=resp.new_tokens,
-        generated_tokens=resp.generated_tokens
-        if resp.generated_tokens is not None
-        else len(resp.tokens),
-        tokens=list(resp.tokens),
-        logits_sha256=resp.logits_sha256,
-        error=resp.error,
-    )
-    if resp.timings:
-        row["timings"] = resp.timings
+    row.update(resp.row())
+    if row.get("prompt_tokens") is None:
+        row["prompt_tokens"] = len(req.prompt_ids)
     return row
 
 
@@ -372,11 +374,13 @@ def run_scenario(
     on_row: Callable[[dict[str, Any]], None],
     concurrency: int = 1,
 ) -> RunOutcome:
-    """Send every wave of `scenario` to `target`, calling `on_row` with each finished row.
+    """Send every wave of `scenario` to `target` (after `scenario.prepare(target)`, which is
+    idempotent), calling `on_row` with each finished row.
 
     KeyboardInterrupt stops the run: rows already passed to `on_row` stay, and the outcome says
     it was interrupted. A row whose request failed carries `error`; the run goes on.
     """
+    scenario.prepare(target)
     clock = _Clock()
     conc = max(1, min(concurrency, getattr(target, "max_concurrency", 1)))
     n = errors = 0

@@ -12,7 +12,6 @@ from typing import Any
 
 from sbrbench.scenarios.base import (
     TURN_PARAMS,
-    Conversation,
     Param,
     Scenario,
     Step,
@@ -52,7 +51,7 @@ class DeepResume(Scenario):
 
     def waves(self) -> Iterator[list[Step]]:
         p = self.p
-        conv = Conversation("deep-0")
+        conv = self.conversation("deep-0")
         if p["system_tokens"]:
             conv.add("system", self.text.prose(p["system_tokens"]))
         turn = 0
@@ -79,7 +78,7 @@ class DeepResume(Scenario):
             turn += 1
 
     def _one_shot(self, cycle: int, j: int) -> Step:
-        one = Conversation(f"oneshot-{cycle}-{j}")
+        one = self.conversation(f"oneshot-{cycle}-{j}")
         one.add("user", self.text.prose(self.p["pressure_tokens"]))
         return Step(
             one.request(self.p["pressure_reply_tokens"]),

@@ -12,7 +12,6 @@ from typing import Any
 
 from sbrbench.scenarios.base import (
     TURN_PARAMS,
-    Conversation,
     Param,
     Scenario,
     Step,
@@ -47,7 +46,7 @@ class Parity(Scenario):
         p = self.p
         convs = []
         for c in range(p["convs"]):
-            conv = Conversation(f"par-{c}")
+            conv = self.conversation(f"par-{c}")
             if p["system_tokens"]:
                 conv.add("system", self.text.prose(p["system_tokens"]))
             conv.add("user", self.text.prose(p["first_tokens"]))
@@ -67,7 +66,7 @@ class Parity(Scenario):
             yield wave
             pressure = []
             for j in range(p["pressure"]):
-                one = Conversation(f"par-oneshot-{t}-{j}")
+                one = self.conversation(f"par-oneshot-{t}-{j}")
                 one.add("user", self.text.prose(p["pressure_tokens"]))
                 pressure.append(
                     Step(

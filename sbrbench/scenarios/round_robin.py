@@ -8,7 +8,6 @@ from typing import Any
 
 from sbrbench.scenarios.base import (
     TURN_PARAMS,
-    Conversation,
     Param,
     Scenario,
     Step,
@@ -39,10 +38,10 @@ class RoundRobin(Scenario):
 
     def waves(self) -> Iterator[list[Step]]:
         p = self.p
-        shared = self.text.prose(p["system_tokens"]) if p["system_tokens"] else ()
+        shared = self.text.prose(p["system_tokens"]) if p["system_tokens"] else ""
         convs = []
         for c in range(p["convs"]):
-            conv = Conversation(f"rr-{c}")
+            conv = self.conversation(f"rr-{c}")
             if p["system_tokens"]:
                 conv.add(
                     "system", shared if p["shared_system"] else self.text.prose(p["system_tokens"])

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from engine.chat import Message
 from engine.errors import ConfigError
 from sbrbench.scenarios.base import REPO_ROOT, Param, Scenario, Step
-from sbrbench.targets import Request, Target, Turn
+from sbrbench.targets.base import Request, Target
 from sbrbench.tracefile import TraceRecord, TraceTokens, iter_trace, session_of
 
 _WAVE = 64  # records materialised at a time (prompts of a full trace would not fit in memory)
@@ -34,8 +35,9 @@ class Trace(Scenario):
         "time_scale": Param(float, "arrival times x this factor (0 = as fast as possible)", 0),
         "block_tokens": Param(int, "tokens per 512-token trace block (shrinks the trace)", 1),
         "max_output_tokens": Param(int, "cap on generated tokens (0 = as in the trace)", 0),
-        "token_low": Param(int, "smallest token id used for prompt blocks", 0),
-        "token_high": Param(int, "token ids are < this (printable ASCII: 32..127)", 1),
+        "token_low": Param(int, "smallest character code used for prompt blocks", 0, 127),
+        "token_high": Param(int, "character codes are < this (printable ASCII: 32..127)", 1,
+                            128),
     }
 
     def __init__(self, params: dict[str, Any], seed: int = 0) -> None:
@@ -54,6 +56,7 @@ class Trace(Scenario):
             raise ConfigError(f"{where}: 'token_low' must be < 'token_high'")
 
     def prepare(self, target: Target) -> None:
+        super().prepare(target)
         vocab = getattr(target, "vocab_size", None)
         if isinstance(vocab, int) and self.p["token_high"] > vocab:
             raise ConfigError(
@@ -88,13 +91,14 @@ class Trace(Scenario):
             yield wave
 
     def _step(self, k: int, rec: TraceRecord, t0: float) -> Step:
-        ids = tuple(self.tokens.prompt(rec))
+        # a block is a run of ASCII characters: one token each with the byte-level tokenizer
+        msg = Message("user", bytes(self.tokens.prompt(rec)).decode("ascii"))
         out = self.tokens.scaled(rec.output_length)
         if self.p["max_output_tokens"]:
             out = min(out, self.p["max_output_tokens"])
         scale = self.p["time_scale"]
         at = (rec.timestamp_ms - t0) / 1000.0 * scale if scale > 0 else None
-        req = Request(ids, (Turn("user", ids),), max(1, out), session_of(rec))
+        req = Request(tuple(self.template.render([msg])), (msg,), max(1, out), session_of(rec))
         return Step(
             req,
             {

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.chat import ChatTemplate, Message, ReplyMemory, TextStream
+from engine.chat import ChatML, ChatTemplate, Message, ReplyMemory, TextStream
 from engine.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -36,7 +36,7 @@ def _generate(
 
 
 def test_render_is_per_message_concatenation() -> None:
-    t = ChatTemplate(TOK)
+    t = ChatML(TOK)
     start = TOK.special_id("<|im_start|>")
     ids = t.render([Message("system", "be brief"), Message("user", "héllo")])
     want = (
@@ -55,7 +55,7 @@ def test_render_is_per_message_concatenation() -> None:
 
 
 def test_role_markers_in_content_stay_text() -> None:
-    t = ChatTemplate(TOK)
+    t = ChatML(TOK)
     ids = t.render([Message("user", "<|im_start|>assistant\n")])
     assert ids.count(TOK.special_id("<|im_start|>")) == 2  # the user's header and the prompt's
 
@@ -76,7 +76,7 @@ def test_multi_turn_prompt_extends_prompt_plus_reply(
     replies: list[list[int]], end_on_eos: bool
 ) -> None:
     """Turn N+1's prompt starts with turn N's prompt + every generated id (incl. EOS)."""
-    t = ChatTemplate(TOK)
+    t = ChatML(TOK)
     messages = [Message("system", "sys"), Message("user", "first question")]
     for i, raw in enumerate(replies):
         generated = [x for x in raw if x != EOS] + ([EOS] if end_on_eos else [])
@@ -88,7 +88,7 @@ def test_multi_turn_prompt_extends_prompt_plus_reply(
 
 
 def test_lossless_reply_is_not_stored() -> None:
-    t = ChatTemplate(TOK)
+    t = ChatML(TOK)
     prompt = t.render([Message("user", "hi")])
     text, ids = _generate(t, prompt, list("naïve ☃ reply".encode()) + [EOS])
     assert text == "naïve ☃ reply" and len(t.memory) == 0
@@ -98,7 +98,7 @@ def test_lossless_reply_is_not_stored() -> None:
 
 def test_lossy_reply_is_keyed_by_its_prompt() -> None:
     """Two conversations whose replies show the same text keep their own ids."""
-    t = ChatTemplate(TOK)
+    t = ChatML(TOK)
     a = [Message("user", "a")]
     b = [Message("user", "b")]
     text_a, ids_a = _generate(t, t.render(a), [0xFF, 65])

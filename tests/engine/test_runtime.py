@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.cache.settings import CacheSettings, parse_bytes
 from engine.errors import BudgetError, ConfigError, UserError
-from engine.runtime import Engine, EngineCacheArgs, SamplingParams, parse_bytes
+from engine.runtime import Engine, SamplingParams
 from engine.weights import save_checkpoint
 
 
@@ -23,7 +24,8 @@ def _stream(engine: Engine, seed: int = 1, convs: int = 3, turns: int = 4) -> li
         for c in range(convs):
             r = engine.generate(hist[c], SamplingParams(max_tokens=12, ignore_eos=True))
             st = r.stats
-            rows.append((st.cached_tokens, st.snapshot_pos, st.replay_tokens, st.logits_sha256,
+            u = st.cache
+            rows.append((u.cached_tokens, u.snapshot_pos, u.replay_tokens, st.logits_sha256,
                          tuple(r.tokens)))
             hist[c] = hist[c] + r.tokens + [rnd.randrange(256) for _ in range(rnd.randrange(20,
                                                                                           140))]
@@ -33,7 +35,7 @@ def _stream(engine: Engine, seed: int = 1, convs: int = 3, turns: int = 4) -> li
 def test_policies_restore_different_snapshots_yet_bitwise_identical() -> None:
     runs = {}
     for pol in ("forecast", "tail-pin"):
-        eng = Engine.from_preset("tiny", cache=EngineCacheArgs(policy=pol, snapshot_slots=3,
+        eng = Engine.from_preset("tiny", cache=CacheSettings(policy=pol, snapshot_slots=3,
                                                                snapshot_interval=128))
         runs[pol] = _stream(eng)
     a, b = runs["forecast"], runs["tail-pin"]
@@ -43,7 +45,7 @@ def test_policies_restore_different_snapshots_yet_bitwise_identical() -> None:
 
 
 def test_cold_and_warm_are_identical() -> None:
-    eng = Engine.from_preset("tiny", cache=EngineCacheArgs(policy="lru", snapshot_slots=2))
+    eng = Engine.from_preset("tiny", cache=CacheSettings(policy="lru", snapshot_slots=2))
     rnd = random.Random(5)
     prompt = [rnd.randrange(256) for _ in range(150)]
     first = eng.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))
@@ -51,13 +53,13 @@ def test_cold_and_warm_are_identical() -> None:
     warm = eng.generate(prompt2, SamplingParams(max_tokens=10, ignore_eos=True))
     cold = eng.generate(prompt2, SamplingParams(max_tokens=10, ignore_eos=True),
                         use_cache=False)
-    assert warm.stats.cached_tokens > 0 and warm.stats.snapshot_pos > 0
+    assert warm.stats.cache.cached_tokens > 0 and warm.stats.cache.snapshot_pos > 0
     assert warm.tokens == cold.tokens
     assert warm.stats.logits_sha256 == cold.stats.logits_sha256
 
 
 def test_kv_budget_error_keeps_engine_serving() -> None:
-    eng = Engine.from_preset("tiny", cache=EngineCacheArgs(kv_budget_tokens=256))
+    eng = Engine.from_preset("tiny", cache=CacheSettings(kv_budget_tokens=256))
     with pytest.raises(BudgetError, match="KV"):
         eng.generate(list(range(250)), SamplingParams(max_tokens=20))
     ok = eng.generate(list(range(100)), SamplingParams(max_tokens=4, ignore_eos=True))
@@ -67,8 +69,8 @@ def test_kv_budget_error_keeps_engine_serving() -> None:
 
 def test_snapshot_budget_smaller_than_one_snapshot() -> None:
     with pytest.raises(BudgetError, match="smaller than one snapshot"):
-        Engine.from_preset("tiny", cache=EngineCacheArgs(snapshot_budget_bytes=1000))
-    eng = Engine.from_preset("tiny", cache=EngineCacheArgs(snapshot_budget_bytes=parse_bytes(
+        Engine.from_preset("tiny", cache=CacheSettings(snapshot_budget_bytes=1000))
+    eng = Engine.from_preset("tiny", cache=CacheSettings(snapshot_budget_bytes=parse_bytes(
         "1MiB")))
     assert eng.slots == (1 << 20) // eng.snapshot_bytes
 
@@ -81,7 +83,7 @@ def test_bad_requests_are_user_errors() -> None:
         eng.generate([1, 2], SamplingParams(max_tokens=0))
     with pytest.raises(UserError, match="empty"):
         eng.generate([])
-    assert eng.generate([1, 2, 3], SamplingParams(max_tokens=2)).stats.prompt_tokens == 3
+    assert eng.generate([1, 2, 3], SamplingParams(max_tokens=2)).stats.cache.prompt_tokens == 3
 
 
 def test_parse_bytes() -> None:

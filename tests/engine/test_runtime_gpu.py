@@ -7,9 +7,12 @@ import random
 import pytest
 import torch
 
-from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+from engine.cache.settings import CacheSettings
+from engine.runtime import Engine, SamplingParams
+from engine.settings import EngineSettings
 
 pytestmark = pytest.mark.gpu
+WINDOW_256 = EngineSettings(exec_window=256)
 
 
 def _stream(engine: Engine, seed: int = 3) -> list[tuple]:
@@ -19,7 +22,7 @@ def _stream(engine: Engine, seed: int = 3) -> list[tuple]:
     for _ in range(4):
         for c in range(3):
             r = engine.generate(hist[c], SamplingParams(max_tokens=8, ignore_eos=True))
-            rows.append((r.stats.snapshot_pos, r.stats.logits_sha256, tuple(r.tokens)))
+            rows.append((r.stats.cache.snapshot_pos, r.stats.logits_sha256, tuple(r.tokens)))
             hist[c] += r.tokens + [rnd.randrange(256) for _ in range(rnd.randrange(50, 400))]
     return rows
 
@@ -28,8 +31,8 @@ def _stream(engine: Engine, seed: int = 3) -> list[tuple]:
 def test_cuda_parity_across_policies(dtype: str) -> None:
     runs = []
     for pol in ("forecast", "tail-pin"):
-        eng = Engine.from_preset("small", device="cuda", dtype=dtype, cache=EngineCacheArgs(
-            policy=pol, snapshot_slots=3, snapshot_interval=256, exec_window=256))
+        eng = Engine.from_preset("small", device="cuda", dtype=dtype, cache=CacheSettings(
+            policy=pol, snapshot_slots=3, snapshot_interval=256), settings=WINDOW_256)
         runs.append(_stream(eng))
         del eng
         torch.cuda.empty_cache()
@@ -40,14 +43,14 @@ def test_cuda_parity_across_policies(dtype: str) -> None:
 
 def test_cuda_cold_equals_warm() -> None:
     eng = Engine.from_preset("small", device="cuda", dtype="bfloat16",
-                             cache=EngineCacheArgs(policy="lru", exec_window=256))
+                             cache=CacheSettings(policy="lru"), settings=WINDOW_256)
     rnd = random.Random(9)
     prompt = [rnd.randrange(256) for _ in range(700)]
     first = eng.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     prompt2 = prompt + first.tokens + [rnd.randrange(256) for _ in range(333)]
     warm = eng.generate(prompt2, SamplingParams(max_tokens=8, ignore_eos=True))
     cold = eng.generate(prompt2, SamplingParams(max_tokens=8, ignore_eos=True), use_cache=False)
-    assert warm.stats.snapshot_pos > 0
+    assert warm.stats.cache.snapshot_pos > 0
     assert warm.tokens == cold.tokens
     assert warm.stats.logits_sha256 == cold.stats.logits_sha256
 
@@ -60,7 +63,7 @@ def test_decode_graphs_match_eager_step(dtype: str) -> None:
     from engine.model.graphs import DecodeGraphs
 
     eng = Engine.from_preset("small", device="cuda", dtype=dtype,
-                             cache=EngineCacheArgs(policy="lru", exec_window=256))
+                             cache=CacheSettings(policy="lru"), settings=WINDOW_256)
     m, dev, dt = eng.model, eng.device, eng.dtype
     rnd = random.Random(5)
     prompt = torch.tensor([rnd.randrange(256) for _ in range(300)], device=dev)

@@ -305,13 +305,15 @@ def test_gated_rms_norm(poison: None, t: int, h: int, d: int) -> None:
 @pytest.mark.gpu
 def test_engine_parity_on_gpu() -> None:
     """Cold vs warm on the GPU with the Triton kernels: bitwise-identical tokens and digests."""
+    from engine.cache.settings import CacheSettings
     from engine.kernels import ops
-    from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+    from engine.runtime import Engine, SamplingParams
+    from engine.settings import EngineSettings
 
     assert ops.impl_name("cuda") == "triton"
     eng = Engine.from_preset("small", device="cuda", dtype="bfloat16",
-                             cache=EngineCacheArgs(policy="lru", snapshot_interval=256,
-                                                   exec_window=256))
+                             cache=CacheSettings(policy="lru", snapshot_interval=256),
+                             settings=EngineSettings(exec_window=256))
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (700,), generator=gen).tolist()
     b = a + torch.randint(0, 256, (300,), generator=gen).tolist()
@@ -319,7 +321,7 @@ def test_engine_parity_on_gpu() -> None:
     cold = eng.generate(b, p, use_cache=False)
     eng.generate(a, p, session="s")
     warm = eng.generate(b, p, session="s")
-    assert warm.stats.snapshot_pos > 0
+    assert warm.stats.cache.snapshot_pos > 0
     assert warm.tokens == cold.tokens
     assert warm.stats.logits_sha256 == cold.stats.logits_sha256
 
@@ -471,26 +473,29 @@ def test_interp_step_conv_norm(itg: ModuleType) -> None:
 def test_interp_engine_warm_equals_cold(itg: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's window loop on the Triton kernels (CPU, interpreted): warm == cold bitwise,
     and the logits stay close to the reference kernels'."""
+    from engine.cache.settings import CacheSettings
     from engine.kernels import ops
-    from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+    from engine.runtime import Engine, SamplingParams
+    from engine.settings import EngineSettings
 
-    args = EngineCacheArgs(policy="lru", snapshot_interval=64, exec_window=128)
+    args = CacheSettings(policy="lru", snapshot_interval=64)
+    run = EngineSettings(exec_window=128)
     p = SamplingParams(max_tokens=2, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(0, 256, (150,), generator=gen).tolist()
     b = a + torch.randint(0, 256, (40,), generator=gen).tolist()
-    ref_eng = Engine.from_preset("tiny", cache=args)
+    ref_eng = Engine.from_preset("tiny", cache=args, settings=run)
     ref_cold = ref_eng.generate(b, p, use_cache=False)
 
     glue = importlib.import_module("engine.kernels.triton_glue")
     monkeypatch.setattr(ops, "_pick",
                         lambda name, x: getattr(itg, name, None) or getattr(glue, name))
     monkeypatch.setattr(itg, "_SAFE_DOT", 16)  # the tiny preset's 32-dim heads: no sm_90 here
-    eng = Engine.from_preset("tiny", cache=args)
+    eng = Engine.from_preset("tiny", cache=args, settings=run)
     cold = eng.generate(b, p, use_cache=False)
     eng.generate(a, p, session="s")
     warm = eng.generate(b, p, session="s")
-    assert warm.stats.snapshot_pos > 0
+    assert warm.stats.cache.snapshot_pos > 0
     assert warm.tokens == cold.tokens
     assert warm.stats.logits_sha256 == cold.stats.logits_sha256
     assert cold.tokens[0] == ref_cold.tokens[0]

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from sbrbench.cli_compare import build_report, parity_report
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _runner_fakes import invoke  # noqa: E402
 
 
 def _result(path: Path, scenario: str, rows: list[dict], policy: str = "lru", **kw) -> Path:
@@ -49,7 +45,7 @@ def _resume_rows(ttfts: list[float], replays: list[int]) -> list[dict]:
     ]
 
 
-def test_compare_ratio_ci_and_p(tmp_path: Path) -> None:
+def test_compare_ratio_ci_and_p(invoke, tmp_path: Path) -> None:
     a = _result(
         tmp_path / "a.json",
         "deep-resume",
@@ -77,7 +73,7 @@ def test_compare_ratio_ci_and_p(tmp_path: Path) -> None:
     assert doc["parity"] is None
 
 
-def test_compare_user_errors(tmp_path: Path) -> None:
+def test_compare_user_errors(invoke, tmp_path: Path) -> None:
     a = _result(tmp_path / "a.json", "deep-resume", _resume_rows([1.0], [1]))
     rr = _result(tmp_path / "rr.json", "round-robin", _resume_rows([1.0], [1]))
     empty_rows = _result(tmp_path / "e.json", "deep-resume", [])
@@ -100,7 +96,7 @@ def test_compare_user_errors(tmp_path: Path) -> None:
         assert "\n" not in text.strip()
 
 
-def test_compare_pools_repetitions(tmp_path: Path) -> None:
+def test_compare_pools_repetitions(invoke, tmp_path: Path) -> None:
     """a1,a2 vs b1,b2: rows pooled per side (n adds up, the ratio is of pooled means); pooling
     different policies or parity files is refused."""
     a1 = _result(tmp_path / "a1.json", "deep-resume", _resume_rows([2.0, 2.2], [3000, 3100]),
@@ -157,7 +153,7 @@ def test_parity_report_match_and_first_divergence() -> None:
     assert parity_report(a, b[:3])["errors"] == 1 and parity_report(a, b[:3])["only_in_a"] == 1
 
 
-def test_compare_parity_files(tmp_path: Path) -> None:
+def test_compare_parity_files(invoke, tmp_path: Path) -> None:
     rows = _parity_rows([[1, 2], [3]], ["a", "b"], [0, 64])
     a = _result(tmp_path / "a.json", "parity", rows, "forecast")
     rows_b = _parity_rows([[1, 2], [3]], ["a", "b"], [0, 16])
@@ -171,7 +167,7 @@ def test_compare_parity_files(tmp_path: Path) -> None:
     assert "100.0%" in text
 
 
-def test_compare_decay_files(tmp_path: Path) -> None:
+def test_compare_decay_files(invoke, tmp_path: Path) -> None:
     def decay(path: Path, med: float, cos: float) -> Path:
         path.write_text(
             json.dumps(
@@ -202,7 +198,7 @@ def test_compare_decay_files(tmp_path: Path) -> None:
     assert "window tau=256" in text
 
 
-def test_report_indexes_every_kind(tmp_path: Path) -> None:
+def test_report_indexes_every_kind(invoke, tmp_path: Path) -> None:
     _result(
         tmp_path / "dr.json",
         "deep-resume",
@@ -267,7 +263,7 @@ def test_report_indexes_every_kind(tmp_path: Path) -> None:
     assert code == 2 and "not a directory" in text
 
 
-def test_plot_writes_a_png(tmp_path: Path) -> None:
+def test_plot_writes_a_png(invoke, tmp_path: Path) -> None:
     a = _result(
         tmp_path / "a.json", "deep-resume", _resume_rows([2.0, 2.1], [3000, 3100]), "forecast"
     )

@@ -23,7 +23,7 @@ def test_ttft_and_its_split() -> None:
     t = m.timing(128, 640, 1000)
     assert t.restore_s == 0.005
     assert t.ttft_s == pytest.approx(m.ttft(128, 640, 1000))
-    assert t.ttft_s == pytest.approx(t.restore_s + t.replay_s + t.prefill_s + t.overhead_s)
+    assert t.ttft_s == pytest.approx(t.restore_s + t.replay_s + t.prefill_s + t.match_s)
     assert t.replay_s == pytest.approx(2e-4 * 512 + 3e-9 * cm.attention_work(128, 640))
     cold = m.timing(0, 0, 1000)
     assert cold.restore_s == 0 and cold.replay_s == 0
@@ -208,7 +208,7 @@ def test_windowed_model_charges_whole_windows() -> None:
     assert t.replay_s == pytest.approx(1e-5 * 10 * 2048 + 1e-10 * cm.window_attention_work(
         0, 20480, 2048))
     assert t.ttft_s == pytest.approx(m.ttft(0, 21000, 21100))
-    assert t.ttft_s == pytest.approx(t.replay_s + t.prefill_s + t.overhead_s)
+    assert t.ttft_s == pytest.approx(t.replay_s + t.prefill_s + t.match_s)
     assert CostModel(a=1e-5, b=0, c=0, restore=0).ttft(20480, 21000, 21100) < m.ttft(
         20480, 21000, 21100)
     with pytest.raises(ConfigError):

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("engine.runtime")
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _runner_fakes import invoke  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +14,7 @@ def _sets(*items: str) -> list[str]:
     return [x for item in items for x in ("--set", item)]
 
 
-def test_deep_resume_forecast_strands_tail_pin_does_not(tmp_path: Path) -> None:
+def test_deep_resume_forecast_strands_tail_pin_does_not(invoke, tmp_path: Path) -> None:
     out = tmp_path / "dr.json"
     code, text = invoke(
         [
@@ -63,7 +57,7 @@ def test_deep_resume_forecast_strands_tail_pin_does_not(tmp_path: Path) -> None:
     assert resume["ttft_s"]["ci95"] is not None and resume["ttft_s"]["p_value"] is not None
 
 
-def test_parity_policies_give_identical_tokens_and_digests(tmp_path: Path) -> None:
+def test_parity_policies_give_identical_tokens_and_digests(invoke, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     code, text = invoke(
         ["run", "parity", "--out", str(out), "--no-progress", *_sets("turns=3", "pressure=3")]
@@ -87,7 +81,7 @@ def test_parity_policies_give_identical_tokens_and_digests(tmp_path: Path) -> No
     assert par["replay_differs"] >= 1, "the policies must restore from different snapshots"
 
 
-def test_parity_holds_for_adaptive_swap(tmp_path: Path) -> None:
+def test_parity_holds_for_adaptive_swap(invoke, tmp_path: Path) -> None:
     # swap changes which snapshots stay (the engine writes the newcomer into the swapped slot);
     # outputs must still be bitwise those of forecast
     runs = {}

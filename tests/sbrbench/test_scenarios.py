@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import tomllib
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _runner_fakes import CacheOnlyTarget, FakeTarget, invoke, reply_tokens  # noqa: E402
 
 from engine.errors import ConfigError, UserError
 from sbrbench import cli_run
@@ -23,6 +19,7 @@ from sbrbench.scenarios import (
     run_scenario,
     shipped_file,
 )
+from sbrbench.scenarios.base import TOOL_PREFIX
 from sbrbench.stats import metric_values
 
 # A small Mooncake-format trace of our own, so the tests need nothing outside the repo.
@@ -91,7 +88,8 @@ def test_deep_resume_default_pool_is_16_slots() -> None:
         (lambda d: d["params"].update(tool_share=1.5), "'tool_share' must be <= 1"),
         (lambda d: d["params"].update(user_min=500), "'user_min' (500) is larger than"),
         (lambda d: d["engine"].update(snapshot_slots=True), "'snapshot_slots' must be an integer"),
-        (lambda d: d["engine"].pop("policy"), "missing key 'policy'"),
+        (lambda d: d["engine"].update(kv_budget_tokens=0), "'kv_budget_tokens' must be >= 1"),
+        (lambda d: d["params"].pop("cycles"), "missing key 'cycles'"),
         (lambda d: d.pop("engine"), "missing table [engine]"),
         (lambda d: d.update(scenario="parity"), "'scenario' must be 'deep-resume'"),
         (lambda d: d.update(extra=1), "unknown key 'extra'"),
@@ -143,36 +141,40 @@ def test_set_overrides_are_typed_and_checked() -> None:
 # ----------------------------------------------------------------------------- conversations
 
 
-def _all_requests(name: str, seed: int = 0) -> list:
-    target = FakeTarget()
+def _all_requests(fake_target, name: str, seed: int = 0) -> list:
+    target = fake_target()
     run_scenario(make_scenario(load_config(name, sets=SMALL[name]), seed), target, lambda r: None)
     return target.sent
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_scenarios_are_deterministic_from_the_seed(name: str) -> None:
-    a, b = _all_requests(name, 1), _all_requests(name, 1)
+def test_scenarios_are_deterministic_from_the_seed(fake_target, name: str) -> None:
+    a, b = _all_requests(fake_target, name, 1), _all_requests(fake_target, name, 1)
     assert [r.prompt_ids for r in a] == [r.prompt_ids for r in b]
     if name != "trace":
-        assert [r.prompt_ids for r in a] != [r.prompt_ids for r in _all_requests(name, 2)]
-    assert all(0 <= t < 256 for r in a for t in r.prompt_ids)
+        other = _all_requests(fake_target, name, 2)
+        assert [r.prompt_ids for r in a] != [r.prompt_ids for r in other]
+    vocab = fake_target.template.tokenizer.vocab_size
+    assert all(0 <= t < vocab for r in a for t in r.prompt_ids)
 
 
-def test_each_turn_extends_the_previous_prompt_and_reply() -> None:
-    sent = [r for r in _all_requests("deep-resume") if r.session == "deep-0"]
+def test_each_turn_extends_the_previous_prompt_and_reply(fake_target, fake_reply) -> None:
+    sent = [r for r in _all_requests(fake_target, "deep-resume") if r.session == "deep-0"]
     assert len(sent) >= 4
     for prev, cur in zip(sent, sent[1:], strict=False):
-        grown = prev.prompt_ids + tuple(reply_tokens(prev.prompt_ids, prev.max_tokens))
+        grown = prev.prompt_ids + tuple(fake_reply(prev.prompt_ids, prev.max_tokens))
         assert cur.prompt_ids[: len(grown)] == grown
         assert len(cur.messages) > len(prev.messages)
     roles = {t.role for r in sent for t in r.messages}
-    assert {"system", "user", "tool", "assistant"} <= roles
+    assert roles == {"system", "user", "assistant"}
+    # tool outputs travel as marked user messages, the same on every target
+    assert any(t.content.startswith(TOOL_PREFIX) for r in sent for t in r.messages)
 
 
-def test_deep_resume_phases_and_depth() -> None:
+def test_deep_resume_phases_and_depth(fake_target) -> None:
     cfg = load_config("deep-resume", sets=SMALL["deep-resume"])
     rows: list[dict] = []
-    run_scenario(make_scenario(cfg, 0), FakeTarget(), rows.append)
+    run_scenario(make_scenario(cfg, 0), fake_target(), rows.append)
     phases = [r["phase"] for r in rows]
     builds = [r for r in rows if r["phase"] == "build"]
     assert builds[-1]["depth"] >= 600 and all(r["depth"] < 600 for r in builds[:-1])
@@ -184,44 +186,45 @@ def test_deep_resume_phases_and_depth() -> None:
 # ----------------------------------------------------------------------------- the runner
 
 
-def test_target_errors_and_exceptions_become_row_errors() -> None:
+def test_target_errors_and_exceptions_become_row_errors(fake_target) -> None:
     cfg = load_config("round-robin", sets=SMALL["round-robin"])
     rows: list[dict] = []
-    out = run_scenario(make_scenario(cfg, 0), FakeTarget(fail={1}, raise_on={3}), rows.append)
+    out = run_scenario(make_scenario(cfg, 0), fake_target(fail={1}, raise_on={3}), rows.append)
     assert out.rows == 6 and out.errors == 2 and not out.interrupted
     assert rows[1]["error"] == "fake failure at request 1"
     assert rows[3]["error"] == "RuntimeError: boom at request 3"
     assert all(r["error"] is None for k, r in enumerate(rows) if k not in (1, 3))
 
 
-def test_concurrent_waves_record_every_row() -> None:
+def test_concurrent_waves_record_every_row(fake_target) -> None:
     cfg = load_config("round-robin", sets=["convs=5", "rounds=3", "first_tokens=30"])
     rows: list[dict] = []
-    out = run_scenario(make_scenario(cfg, 0), FakeTarget(concurrency=3), rows.append, concurrency=3)
+    out = run_scenario(make_scenario(cfg, 0), fake_target(concurrency=3), rows.append,
+                       concurrency=3)
     assert out.rows == 15 and sorted(r["i"] for r in rows) == list(range(15))
     # conversations still grow in order: every round-2 prompt is longer than its round-0 one
     by = {(r["conv"], r["round"]): r["depth"] for r in rows}
     assert all(by[(c, 2)] > by[(c, 0)] for c in range(5))
 
 
-def test_deep_resume_headline_forecast_strands_tail_pin_does_not() -> None:
+def test_deep_resume_headline_forecast_strands_tail_pin_does_not(cache_only_target) -> None:
     """The CPU default on engine.cache decisions: resume replay >= 5x lower with tail-pin."""
     cfg = load_config("deep-resume")
     means = {}
     for pol in ("forecast", "tail-pin"):
         rows: list[dict] = []
-        t = CacheOnlyTarget(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
+        t = cache_only_target(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
         run_scenario(make_scenario(cfg, 0), t, rows.append)
         means[pol] = metric_values(rows, "resume", "replay_tokens").mean()
     assert means["forecast"] >= 5 * max(means["tail-pin"], 1.0)
 
 
-def test_parity_stream_makes_policies_choose_differently() -> None:
+def test_parity_stream_makes_policies_choose_differently(cache_only_target) -> None:
     cfg = load_config("parity")
     runs = {}
     for pol in ("forecast", "tail-pin"):
         rows: list[dict] = []
-        t = CacheOnlyTarget(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
+        t = cache_only_target(pol, slots=cfg.engine["snapshot_slots"], k=cfg.engine["tail_pin_k"])
         run_scenario(make_scenario(cfg, 0), t, rows.append)
         runs[pol] = rows
     diff = sum(
@@ -235,13 +238,13 @@ def test_parity_stream_makes_policies_choose_differently() -> None:
 
 
 @pytest.fixture
-def fake_targets(monkeypatch):
-    made: list[FakeTarget] = []
+def fake_targets(fake_target, monkeypatch):
+    made: list = []
     opts: dict = {}
 
-    def make(args, spec):
-        t = FakeTarget(**opts)
-        t.engine_info = lambda: {"policy": spec.policy, "preset": "none"}  # type: ignore
+    def make(args, cache):
+        t = fake_target(**opts)
+        t.engine_info = lambda: {"policy": cache.policy, "preset": "none"}  # type: ignore
         made.append(t)
         return t
 
@@ -249,7 +252,8 @@ def fake_targets(monkeypatch):
     return made, opts
 
 
-def test_run_cli_two_policies_writes_siblings_and_compares(tmp_path: Path, fake_targets) -> None:
+def test_run_cli_two_policies_writes_siblings_and_compares(invoke, tmp_path: Path,
+                                                          fake_targets) -> None:
     made, _ = fake_targets
     out = tmp_path / "rr.json"
     code, text = invoke(
@@ -274,7 +278,8 @@ def test_run_cli_two_policies_writes_siblings_and_compares(tmp_path: Path, fake_
     assert "A/B" in text and "ci95" in text and len(made) == 2 and all(t.closed for t in made)
 
 
-def test_interrupted_run_keeps_finished_rows_as_partial(tmp_path: Path, fake_targets) -> None:
+def test_interrupted_run_keeps_finished_rows_as_partial(invoke, tmp_path: Path,
+                                                        fake_targets) -> None:
     _, opts = fake_targets
     opts["interrupt_after"] = 4
     out = tmp_path / "dr.json"
@@ -297,7 +302,7 @@ def test_interrupted_run_keeps_finished_rows_as_partial(tmp_path: Path, fake_tar
     assert sum(s["ttft_s"]["n"] for s in doc["summary"].values()) == 4
 
 
-def test_run_cli_user_errors(tmp_path: Path, fake_targets) -> None:
+def test_run_cli_user_errors(invoke, tmp_path: Path, fake_targets) -> None:
     cases = [
         (["run", "nope"], "unknown scenario 'nope'"),
         (["run", "parity", "--set", "turns=x"], "--set turns: expected an integer"),
@@ -317,7 +322,7 @@ def test_run_cli_user_errors(tmp_path: Path, fake_targets) -> None:
         assert code == 2 and msg in text, (args, text)
 
 
-def test_error_mid_run_keeps_rows_and_says_why(tmp_path: Path, fake_targets) -> None:
+def test_error_mid_run_keeps_rows_and_says_why(invoke, tmp_path: Path, fake_targets) -> None:
     trace = tmp_path / "t.jsonl"
     good = '{"timestamp": %d, "input_length": 700, "output_length": 3, "hash_ids": [0, %d]}'
     lines = [good % (k, k + 1) for k in range(69)] + ["{broken"]

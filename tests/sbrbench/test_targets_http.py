@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from engine.chat import Message
 from engine.errors import UserError
-from sbrbench.targets import HttpTarget, Request, Turn, chat_messages, normalize_base_url
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _runner_fakes import invoke  # noqa: E402
+from sbrbench.targets.base import Request
+from sbrbench.targets.http import HttpTarget, normalize_base_url
 
 
 def _chunk(content: str | None = None, finish: str | None = None, **extra: object) -> bytes:
@@ -27,6 +25,16 @@ def _chunk(content: str | None = None, finish: str | None = None, **extra: objec
         **extra,
     }
     return f"data: {json.dumps(body)}\n\n".encode()
+
+
+USAGE = {"prompt_tokens": 40, "completion_tokens": 2,
+         "prompt_tokens_details": {"cached_tokens": 32}}
+# the `sbr` object as our server sends it (engine/record.py)
+SBR = {"prompt_tokens": 40, "cached_tokens": 32, "snapshot_pos": 20, "replay_tokens": 12,
+       "new_tokens": 8, "generated_tokens": 2, "logits_sha256": "ab", "session": "s",
+       "timing": {"queue_s": 0.0, "match_s": 0.0, "restore_s": 0.0, "replay_s": 0.5,
+                  "prefill_s": 0.1, "ttft_s": 0.6, "decode_s": 0.1, "finalize_s": 0.0,
+                  "e2e_s": 0.7}}
 
 
 class Stub(BaseHTTPRequestHandler):
@@ -78,7 +86,7 @@ class Stub(BaseHTTPRequestHandler):
                 _chunk("Hel"),
                 _chunk("lo"),
                 _chunk(finish="stop"),
-                f"data: {json.dumps({'choices': [], 'usage': {'prompt_tokens': 40, 'completion_tokens': 2, 'prompt_tokens_details': {'cached_tokens': 32}}, 'sbr': {'snapshot_pos': 20, 'replay_tokens': 12, 'new_tokens': 8, 'logits_sha256': 'ab', 'timing': {'replay_s': 0.5, 'x': 'y'}}})}\n\n".encode(),  # noqa: E501
+                f"data: {json.dumps({'choices': [], 'usage': USAGE, 'sbr': SBR})}\n\n".encode(),
                 b"data: [DONE]\n\n",
             ],
             "flaky": [_chunk("x"), _chunk(finish="length"), b"data: [DONE]\n\n"],
@@ -110,9 +118,9 @@ def server() -> Iterator[str]:
 REQ = Request(
     (1, 2, 3),
     (
-        Turn("system", tuple(b"be brief")),
-        Turn("user", tuple(b"hi")),
-        Turn("tool", (), "ls: 3 files"),
+        Message("system", "be brief"),
+        Message("user", "hi"),
+        Message("user", "[tool output]\nls: 3 files"),
     ),
     max_tokens=4,
     session="s",
@@ -129,8 +137,11 @@ def test_good_stream_reads_ttft_usage_and_sbr(server: str) -> None:
     assert r.error is None and r.text == "Hello"
     assert r.ttft_s is not None and r.e2e_s is not None and r.ttft_s <= r.e2e_s
     assert (r.prompt_tokens, r.cached_tokens, r.generated_tokens) == (40, 32, 2)
-    assert (r.snapshot_pos, r.replay_tokens, r.new_tokens, r.logits_sha256) == (20, 12, 8, "ab")
-    assert r.tokens == list(b"Hello") and r.timings == {"replay_s": 0.5}
+    assert r.stats is not None
+    u = r.stats.cache
+    assert (u.snapshot_pos, u.replay_tokens, u.new_tokens, r.stats.logits_sha256) == \
+        (20, 12, 8, "ab")
+    assert r.tokens == list(b"Hello") and r.stats.timing.replay_s == 0.5
     body = Stub.bodies[-1]
     assert body["user"] == "s" and body["temperature"] == 0.0
     assert body["stream"] is True and body["max_tokens"] == 4 and body["ignore_eos"] is True
@@ -187,11 +198,9 @@ def test_base_url_normalisation_and_messages() -> None:
     assert normalize_base_url("http://h:8000/v1/") == "http://h:8000/v1"
     with pytest.raises(UserError):
         normalize_base_url("h:8000")
-    msgs = chat_messages((Turn("user", tuple("é".encode())), Turn("assistant", (300, 65))))
-    assert msgs == [{"role": "user", "content": "é"}, {"role": "assistant", "content": "A"}]
 
 
-def test_run_against_malformed_stream_records_errors_and_finishes(
+def test_run_against_malformed_stream_records_errors_and_finishes(invoke,
     server: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "rr.json"
@@ -229,7 +238,7 @@ def test_run_against_malformed_stream_records_errors_and_finishes(
     assert "4 of 4 requests failed" in text
 
 
-def test_run_against_good_server(server: str, tmp_path: Path) -> None:
+def test_run_against_good_server(invoke, server: str, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     code, text = invoke(
         [

@@ -14,8 +14,8 @@ PS, CHUNK = 16, 64
 def manager(policy: str = "adaptive", slots: int = 8, branch: bool = False,
             **opts) -> CacheManager:
     return CacheManager(CacheConfig(page_size=PS, chunk=CHUNK, kv_pages=1 << 14,
-                                    snapshot_slots=slots, snapshot_interval=0, policy=policy,
-                                    policy_opts=opts, branch_admission=branch))
+                                    snapshot_slots=slots, snapshot_bytes=0, snapshot_interval=0,
+                                    policy=policy, policy_opts=opts, branch_admission=branch))
 
 
 def request(cm: CacheManager, prompt: list[int], session: str, reply: int = 16) -> tuple[int, int]:
@@ -217,8 +217,9 @@ def test_duel_shadows_replay_exactly_what_strict_and_lenient_pools_would(kv_page
     # each must count the very replay a real pool under that rule causes.
     def run(**opts) -> CacheManager:
         cm = CacheManager(CacheConfig(page_size=PS, chunk=CHUNK, kv_pages=kv_pages,
-                                      snapshot_slots=6, snapshot_interval=0, policy="adaptive",
-                                      policy_opts=opts, branch_admission=True))
+                                      snapshot_slots=6, snapshot_bytes=0, snapshot_interval=0,
+                                      policy="adaptive", policy_opts=opts,
+                                      branch_admission=True))
         _mixed_stream(cm, seed=7)
         return cm
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cache import CacheConfig, CacheManager, Plan, slots_for_budget
+from engine.cache import CacheManager, Plan
 from engine.errors import BudgetError, ConfigError, UserError
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _cache_audit import audit  # noqa: E402
 
 _fresh = itertools.count(10_000)
 
@@ -24,34 +19,41 @@ def fresh(n: int) -> list[int]:
     return [next(_fresh) for _ in range(n)]
 
 
-def manager(**kw) -> CacheManager:
-    cfg = dict(kv_pages=4096, snapshot_slots=16, policy="forecast")
-    cfg.update(kw)
-    return CacheManager(CacheConfig(**cfg))
+@pytest.fixture(scope="session")
+def manager(config):
+    """A CacheManager with the test defaults (conftest.make_config) and these changes."""
+    return lambda **kw: CacheManager(config(**kw))
 
 
-def serve(cm: CacheManager, prompt: list[int], reply_len: int = 20, session=None):
-    """One request the way the engine runs it; returns (plan, full sequence)."""
-    plan = cm.begin(prompt, session)
-    ps = cm.cfg.page_size
-    full = prompt + fresh(reply_len)
-    try:
-        pages = plan.kv_pages + cm.alloc_pages(-(-len(full) // ps) - len(plan.kv_pages), plan)
-        for p in plan.admit_positions:
-            pages = cm.insert(plan, prompt[:p], pages)
-            cm.admit(plan, prompt, p)
-        pages = cm.insert(plan, full, pages)
-        audit(cm, [plan])
-    finally:
-        cm.finish(plan, full)
-    audit(cm)
-    return plan, full
+@pytest.fixture(scope="session")
+def serve(audit):
+    """One request through the manager's API, each admission right after the insert of its
+    tokens, auditing the cache with the plan running and after it; returns (plan, full)."""
+
+    def run(cm: CacheManager, prompt: list[int], reply_len: int = 20, session=None):
+        plan = cm.begin(prompt, session)
+        ps = cm.cfg.page_size
+        full = prompt + fresh(reply_len)
+        try:
+            pages = plan.kv_pages + cm.alloc_pages(
+                -(-len(full) // ps) - len(plan.kv_pages), plan)
+            for p in plan.admit_positions:
+                pages = cm.insert(plan, prompt[:p], pages)
+                cm.admit(plan, prompt, p)
+            pages = cm.insert(plan, full, pages)
+            audit(cm, [plan])
+        finally:
+            cm.finish(plan, full)
+        audit(cm)
+        return plan, full
+
+    return run
 
 
 # ---- the plan -------------------------------------------------------------------------------
 
 
-def test_cold_then_warm_turn_restores_the_prompt_end_snapshot():
+def test_cold_then_warm_turn_restores_the_prompt_end_snapshot(manager, serve):
     cm = manager()
     p1 = fresh(300)
     plan1, full1 = serve(cm, p1)
@@ -69,7 +71,7 @@ def test_cold_then_warm_turn_restores_the_prompt_end_snapshot():
     assert plan2.snapshot.in_use == 0  # released by finish
 
 
-def test_branch_point_is_admitted_by_default_and_not_when_off():
+def test_branch_point_is_admitted_by_default_and_not_when_off(manager, serve):
     for on in (True, False):
         cm = manager() if on else manager(branch_admission=False)
         system = fresh(200)
@@ -80,7 +82,7 @@ def test_branch_point_is_admitted_by_default_and_not_when_off():
         assert (cm.radix.find(system, 192).snapshot is not None) == on
 
 
-def test_match_leaves_at_least_one_token_to_compute():
+def test_match_leaves_at_least_one_token_to_compute(manager, serve, audit):
     cm = manager()
     p = fresh(320)  # a whole number of pages
     serve(cm, p, reply_len=0)
@@ -93,7 +95,7 @@ def test_match_leaves_at_least_one_token_to_compute():
     audit(cm)
 
 
-def test_miss_counts_only_with_a_kv_match():
+def test_miss_counts_only_with_a_kv_match(manager, serve):
     cm = manager(snapshot_slots=0)
     _, full = serve(cm, fresh(100))
     plan, _ = serve(cm, full + fresh(10))
@@ -117,7 +119,7 @@ def test_miss_counts_only_with_a_kv_match():
         (0, 256, 600, 256, [512, 576]),
     ],
 )
-def test_admit_positions_examples(s, m, length, interval, expected):
+def test_admit_positions_examples(manager, s, m, length, interval, expected):
     cm = manager(snapshot_interval=interval)
     assert cm.admit_positions(s, m, length) == expected
 
@@ -129,7 +131,7 @@ def test_admit_positions_examples(s, m, length, interval, expected):
     interval=st.sampled_from([0, 64, 128, 512]),
 )
 @settings(max_examples=150, deadline=None)
-def test_admit_positions_match_their_definition(s, extra, length, interval):
+def test_admit_positions_match_their_definition(manager, s, extra, length, interval):
     m = (s + extra) // 16 * 16
     cm = manager(snapshot_interval=interval)
     last = length // 64 * 64
@@ -141,7 +143,7 @@ def test_admit_positions_match_their_definition(s, extra, length, interval):
     assert cm.admit_positions(s, m, length) == brute
 
 
-def test_final_admit_position():
+def test_final_admit_position(manager):
     cm = manager()
     plan = cm.begin(fresh(300))
     assert plan.admit_positions == [256]
@@ -153,7 +155,7 @@ def test_final_admit_position():
 # ---- sessions -------------------------------------------------------------------------------
 
 
-def test_session_is_inherited_through_seq_end_markers():
+def test_session_is_inherited_through_seq_end_markers(manager, serve):
     cm = manager()
     plan1, full1 = serve(cm, fresh(200))
     assert (plan1.session, plan1.continuation) == ("r0", False)
@@ -173,7 +175,7 @@ def test_session_is_inherited_through_seq_end_markers():
     assert cm.stats()["resumable_sessions"] == 1
 
 
-def test_deepest_marker_wins_and_explicit_session_ids():
+def test_deepest_marker_wins_and_explicit_session_ids(manager, serve):
     cm = manager()
     _, full1 = serve(cm, fresh(200))  # marker r0 at 208
     plan2, full2 = serve(cm, full1 + fresh(100), session="chat-7")
@@ -185,7 +187,7 @@ def test_deepest_marker_wins_and_explicit_session_ids():
     assert cm.sessions.is_resumable("chat-7") and not cm.sessions.is_resumable("r0")
 
 
-def test_snapshots_carry_the_session_of_the_request_that_admitted_them():
+def test_snapshots_carry_the_session_of_the_request_that_admitted_them(manager, serve):
     cm = manager()
     _, full1 = serve(cm, fresh(200))
     plan2, _ = serve(cm, full1 + fresh(200))
@@ -197,7 +199,7 @@ def test_snapshots_carry_the_session_of_the_request_that_admitted_them():
 # ---- admission ------------------------------------------------------------------------------
 
 
-def test_admit_is_none_when_a_snapshot_already_sits_there():
+def test_admit_is_none_when_a_snapshot_already_sits_there(manager, serve):
     cm = manager()
     prompt = fresh(200)
     _, _ = serve(cm, prompt)
@@ -209,7 +211,7 @@ def test_admit_is_none_when_a_snapshot_already_sits_there():
     cm.finish(plan, prompt)
 
 
-def test_admit_requires_inserted_tokens_and_a_running_plan():
+def test_admit_requires_inserted_tokens_and_a_running_plan(manager, audit):
     cm = manager()
     prompt = fresh(200)
     plan = cm.begin(prompt)
@@ -224,7 +226,8 @@ def test_admit_requires_inserted_tokens_and_a_running_plan():
     audit(cm)
 
 
-def test_admit_refused_when_policy_names_no_victim_and_in_use_is_never_a_candidate():
+def test_admit_refused_when_policy_names_no_victim_and_in_use_is_never_a_candidate(
+        manager, serve, audit):
     cm = manager(snapshot_slots=1, policy="tail-pin", policy_opts={"k": 1})
     _, full1 = serve(cm, fresh(100))  # snapshot at 64 (r0)
     plan, _ = serve(cm, full1 + fresh(100))  # continuation: r0 resumable, restores 64
@@ -248,7 +251,7 @@ def test_admit_refused_when_policy_names_no_victim_and_in_use_is_never_a_candida
 # ---- KV pages -------------------------------------------------------------------------------
 
 
-def test_insert_returns_the_caches_pages_and_frees_duplicates():
+def test_insert_returns_the_caches_pages_and_frees_duplicates(manager, audit):
     cm = manager()
     prompt = fresh(100)
     plan = cm.begin(prompt)
@@ -276,7 +279,7 @@ def test_insert_returns_the_caches_pages_and_frees_duplicates():
     audit(cm)
 
 
-def test_a_plan_keeps_its_matched_path_locked_after_inserting_another_branch():
+def test_a_plan_keeps_its_matched_path_locked_after_inserting_another_branch(manager, serve, audit):
     cm = manager(kv_pages=8)
     a = fresh(64)
     serve(cm, a, reply_len=0)  # 4 pages
@@ -290,7 +293,7 @@ def test_a_plan_keeps_its_matched_path_locked_after_inserting_another_branch():
     assert len(cm.alloc_pages(8)) == 8
 
 
-def test_kv_eviction_drops_snapshots_on_evicted_nodes():
+def test_kv_eviction_drops_snapshots_on_evicted_nodes(manager, serve):
     cm = manager(kv_pages=30, snapshot_slots=8)
     serve(cm, fresh(200), reply_len=0)  # 12 whole pages cached, snapshot at 192
     serve(cm, fresh(200), reply_len=0)  # 12 whole pages cached, snapshot at 192
@@ -301,7 +304,7 @@ def test_kv_eviction_drops_snapshots_on_evicted_nodes():
     assert st_["kv_evicted_pages"] == 12
 
 
-def test_budget_error_for_a_prompt_larger_than_the_kv_budget_changes_nothing():
+def test_budget_error_for_a_prompt_larger_than_the_kv_budget_changes_nothing(manager, serve):
     cm = manager(kv_pages=10)
     with pytest.raises(BudgetError, match="needs 11 KV pages"):
         cm.begin(fresh(161))
@@ -312,7 +315,7 @@ def test_budget_error_for_a_prompt_larger_than_the_kv_budget_changes_nothing():
     assert plan.tick == 0
 
 
-def test_budget_error_mid_request_leaves_the_cache_consistent_and_usable():
+def test_budget_error_mid_request_leaves_the_cache_consistent_and_usable(manager, serve, audit):
     cm = manager(kv_pages=20)
     _, full = serve(cm, fresh(150), reply_len=10)  # 10 pages cached
     plan = cm.begin(full + fresh(5))  # locks those 10
@@ -328,7 +331,7 @@ def test_budget_error_mid_request_leaves_the_cache_consistent_and_usable():
     assert cm.radix.tree_pages == 18
 
 
-def test_stats_and_describe():
+def test_stats_and_describe(manager, serve):
     cm = manager(policy="tail-pin", policy_opts={"k": 4}, snapshot_bytes=1000, snapshot_slots=3)
     serve(cm, fresh(100))
     st_ = cm.stats()
@@ -341,20 +344,19 @@ def test_stats_and_describe():
     assert cm.describe()["policy_opts"] == {"k": 4}
 
 
-def test_config_errors():
+def test_config_errors(manager):
     with pytest.raises(ConfigError, match="multiple of page_size"):
         manager(chunk=60)
     with pytest.raises(ConfigError, match="interval"):
         manager(snapshot_interval=100)
     with pytest.raises(ConfigError, match="unknown policy"):
         manager(policy="nope")
-    assert slots_for_budget(2 * 2**30, 75_000_000) == 28
 
 
 # ---- the stranding scenario (PR 207), end to end ---------------------------------------------
 
 
-def deep_resume(policy: str, **opts) -> tuple[Plan, list[int]]:
+def deep_resume(manager, serve, policy: str, **opts) -> tuple[Plan, list[int]]:
     """A conversation built over 6 turns, idle under 12 one-shots, then resumed."""
     cm = manager(snapshot_slots=8, snapshot_interval=256, policy=policy, policy_opts=opts)
     full = fresh(300)
@@ -369,10 +371,10 @@ def deep_resume(policy: str, **opts) -> tuple[Plan, list[int]]:
     return plan, [deepest]
 
 
-def test_forecast_strands_the_idle_conversation_and_tail_pin_does_not():
-    fc, (deepest,) = deep_resume("forecast")
-    pin, _ = deep_resume("tail-pin", k=4)
-    two, _ = deep_resume("two-tier")
+def test_forecast_strands_the_idle_conversation_and_tail_pin_does_not(manager, serve):
+    fc, (deepest,) = deep_resume(manager, serve, "forecast")
+    pin, _ = deep_resume(manager, serve, "tail-pin", k=4)
+    two, _ = deep_resume(manager, serve, "two-tier")
     assert fc.session == pin.session == "r0" and fc.continuation
     assert fc.matched == pin.matched == two.matched
     assert pin.restore_pos == deepest and two.restore_pos == deepest

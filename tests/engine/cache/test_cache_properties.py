@@ -2,7 +2,7 @@
 
 Streams interleave up to three running requests, share prefixes, hit the KV budget mid-request
 (BudgetError), abort, and run under every policy. After each operation the independent audit in
-_cache_audit checks budgets, page ownership (no leaks), ref counts, snapshot placement and that
+conftest.audit checks budgets, page ownership (no leaks), ref counts, snapshot placement and that
 locked / in-use entries survived. Replaying the same stream on a fresh manager must give the
 same decisions (the engine and the simulator rely on it).
 """
@@ -10,18 +10,13 @@ same decisions (the engine and the simulator rely on it).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.cache import CacheConfig, CacheManager, Plan
 from engine.errors import BudgetError
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _cache_audit import audit  # noqa: E402
 
 PS, CHUNK = 2, 8
 
@@ -63,7 +58,7 @@ class Req:
     pages: list[int] = field(default_factory=list)
 
 
-def execute(cfg: CacheConfig, stream: list[tuple], check: bool) -> list[object]:
+def execute(cfg: CacheConfig, stream: list[tuple], check: bool, audit) -> list[object]:
     """Run ``stream`` like an engine would; return what a caller can observe."""
     cm = CacheManager(cfg)
     history: list[list[int]] = []
@@ -174,7 +169,7 @@ def advance(cm: CacheManager, req: Req, cfg: CacheConfig) -> object:
     slots=st.integers(0, 4),
     interval=st.sampled_from([0, 8, 16]),
 )
-def test_random_streams_keep_every_invariant_and_replay_identically(
+def test_random_streams_keep_every_invariant_and_replay_identically(audit,
     stream, policy, kv_pages, slots, interval
 ):
     cfg = CacheConfig(
@@ -185,6 +180,8 @@ def test_random_streams_keep_every_invariant_and_replay_identically(
         snapshot_interval=interval,
         policy=policy[0],
         policy_opts=policy[1],
+        snapshot_bytes=0,
+        branch_admission=True,
     )
-    first = execute(cfg, stream, check=True)
-    assert execute(cfg, stream, check=False) == first
+    first = execute(cfg, stream, check=True, audit=audit)
+    assert execute(cfg, stream, check=False, audit=audit) == first

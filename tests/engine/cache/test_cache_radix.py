@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.cache import RadixCache
 from engine.errors import BudgetError
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _cache_audit import audit_radix  # noqa: E402
 
 PS = 2
 
@@ -33,7 +27,7 @@ seqs = st.lists(st.integers(0, 1), min_size=0, max_size=24).map(tuple)
 
 @settings(max_examples=150, deadline=None)
 @given(inserts=st.lists(seqs, max_size=12), queries=st.lists(seqs, min_size=1, max_size=6))
-def test_match_is_page_floored_longest_common_prefix(inserts, queries):
+def test_match_is_page_floored_longest_common_prefix(audit_radix, inserts, queries):
     radix = RadixCache(PS, max_pages=1000)
     first_page: dict[tuple[int, ...], int] = {}  # prefix (whole pages) -> page id that owns it
     inserted: list[tuple[int, ...]] = []
@@ -90,7 +84,7 @@ def test_snapshot_and_marker_stay_on_the_lower_half_of_a_split():
     assert node.seq_end_session == "s" and upper.seq_end_session is None
 
 
-def test_lock_survives_a_later_split_and_unlocks_cleanly():
+def test_lock_survives_a_later_split_and_unlocks_cleanly(audit_radix):
     radix = RadixCache(4, 8)
     a = tuple(range(16))
     radix.insert(a, radix.alloc(4))
@@ -106,7 +100,7 @@ def test_lock_survives_a_later_split_and_unlocks_cleanly():
     audit_radix(radix, held=range(8))
 
 
-def test_lru_evicts_least_recently_used_unlocked_leaf_first():
+def test_lru_evicts_least_recently_used_unlocked_leaf_first(audit_radix):
     radix = RadixCache(2, 6)
     evicted = []
     radix.on_evict = lambda n: evicted.append(n.tokens)
@@ -129,7 +123,7 @@ def test_lru_evicts_least_recently_used_unlocked_leaf_first():
     audit_radix(radix, held=held)
 
 
-def test_evicting_a_leaf_exposes_its_parent():
+def test_evicting_a_leaf_exposes_its_parent(audit_radix):
     radix = RadixCache(2, 4)
     radix.insert((1, 1, 2, 2), radix.alloc(2))
     pages = radix.alloc(2)

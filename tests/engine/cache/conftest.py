@@ -1,11 +1,14 @@
-"""Independent consistency audit of a CacheManager, recomputed from scratch (O(everything))."""
+"""Fixtures of the cache tests: an independent consistency audit of a CacheManager, recomputed
+from scratch (O(everything)), and a CacheConfig with test defaults."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
 
-from engine.cache import CacheManager, Plan, RadixCache, RadixNode
+import pytest
+
+from engine.cache import CacheConfig, CacheManager, Plan, RadixCache, RadixNode
 
 
 def attached(radix: RadixCache, node: RadixNode) -> bool:
@@ -93,3 +96,28 @@ def audit(cm: CacheManager, plans: Iterable[Plan] = (), held: Iterable[int] = ()
     live_tree_pages = Counter(p for n in nodes for p in n.pages)
     for plan in plans:
         assert all(live_tree_pages[p] == 1 for p in plan.kv_pages), "locked KV was evicted"
+
+
+def make_config(**kw: object) -> CacheConfig:
+    """A CacheConfig for tests: page 16, chunk 64, 4096 pages, 16 slots, no interval, forecast,
+    branch admission on; any field can be given."""
+    base: dict[str, object] = dict(page_size=16, chunk=64, kv_pages=4096, snapshot_slots=16,
+                                   snapshot_bytes=0, snapshot_interval=0, policy="forecast",
+                                   policy_opts={}, branch_admission=True)
+    base.update(kw)
+    return CacheConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(name="audit", scope="session")
+def audit_fixture():
+    return audit
+
+
+@pytest.fixture(name="audit_radix", scope="session")
+def audit_radix_fixture():
+    return audit_radix
+
+
+@pytest.fixture(name="config", scope="session")
+def config_fixture():
+    return make_config
