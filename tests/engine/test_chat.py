@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.chat import ChatML, ChatTemplate, Message, ReplyMemory, TextStream
+from engine.errors import ConfigError, UserError
 from engine.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -184,3 +187,84 @@ def test_stop_string_never_released_in_pieces() -> None:
     assert "".join(shown) == "xx"  # "EN" held: it may begin "END"
     d = s.push(ord("D"))
     assert d.stopped and d.text == "" and s.text == "xx"
+
+
+# ---- the checkpoint's own template -------------------------------------------------------------
+
+# A Qwen-style template: roles, a system default, reasoning stripped from earlier assistant
+# turns, loop controls, tojson and raise_exception (what real templates use).
+QWEN_STYLE = (
+    "{%- if messages[0].role != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role ' + m.role) }}{%- endif %}"
+    "{%- set content = m.content %}"
+    "{%- if m.role == 'assistant' and '</think>' in content and not loop.last %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{{ '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- if loop.index > 50 %}{% break %}{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{#- meta: {{ {'a': 1} | tojson }} #}"
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small byte-level BPE tokenizer with ChatML specials and QWEN_STYLE, saved by
+    transformers (tokenizer.json + tokenizer_config.json with the template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world, you are helpful", "tool output: 3 files", "think"] * 50,
+                            trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = QWEN_STYLE
+    d = tmp_path_factory.mktemp("ckpt-tokenizer")
+    fast.save_pretrained(str(d))
+    return d
+
+
+def test_checkpoint_template_renders_as_transformers(checkpoint_tokenizer: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from engine.chat import CheckpointTemplate, load_template
+    from engine.tokenizer import load_tokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(checkpoint_tokenizer))
+    tok = load_tokenizer(checkpoint_tokenizer, 400, None)
+    tmpl = load_template(tok, checkpoint_tokenizer)
+    assert isinstance(tmpl, CheckpointTemplate) and tmpl.name == "checkpoint"
+    convs = [
+        [Message("user", "hello world")],
+        [Message("system", "be brief"), Message("user", "hello"),
+         Message("assistant", "<think>hmm</think>\nworld"), Message("user", "tool output: 3")],
+    ]
+    for msgs in convs:
+        want = ref.apply_chat_template([{"role": m.role, "content": m.content} for m in msgs],
+                                       add_generation_prompt=True, tokenize=True)
+        if not isinstance(want, list):  # transformers 5 returns a BatchEncoding
+            want = want["input_ids"]
+        assert tmpl.render(msgs) == list(want)
+        assert tmpl.text(msgs, add_generation_prompt=False) == ref.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in msgs], tokenize=False)
+    with pytest.raises(UserError, match="unknown role robot"):
+        tmpl.render([Message("robot", "x")])
+
+
+def test_without_a_template_the_checkpoint_uses_chatml(tmp_path: Path) -> None:
+    from engine.chat import load_template
+
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    assert isinstance(load_template(TOK, tmp_path), ChatML)
+    assert isinstance(load_template(TOK, None), ChatML)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    with pytest.raises(ConfigError, match="does not compile"):
+        load_template(TOK, tmp_path)

@@ -1,0 +1,38 @@
+"""EngineSettings: read once from explicit values or SBR_* variables, checked, recorded."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import ConfigError
+from engine.runtime import Engine
+from engine.settings import EngineSettings
+
+
+def test_environment_then_explicit_values() -> None:
+    env = {"SBR_EXEC_WINDOW": "128", "SBR_KERNELS": "reference", "SBR_GLUE_KERNELS": "0",
+           "SBR_ATTN": "flash", "SBR_CUDA_GRAPHS": "0", "SBR_CPU_THREADS": "2"}
+    s = EngineSettings.from_env(env)
+    assert s == EngineSettings(exec_window=128, kernels="reference", glue_kernels=False,
+                               attention="flash", cuda_graphs=False, cpu_threads=2)
+    assert EngineSettings.from_env(env, exec_window=256).exec_window == 256
+    assert EngineSettings.from_env({}) == EngineSettings()
+    assert EngineSettings().window("cpu") == 64 and EngineSettings().window("cuda") == 2048
+
+
+@pytest.mark.parametrize(("env", "msg"), [
+    ({"SBR_EXEC_WINDOW": "100"}, "multiple of 64"),
+    ({"SBR_EXEC_WINDOW": "big"}, "SBR_EXEC_WINDOW must be an integer"),
+    ({"SBR_KERNELS": "fast"}, "kernels must be one of auto, reference"),
+    ({"SBR_ATTN": "xformers"}, "attention must be one of cudnn, flash"),
+])
+def test_bad_values_are_config_errors(env: dict, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        EngineSettings.from_env(env)
+
+
+def test_the_engine_records_its_settings() -> None:
+    eng = Engine.from_preset("tiny", settings=EngineSettings(exec_window=128))
+    d = eng.describe()
+    assert d["settings"]["exec_window"] == 128 and d["exec_window"] == 128
+    assert d["cache_settings"]["policy"] == "adaptive" and d["chat_template"] == "chatml"
