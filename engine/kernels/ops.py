@@ -125,10 +125,6 @@ def gdn_config(device: torch.device | str) -> str | None:
     return str(_triton_mod().production_name())
 
 
-def moe_route(logits, top_k, norm_topk):  # type: ignore[no-untyped-def]
-    return reference.moe_route(logits, top_k, norm_topk)
-
-
 def moe_experts(x, idx, w, gate_up, down, lo, hi):  # type: ignore[no-untyped-def]
     """Routed experts of rows [lo, hi): grouped GEMMs on CUDA in bf16 (no host sync, fixed
     shapes); elsewhere the fixed-block reference, or, for a CUDA decode step (one row, where

@@ -5,9 +5,8 @@ rows aligned to absolute multiples of E (E a multiple of the GDN chunk). A windo
 same shapes whatever range of it is valid, GEMM rows are independent of each other, padding rows
 contribute exact zeros, attention reads keys [0, e0 + E) (cached ones before the valid range,
 fresh ones inside it), and a MoE block routes only the valid rows, through expert GEMMs of fixed
-shapes. So the hidden states, KV and grid states of a position are bitwise the
-same whichever snapshot a computation started from: the cache can change only the work, never
-the numbers.
+shapes. So the hidden states, KV and grid states of a position are bitwise the same whichever
+snapshot a computation started from: the cache can change only the work, never the numbers.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.kernels import ops
+from engine.kernels.reference import moe_route
 from engine.model.mlp import MLP
 
 
@@ -36,7 +37,7 @@ class SparseMoE(nn.Module):
         """x [T, H]; only rows [lo, hi) are routed (the others are a window's padding and get
         the shared expert alone). Every row is a function of its own input only."""
         hi = x.shape[0] if hi is None else hi
-        idx, w = ops.moe_route(self.gate(x), self.top_k, self.norm_topk)
+        idx, w = moe_route(self.gate(x), self.top_k, self.norm_topk)
         routed = ops.moe_experts(x, idx, w, self.experts.gate_up_proj, self.experts.down_proj,
                                  lo, hi)
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
