@@ -205,10 +205,17 @@ class ModelConfig:
             raise ConfigError("config.json must hold a JSON object")
         mt = d.get("model_type", "qwen3_next")
         tie = d.get("tie_word_embeddings")
-        if isinstance(d.get("text_config"), dict):  # multimodal wrapper: the language model
+        text = d.get("text_config")
+        quant = d.get("quantization_config") or (
+            text.get("quantization_config") if isinstance(text, dict) else None)
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise ConfigError(f"quantized checkpoints are not supported (quant_method "
+                              f"{method!r}); use the bf16 release")
+        if isinstance(text, dict):  # multimodal wrapper: the language model's config
             # transformers ties lm_head by the wrapper's flag (absent: untied), not the text's
             tie = bool(tie)
-            d = d["text_config"]
+            d = text
             mt = d.get("model_type", f"{mt}_text")
         if mt not in FAMILIES:
             raise ConfigError(f"model_type {mt!r} is not supported (supported: "

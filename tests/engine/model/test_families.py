@@ -252,6 +252,7 @@ def test_cli_unsupported_model_type_is_one_red_line(tmp_path: Path,
     ({"num_experts": 4, "num_experts_per_tok": 5, "moe_intermediate_size": 8,
       "shared_expert_intermediate_size": 8}, "num_experts_per_tok"),
     ({"num_experts": 4, "num_experts_per_tok": 2}, "moe_intermediate_size"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints.*'fp8'"),
 ])
 def test_bad_configs_are_config_errors(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
