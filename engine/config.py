@@ -1,4 +1,6 @@
-"""Model configuration, compatible with Hugging Face `config.json` for `model_type: qwen3_next`."""
+"""Model configuration, compatible with Hugging Face `config.json` of the GDN-hybrid families
+transformers defines: Qwen3-Next (`qwen3_next`) and Qwen3.5 dense and MoE (`qwen3_5`,
+`qwen3_5_moe`, and their text-only `*_text` configs)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,17 @@ from engine.errors import ConfigError, UserError
 
 CHUNK = 64  # GDN chunk size; snapshots live on the absolute grid of multiples of CHUNK
 
+# model_type -> family. A multimodal wrapper (`qwen3_5`, `qwen3_5_moe`) nests its language
+# model's config under `text_config`; the vision tower and the MTP head are not loaded.
+FAMILIES = {"qwen3_next": "qwen3_next", "qwen3_5": "qwen3_5", "qwen3_5_text": "qwen3_5",
+            "qwen3_5_moe": "qwen3_5_moe", "qwen3_5_moe_text": "qwen3_5_moe"}
+
 
 @dataclass(slots=True)
 class ModelConfig:
-    """Shapes of a Qwen3-Next-style hybrid decoder (HF field names)."""
+    """Shapes of a Qwen3-Next-style hybrid decoder (HF field names). A layer's feed-forward is
+    a sparse MoE block when num_experts > 0, the layer is not in mlp_only_layers and
+    (layer + 1) % decoder_sparse_step == 0 (as transformers decides), else a dense SwiGLU MLP."""
 
     vocab_size: int = 384
     hidden_size: int = 64
@@ -38,6 +47,10 @@ class ModelConfig:
     hidden_act: str = "silu"
     mlp_only_layers: list[int] = field(default_factory=list)
     num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
     decoder_sparse_step: int = 1
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -62,14 +75,19 @@ class ModelConfig:
         if self.hidden_act != "silu":
             problems.append(f"hidden_act {self.hidden_act!r} unsupported (only silu)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "head_dim", "linear_key_head_dim", "linear_value_head_dim"):
+                     "head_dim", "linear_key_head_dim", "linear_value_head_dim",
+                     "decoder_sparse_step"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
-        moe = [i for i in range(self.num_hidden_layers)
-               if i not in self.mlp_only_layers and self.num_experts > 0
-               and (i + 1) % self.decoder_sparse_step == 0]
-        if moe:
-            problems.append(f"MoE layers {moe[:4]}... unsupported: list them in mlp_only_layers")
+        if self.num_experts < 0:
+            problems.append("num_experts must be >= 0")
+        if self.decoder_sparse_step > 0 and self.moe_layers:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                problems.append(f"num_experts_per_tok must be in 1..num_experts "
+                                f"({self.num_experts}), got {self.num_experts_per_tok}")
+            for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+                if getattr(self, name) <= 0:
+                    problems.append(f"{name} must be positive for MoE layers")
         if problems:
             raise ConfigError("bad model config: " + "; ".join(problems))
 
@@ -80,6 +98,14 @@ class ModelConfig:
     @property
     def attn_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layers whose feed-forward is the sparse MoE block (the others are dense MLPs)."""
+        if self.num_experts <= 0:
+            return []
+        return [i for i in range(self.num_hidden_layers)
+                if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0]
 
     @property
     def key_dim(self) -> int:
@@ -107,16 +133,50 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_key_value_heads * self.head_dim * dtype_bytes * len(self.attn_layers)
 
-    def flops_per_token(self) -> float:
-        """Dense matmul FLOPs per token (2 x weights touched), attention score work excluded."""
+    # ---- parameter and FLOP counts ---------------------------------------------------------
+    def _mixer_weights(self, kind: str) -> int:
+        """Matmul weights of one token mixer (GDN or gated attention)."""
         h, c = self.hidden_size, self
-        gdn = h * (2 * c.key_dim + 2 * c.value_dim) + h * 2 * c.linear_num_value_heads \
-            + c.value_dim * h
-        att = h * c.num_attention_heads * c.head_dim * 2 + 2 * h * c.num_key_value_heads \
+        if kind == "linear_attention":
+            return h * (2 * c.key_dim + 2 * c.value_dim) + h * 2 * c.linear_num_value_heads \
+                + c.value_dim * h
+        return h * c.num_attention_heads * c.head_dim * 2 + 2 * h * c.num_key_value_heads \
             * c.head_dim + c.num_attention_heads * c.head_dim * h
-        mlp = 3 * h * c.intermediate_size
-        per_layer = [gdn if t == "linear_attention" else att for t in c.layer_types]
-        return 2.0 * (sum(per_layer) + mlp * c.num_hidden_layers + h * c.vocab_size * 0)
+
+    def _ffn_weights(self, layer: int, active: bool) -> int:
+        """Matmul weights of one layer's feed-forward; for a MoE layer with `active`, only the
+        router, the top-k routed experts, the shared expert and its gate."""
+        h = self.hidden_size
+        if layer not in self.moe_layers:
+            return 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        return (h * self.num_experts + experts * 3 * h * self.moe_intermediate_size
+                + 3 * h * self.shared_expert_intermediate_size + h)
+
+    def param_count(self) -> int:
+        """Parameters of the language model (the engine's; a checkpoint's vision tower and MTP
+        head are not counted), embeddings and lm_head included (once when tied)."""
+        c, h = self, self.hidden_size
+        small = {"linear_attention": c.conv_dim * c.linear_conv_kernel_dim
+                 + 2 * c.linear_num_value_heads + c.linear_value_head_dim,
+                 "full_attention": 2 * c.head_dim}
+        layers = sum(self._mixer_weights(t) + small[t] + 2 * h + self._ffn_weights(i, False)
+                     for i, t in enumerate(c.layer_types))
+        embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
+        return layers + embed + h
+
+    def active_param_count(self) -> int:
+        """Parameters one token touches: param_count with only the top-k routed experts of each
+        MoE layer (equal to param_count for a dense model)."""
+        return self.param_count() - sum(self._ffn_weights(i, False) - self._ffn_weights(i, True)
+                                        for i in self.moe_layers)
+
+    def flops_per_token(self) -> float:
+        """Matmul FLOPs per token (2 x weights touched; a MoE layer counts its router, top-k
+        experts and shared expert), attention score work and lm_head excluded."""
+        per_layer = [self._mixer_weights(t) for t in self.layer_types]
+        ffn = [self._ffn_weights(i, True) for i in range(self.num_hidden_layers)]
+        return 2.0 * (sum(per_layer) + sum(ffn))
 
     def gdn_flops_per_token(self) -> float:
         """Chunked delta-rule FLOPs per token (state read/write + intra-chunk), all GDN layers."""
@@ -129,6 +189,7 @@ class ModelConfig:
         """Score + value FLOPs of one query at position q_pos (keys 0..q_pos), all attn layers."""
         return 4.0 * self.num_attention_heads * self.head_dim * (q_pos + 1) * len(self.attn_layers)
 
+    # ---- HF config.json --------------------------------------------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("name")
@@ -142,24 +203,50 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any], name: str = "checkpoint") -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError("config.json must hold a JSON object")
-        mt = d.get("model_type")
-        if "text_config" in d and isinstance(d["text_config"], dict):  # Qwen3.5-style wrapper
-            d = {**d["text_config"], "model_type": d["text_config"].get("model_type", mt)}
-            mt = d.get("model_type")
-        if mt not in (None, "qwen3_next", "qwen3_5_text", "qwen3_5"):
-            raise ConfigError(f"model_type {mt!r} is not a Qwen3-Next-style hybrid")
+        mt = d.get("model_type", "qwen3_next")
+        tie = d.get("tie_word_embeddings")
+        text = d.get("text_config")
+        quant = d.get("quantization_config") or (
+            text.get("quantization_config") if isinstance(text, dict) else None)
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise ConfigError(f"quantized checkpoints are not supported (quant_method "
+                              f"{method!r}); use the bf16 release")
+        if isinstance(text, dict):  # multimodal wrapper: the language model's config
+            # transformers ties lm_head by the wrapper's flag (absent: untied), not the text's
+            tie = bool(tie)
+            d = text
+            mt = d.get("model_type", f"{mt}_text")
+        if mt not in FAMILIES:
+            raise ConfigError(f"model_type {mt!r} is not supported (supported: "
+                              f"{', '.join(FAMILIES)})")
+        family = FAMILIES[mt]
         known = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
-        kw: dict[str, Any] = {k: v for k, v in d.items() if k in known and k != "name"}
+        kw: dict[str, Any] = {k: v for k, v in d.items()
+                              if k in known and k != "name" and v is not None}
+        if tie is not None:
+            kw["tie_word_embeddings"] = bool(tie)
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if isinstance(rope, dict):
+            # text tokens carry equal (t, h, w) positions, so Qwen3.5's interleaved M-RoPE
+            # sections give exactly the 1-D rotary embedding
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise ConfigError(f"rope_type {kind!r} unsupported (only default)")
             if "rope_theta" in rope:
                 kw["rope_theta"] = rope["rope_theta"]
             if "partial_rotary_factor" in rope:
                 kw["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        if d.get("attention_bias"):
+            raise ConfigError("attention_bias=true unsupported (these families have no biases)")
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
-        if kw.get("num_experts") and not kw.get("mlp_only_layers"):
-            raise ConfigError("MoE checkpoints are not supported yet (dense MLP only)")
+        if "head_dim" not in kw and "hidden_size" in kw and "num_attention_heads" in kw:
+            kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
+        if family == "qwen3_5":  # dense: the config class has no MoE fields
+            kw.update(num_experts=0, mlp_only_layers=[])
+        elif family == "qwen3_5_moe":  # every layer sparse, top-k always renormalised
+            kw.update(mlp_only_layers=[], decoder_sparse_step=1, norm_topk_prob=True)
         try:
             return cls(**kw, name=name)
         except TypeError as e:
@@ -187,8 +274,21 @@ def _preset_tiny() -> ModelConfig:
     )
 
 
+def _preset_tiny_moe() -> ModelConfig:
+    # CPU tests of the sparse MoE path: tiny's mixers, every feed-forward a MoE block of 8
+    # experts (top-2, renormalised) plus the gated shared expert, as Qwen3.5-MoE has it.
+    return ModelConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+        linear_value_head_dim=32, full_attention_interval=4, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+        eos_token_id=257, bos_token_id=256, name="tiny-moe",
+    )
+
+
 def _preset_small() -> ModelConfig:
-    # GPU smoke: ~190M parameters, Qwen3-Next head shapes at reduced width and depth.
+    # GPU smoke: ~270M parameters, Qwen3-Next head shapes at reduced width and depth.
     return ModelConfig(
         vocab_size=384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
         num_attention_heads=8, num_key_value_heads=2, head_dim=256,
@@ -210,7 +310,40 @@ def _preset_a3b_proxy() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "a3b-proxy": _preset_a3b_proxy}
+def _preset_qwen35_35b_a3b() -> ModelConfig:
+    # Qwen/Qwen3.5-35B-A3B's text model (its config.json's text_config): 40 layers (30 GDN +
+    # 10 gated attention), 256 experts top-8 of 512 plus a 512 shared expert per layer.
+    # 34.7B parameters (3.5B active per token): ~69 GB in bf16, fits one 141 GB H200.
+    # Token ids stay byte-level (eos 257) as for every random-weight preset.
+    return ModelConfig(
+        vocab_size=248320, hidden_size=2048, intermediate_size=512, num_hidden_layers=40,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128, full_attention_interval=4, rope_theta=10_000_000.0,
+        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, eos_token_id=257, bos_token_id=256,
+        name="qwen3.5-35b-a3b",
+    )
+
+
+def _preset_qwen3_next_80b_a3b() -> ModelConfig:
+    # Qwen/Qwen3-Next-80B-A3B: 48 layers (36 GDN + 12 gated attention), 512 experts top-10
+    # of 512 plus a 512 shared expert per layer. 79.7B parameters (3.9B active): ~159 GB in
+    # bf16, which does NOT fit one H200 (141 GB); it needs two GPUs or a smaller dtype.
+    return ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48,
+        num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+        linear_value_head_dim=128, full_attention_interval=4, rope_theta=10_000_000.0,
+        num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+        shared_expert_intermediate_size=512, eos_token_id=257, bos_token_id=256,
+        name="qwen3-next-80b-a3b",
+    )
+
+
+PRESETS = {"tiny": _preset_tiny, "tiny-moe": _preset_tiny_moe, "small": _preset_small,
+           "a3b-proxy": _preset_a3b_proxy, "qwen3.5-35b-a3b": _preset_qwen35_35b_a3b,
+           "qwen3-next-80b-a3b": _preset_qwen3_next_80b_a3b}
 
 
 def preset(name: str) -> ModelConfig:

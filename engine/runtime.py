@@ -41,7 +41,7 @@ from engine.model.model import HybridModel, RecurrentState
 from engine.record import CacheUse, RequestStats, Timing
 from engine.settings import EngineSettings
 from engine.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from engine.weights import init_random, load_checkpoint
+from engine.weights import build_random, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -134,9 +134,8 @@ class Engine:
         cfg = preset(name)
         dt = _dtype(dtype)
         dev = _device(device)
-        model = HybridModel(cfg).to(device=dev)  # init where it runs: seconds, not minutes
-        init_random(model, seed)
-        model = model.to(dtype=dt)
+        # built where it runs, in its dtype (a 35B preset has no fp32 copy anywhere)
+        model = build_random(cfg, dev, dt, seed)
         tok = ByteTokenizer(cfg.vocab_size, cfg.eos_token_id)
         return cls(model, tok, dev, dt, cache, source=f"preset:{name}", seed=seed,
                    settings=settings)

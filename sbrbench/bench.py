@@ -542,16 +542,13 @@ def model_flops(cfg: ModelConfig, start: int, end: int) -> float:
 
 
 def build_model_on_gpu(preset_name: str, dtype: torch.dtype, seed: int = 0) -> Any:
-    """The weights Engine.from_preset(device="cuda") gets (engine.weights.init_random draws on
-    the model's device), built on the GPU directly: no CPU construction of 4B parameters."""
+    """The weights Engine.from_preset(device="cuda") gets (engine.weights.build_random), built
+    on the GPU in `dtype` directly: no fp32 copy of a 35B-parameter preset anywhere."""
     from engine.config import preset  # noqa: PLC0415
-    from engine.model.model import HybridModel  # noqa: PLC0415
-    from engine.weights import init_random  # noqa: PLC0415
+    from engine.weights import build_random  # noqa: PLC0415
 
-    with torch.device(DEVICE):
-        model = HybridModel(preset(preset_name))
-    init_random(model, seed)
-    return model.to(dtype).eval().requires_grad_(False)
+    model = build_random(preset(preset_name), DEVICE, dtype, seed)
+    return model.eval().requires_grad_(False)
 
 
 def _engine(model: Any, dtype: torch.dtype, window: int, kv_tokens: int) -> Any:

@@ -40,7 +40,8 @@ def register(app: typer.Typer) -> None:
         prompt: str = typer.Option(None, "--prompt", help="Prompt text (byte-level tokenizer "
                                    "unless the checkpoint has tokenizer.json)."),
         prompt_ids: str = typer.Option(None, "--prompt-ids", help="Prompt as token ids: 1,2,3"),
-        preset: str = typer.Option(None, "--preset", help="tiny | small | a3b-proxy "
+        preset: str = typer.Option(None, "--preset", help="tiny | tiny-moe | small | "
+                                   "a3b-proxy | qwen3.5-35b-a3b | qwen3-next-80b-a3b "
                                    "(random weights, seeded). Default: tiny."),
         checkpoint: Path = typer.Option(None, "--checkpoint", help="HF-style checkpoint dir "
                                         "(config.json + safetensors)."),

@@ -123,3 +123,17 @@ def gdn_config(device: torch.device | str) -> str | None:
     if impl_name(device) != "triton":
         return None
     return str(_triton_mod().production_name())
+
+
+def moe_experts(x, idx, w, gate_up, down, lo, hi):  # type: ignore[no-untyped-def]
+    """Routed experts of rows [lo, hi): grouped GEMMs on CUDA in bf16 (no host sync, fixed
+    shapes); elsewhere the fixed-block reference, or, for a CUDA decode step (one row, where
+    a graph may be capturing), the sync-free gathered form."""
+    if x.is_cuda and os.environ.get("SBR_KERNELS", "auto") != "reference":
+        from engine.kernels import moe_grouped  # noqa: PLC0415
+
+        if moe_grouped.grouped_available(x):
+            return moe_grouped.moe_experts_grouped(x, idx, w, gate_up, down, lo, hi)
+    if x.is_cuda and x.shape[0] == 1 and (lo, hi) == (0, 1):
+        return reference.moe_experts_gathered(x, idx, w, gate_up, down)
+    return reference.moe_experts(x, idx, w, gate_up, down, lo, hi)

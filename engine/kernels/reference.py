@@ -230,3 +230,82 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, state):  # type: ignore[no-unty
         o, s = recurrent_step(q[i], k[i], v[i], g[i], beta[i], s)
         outs.append(o)
     return torch.stack(outs), s
+
+
+# ---- sparse mixture of experts -------------------------------------------------------------
+#
+# Exactness rule: a token's routing and expert outputs must not depend on which other rows of
+# its window are valid (a warm request restored at another snapshot pads the same window
+# differently). So only valid rows are routed; every expert GEMM has the same shape (each
+# expert's tokens go in blocks of MOE_BLOCK rows, the last one zero-padded: a GEMM row's result
+# depends on the matrix shape, not on its neighbours or its place in the block); and a token's
+# top-k outputs are summed in one fixed order (ascending expert id), with no scatter-add.
+
+MOE_BLOCK = 16
+
+
+def moe_route(logits: torch.Tensor, top_k: int,
+              norm_topk: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: softmax over experts in fp32, top-k, optional renormalisation (in fp32, over
+    the top-k in descending order, as transformers sums them), weights cast to the logits'
+    dtype. logits [T, E]. Returns (expert ids [T, K] ascending per row, weights [T, K])."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    top, idx = torch.topk(probs, top_k, dim=-1)
+    if norm_topk:
+        top = top / top.sum(dim=-1, keepdim=True)
+    top = top.to(logits.dtype)
+    idx, order = idx.sort(dim=-1)
+    return idx, top.gather(-1, order)
+
+
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU: x [M, H], gate_up [2I, H] (gate rows, then up rows), down [H, I]."""
+    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(swiglu(g, u), down)
+
+
+def moe_combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_k w[:, k] * y[:, k] in slot order (y [T, K, H], w [T, K]), in y's dtype: each
+    product and each partial sum rounded to it, as transformers' index_add_ accumulates."""
+    acc = y[:, 0] * w[:, 0:1]
+    for j in range(1, y.shape[1]):
+        acc = acc + y[:, j] * w[:, j:j + 1]
+    return acc
+
+
+def moe_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor, lo: int, hi: int, block: int = MOE_BLOCK) -> torch.Tensor:
+    """Routed experts of rows [lo, hi) of x [T, H] (other rows give zeros). idx, w [T, K] from
+    moe_route; gate_up [E, 2I, H], down [E, H, I]. Each expert runs on its tokens (in row
+    order) in fixed blocks of `block` rows. Returns [T, H] in x's dtype."""
+    t, k = idx.shape
+    hdim = x.shape[1]
+    y = torch.zeros(t * k, hdim, dtype=x.dtype, device=x.device)
+    if hi > lo:
+        e = idx[lo:hi].reshape(-1)
+        order = torch.argsort(e, stable=True)
+        slots = (torch.arange(lo * k, hi * k, device=x.device))[order]  # (row * K + k) per expert
+        counts = torch.bincount(e, minlength=gate_up.shape[0]).tolist()
+        buf = torch.zeros(block, hdim, dtype=x.dtype, device=x.device)
+        start = 0
+        for ex, c in enumerate(counts):
+            for b0 in range(0, c, block):
+                ids = slots[start + b0:start + min(b0 + block, c)]
+                n = ids.shape[0]
+                buf.zero_()
+                buf[:n] = x[ids // k]
+                y[ids] = expert_mlp(buf, gate_up[ex], down[ex])[:n]
+            start += c
+    return moe_combine(y.view(t, k, hdim), w)
+
+
+def moe_experts_gathered(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                         gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """moe_experts of every row of a few-row x (decode), without host synchronisation (so a
+    CUDA graph can hold it): each (row, slot) gathers its expert's weights, one batched GEMM."""
+    t, k = idx.shape
+    flat = idx.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0)[:, None, :]  # [T*K, 1, H]
+    g, u = torch.bmm(xs, gate_up[flat].transpose(1, 2)).chunk(2, dim=-1)
+    y = torch.bmm(swiglu(g, u), down[flat].transpose(1, 2))  # [T*K, 1, H]
+    return moe_combine(y.view(t, k, -1), w)

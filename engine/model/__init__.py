@@ -1,1 +1,1 @@
-"""The hybrid decoder: Gated DeltaNet + gated attention layers, dense SwiGLU MLP."""
+"""The hybrid decoder: Gated DeltaNet + gated attention layers, dense SwiGLU MLP or sparse MoE."""

@@ -3,10 +3,10 @@
 Exactness rule ("fixed aligned windows"): every pass over prompt tokens runs in windows of E
 rows aligned to absolute multiples of E (E a multiple of the GDN chunk). A window always has the
 same shapes whatever range of it is valid, GEMM rows are independent of each other, padding rows
-contribute exact zeros, and attention reads keys [0, e0 + E) (cached ones before the valid range,
-fresh ones inside it). So the hidden states, KV and grid states of a position are bitwise the
-same whichever snapshot a computation started from: the cache can change only the work, never
-the numbers.
+contribute exact zeros, attention reads keys [0, e0 + E) (cached ones before the valid range,
+fresh ones inside it), and a MoE block routes only the valid rows, through expert GEMMs of fixed
+shapes. So the hidden states, KV and grid states of a position are bitwise the same whichever
+snapshot a computation started from: the cache can change only the work, never the numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from engine.kernels import ops
 from engine.model.attention import GatedAttention, rope_cos_sin
 from engine.model.gdn import GatedDeltaNet, GDNTrace
 from engine.model.mlp import MLP
+from engine.model.moe import SparseMoE
 from engine.model.norm import RMSNorm
 
 
@@ -40,7 +41,7 @@ class DecoderLayer(nn.Module):
     self_attn: GatedAttention
     input_layernorm: RMSNorm
     post_attention_layernorm: RMSNorm
-    mlp: MLP
+    mlp: MLP | SparseMoE
 
     def __init__(self, cfg: ModelConfig, i: int) -> None:
         super().__init__()
@@ -49,7 +50,10 @@ class DecoderLayer(nn.Module):
             self.linear_attn = GatedDeltaNet(cfg, i)
         else:
             self.self_attn = GatedAttention(cfg, i)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        if i in cfg.moe_layers:
+            self.mlp = SparseMoE(cfg)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -131,7 +135,8 @@ class HybridModel(nn.Module):
             # then the norm: the sum is rounded first)
             pn = layer.post_attention_layernorm
             x, h2 = ops.add_rms_norm(x, y, pn.weight, pn.eps)
-            m = layer.mlp(h2)
+            # a MoE block routes only the valid rows (fixed shapes: see reference.moe_experts)
+            m = layer.mlp(h2, lo, hi) if isinstance(layer.mlp, SparseMoE) else layer.mlp(h2)
             if i + 1 < n_layers:
                 nn_ = self.decoder[i + 1].input_layernorm
                 x, hn = ops.add_rms_norm(x, m, nn_.weight, nn_.eps)
