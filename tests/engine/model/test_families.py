@@ -6,26 +6,27 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from engine.cache.settings import CacheSettings
 from engine.config import ModelConfig, preset
 from engine.errors import ConfigError
 from engine.model.model import HybridModel
 from engine.model.moe import SparseMoE
-from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+from engine.runtime import Engine, SamplingParams
 from engine.weights import empty_model, load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _families import BUILDERS, MOE_FAMILIES, Checkpoint, transformers  # noqa: E402
-
-FAMILIES = sorted(BUILDERS)
+FAMILIES = ["qwen3-next-dense", "qwen3-next-moe", "qwen3.5-dense", "qwen3.5-dense-vl",
+            "qwen3.5-moe", "qwen3.5-moe-vl"]
+MOE_FAMILIES = ("qwen3-next-moe", "qwen3.5-moe", "qwen3.5-moe-vl")
 # fp32 on both sides, same weights: the engine and transformers differ only in summation order
 # (chunked GDN, SDPA vs eager attention, blocked vs per-expert GEMMs); observed max |diff|
 # <= 2e-7 on last-token logits of magnitude ~0.5 over 100 tokens.
@@ -55,7 +56,7 @@ def _engine_last_logits(model: HybridModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_config_matches_transformers(checkpoint: Callable[[str], Checkpoint],
+def test_config_matches_transformers(checkpoint: Callable[[str], Any],
                                      family: str) -> None:
     ck = checkpoint(family)
     cfg = ModelConfig.from_file(ck.path / "config.json")
@@ -74,7 +75,7 @@ def test_config_matches_transformers(checkpoint: Callable[[str], Checkpoint],
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(checkpoint: Callable[[str], Checkpoint],
+def test_logits_match_transformers(checkpoint: Callable[[str], Any],
                                    family: str) -> None:
     ck = checkpoint(family)
     model = load_checkpoint(ck.path, "cpu", torch.float32)
@@ -87,7 +88,7 @@ def test_logits_match_transformers(checkpoint: Callable[[str], Checkpoint],
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cli_generate_matches_transformers_greedy(checkpoint: Callable[[str], Checkpoint],
+def test_cli_generate_matches_transformers_greedy(checkpoint: Callable[[str], Any],
                                                   family: str) -> None:
     """`sbrbench generate --checkpoint DIR --dtype float32` gives transformers' greedy tokens
     (transformers re-runs the whole sequence for each token: no cache on its side)."""
@@ -118,20 +119,21 @@ def _stream(engine: Engine, seed: int = 1, convs: int = 3, turns: int = 4) -> li
         for c in range(convs):
             r = engine.generate(hist[c], SamplingParams(max_tokens=8, ignore_eos=True))
             st = r.stats
-            rows.append((st.cached_tokens, st.snapshot_pos, st.logits_sha256, tuple(r.tokens)))
+            u = st.cache
+            rows.append((u.cached_tokens, u.snapshot_pos, st.logits_sha256, tuple(r.tokens)))
             hist[c] = hist[c] + r.tokens + [rnd.randrange(320)
                                             for _ in range(rnd.randrange(20, 140))]
     return rows
 
 
 def test_policies_bitwise_identical_on_a_moe_checkpoint(
-        checkpoint: Callable[[str], Checkpoint]) -> None:
+        checkpoint: Callable[[str], Any]) -> None:
     """forecast, tail-pin and adaptive restore different snapshots of a Qwen3.5-MoE checkpoint
     (so the MoE blocks see differently padded windows) yet give bitwise-identical logits."""
     path = checkpoint("qwen3.5-moe").path
     runs = {}
     for pol in ("forecast", "tail-pin", "adaptive"):
-        eng = Engine.from_checkpoint(path, cache=EngineCacheArgs(
+        eng = Engine.from_checkpoint(path, cache=CacheSettings(
             policy=pol, snapshot_slots=3, snapshot_interval=128))
         runs[pol] = _stream(eng)
     a = runs["forecast"]
@@ -143,7 +145,7 @@ def test_policies_bitwise_identical_on_a_moe_checkpoint(
 
 
 def test_decay_activations_on_a_multimodal_moe_checkpoint(
-        checkpoint: Callable[[str], Checkpoint], tmp_path: Path) -> None:
+        checkpoint: Callable[[str], Any], tmp_path: Path) -> None:
     from sbrbench.cli import app
 
     ck = checkpoint("qwen3.5-moe-vl")
@@ -210,7 +212,7 @@ def test_dense_presets_keep_their_flops() -> None:
 # ---- config and loader errors ----------------------------------------------------------------
 
 
-def _copy(ck: Checkpoint, dst: Path) -> Path:
+def _copy(ck: Any, dst: Path) -> Path:
     shutil.copytree(ck.path, dst)
     return dst
 
@@ -259,7 +261,7 @@ def test_bad_configs_are_config_errors(kw: dict, match: str) -> None:
         ModelConfig.from_hf_dict({"model_type": "qwen3_next", **kw})
 
 
-def test_family_rules_of_qwen35(checkpoint: Callable[[str], Checkpoint]) -> None:
+def test_family_rules_of_qwen35(checkpoint: Callable[[str], Any]) -> None:
     """Qwen3.5 dense ignores MoE fields; Qwen3.5-MoE makes every layer sparse and always
     renormalises (its config class has no such fields: transformers ignores them too)."""
     d = json.loads((checkpoint("qwen3.5-moe").path / "config.json").read_text())
@@ -287,7 +289,7 @@ def test_qwen3_next_sparse_step_follows_transformers() -> None:
                                   if hasattr(lyr.mlp, "experts")], (step, only)
 
 
-def test_missing_part_of_a_split_projection(checkpoint: Callable[[str], Checkpoint],
+def test_missing_part_of_a_split_projection(checkpoint: Callable[[str], Any],
                                             tmp_path: Path) -> None:
     path = _copy(checkpoint("qwen3.5-dense-vl"), tmp_path / "c")
     _edit_tensors(path, lambda sd: sd.pop("model.language_model.layers.1.linear_attn."
@@ -300,14 +302,14 @@ def test_missing_part_of_a_split_projection(checkpoint: Callable[[str], Checkpoi
         load_checkpoint(path, "cpu", torch.float32)
 
 
-def test_missing_expert(checkpoint: Callable[[str], Checkpoint], tmp_path: Path) -> None:
+def test_missing_expert(checkpoint: Callable[[str], Any], tmp_path: Path) -> None:
     path = _copy(checkpoint("qwen3-next-moe"), tmp_path / "c")
     _edit_tensors(path, lambda sd: sd.pop("model.layers.0.mlp.experts.5.up_proj.weight", None))
     with pytest.raises(ConfigError, match="lacks 1 tensors.*experts.gate_up_proj"):
         load_checkpoint(path, "cpu", torch.float32)
 
 
-def test_shape_mismatch_and_foreign_tensors(checkpoint: Callable[[str], Checkpoint],
+def test_shape_mismatch_and_foreign_tensors(checkpoint: Callable[[str], Any],
                                             tmp_path: Path) -> None:
     ck = checkpoint("qwen3.5-moe")
     bad_shape = _copy(ck, tmp_path / "shape")
@@ -332,7 +334,7 @@ def test_shape_mismatch_and_foreign_tensors(checkpoint: Callable[[str], Checkpoi
         load_checkpoint(foreign, "cpu", torch.float32)
 
 
-def test_fused_expert_tensors_load_too(checkpoint: Callable[[str], Checkpoint],
+def test_fused_expert_tensors_load_too(checkpoint: Callable[[str], Any],
                                        tmp_path: Path) -> None:
     """Experts stored as transformers' 3-D tensors (experts.gate_up_proj / down_proj) load
     to the same model as the per-expert layout."""
@@ -356,7 +358,7 @@ def test_fused_expert_tensors_load_too(checkpoint: Callable[[str], Checkpoint],
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_loads_in_bf16_without_an_fp32_copy(checkpoint: Callable[[str], Checkpoint]) -> None:
+def test_loads_in_bf16_without_an_fp32_copy(checkpoint: Callable[[str], Any]) -> None:
     ck = checkpoint("qwen3.5-moe-vl")
     model = load_checkpoint(ck.path, "cpu", torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -364,3 +366,7 @@ def test_loads_in_bf16_without_an_fp32_copy(checkpoint: Callable[[str], Checkpoi
     ref.load_state_dict(load_checkpoint(ck.path, "cpu", torch.float32).state_dict())
     for (k, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q.to(torch.bfloat16)), k  # bf16 on disk: exact both ways
+
+
+def test_every_family_is_tested(families: list[str]) -> None:
+    assert sorted(FAMILIES) == families and set(MOE_FAMILIES) <= set(families)

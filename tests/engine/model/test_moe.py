@@ -4,21 +4,19 @@ rows of its window are valid (bitwise), from the kernel up to cold vs warm gener
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
+from engine.cache.settings import CacheSettings
 from engine.config import preset
 from engine.kernels import moe_grouped
 from engine.kernels import reference as ref
 from engine.model.moe import SparseMoE
-from engine.runtime import Engine, EngineCacheArgs, SamplingParams
+from engine.runtime import Engine, SamplingParams
+from engine.settings import EngineSettings
 from engine.weights import build_random
-
-sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: find the helpers
-from _families import transformers  # noqa: E402
 
 H, E, K, INTER = 64, 8, 2, 32
 # fp32, outputs of magnitude ~10 (weights N(0, 0.3)): forms that run GEMMs of other shapes or
@@ -173,7 +171,7 @@ def test_tiny_moe_window_resume_mid_window_is_bitwise(window: int) -> None:
 def test_tiny_moe_cold_and_warm_are_identical() -> None:
     """A growing conversation on the tiny MoE preset: the warm request (restored snapshot,
     replayed tail) gives the cold request's tokens and logits, bitwise."""
-    eng = Engine.from_preset("tiny-moe", cache=EngineCacheArgs(policy="lru", snapshot_slots=4,
+    eng = Engine.from_preset("tiny-moe", cache=CacheSettings(policy="lru", snapshot_slots=4,
                                                                snapshot_interval=64))
     rnd = random.Random(5)
     conv = [rnd.randrange(256) for _ in range(150)]
@@ -184,7 +182,7 @@ def test_tiny_moe_cold_and_warm_are_identical() -> None:
                             use_cache=False)
         assert warm.tokens == cold.tokens
         assert warm.stats.logits_sha256 == cold.stats.logits_sha256
-        warm_seen += warm.stats.snapshot_pos > 0 and warm.stats.replay_tokens > 0
+        warm_seen += warm.stats.cache.snapshot_pos > 0 and warm.stats.cache.replay_tokens > 0
         conv = conv + warm.tokens + [rnd.randrange(256) for _ in range(rnd.randrange(30, 90))]
     assert warm_seen >= 2
 
@@ -250,8 +248,9 @@ def test_cuda_moe_decode_step_is_graph_capturable(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 def test_cuda_tiny_moe_cold_and_warm_are_identical() -> None:
     eng = Engine.from_preset("tiny-moe", device="cuda", dtype="bfloat16",
-                             cache=EngineCacheArgs(policy="lru", snapshot_slots=4,
-                                                   snapshot_interval=64, exec_window=128))
+                             cache=CacheSettings(policy="lru", snapshot_slots=4,
+                                                 snapshot_interval=64),
+                             settings=EngineSettings(exec_window=128))
     rnd = random.Random(6)
     conv = [rnd.randrange(256) for _ in range(300)]
     for _ in range(3):
