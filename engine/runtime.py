@@ -173,6 +173,7 @@ class Engine:
             "cache_settings": cs.describe(), "settings": self.settings.describe(),
             "chat_template": self.template.name,
             "params": sum(p.numel() for p in self.model.parameters()),
+            "active_params": self.config.active_param_count(),
         }
 
     def cache_stats(self) -> dict[str, Any]:
