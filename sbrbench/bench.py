@@ -240,52 +240,47 @@ def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbyte
 
 
 def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
-              configs: Sequence[Any] = (), sweep_at: Sequence[int] = (), graphs: bool = False,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (production config, capture on
-    and off, q/k grouped and expanded; extra configs at the T values in sweep_at), fla on the
-    same inputs (grouped and expanded q/k) and the torch reference."""
+              graphs: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (capture on and off, q/k
+    grouped and expanded), fla on the same inputs (grouped and expanded q/k) and the torch
+    reference."""
     rows: list[dict[str, Any]] = []
     for t in ts:
         if t % CHUNK:
             raise UserError(f"--T values must be multiples of {CHUNK}, got {t}")
-        rows += _bench_gdn_at(t, fla, t <= torch_max_t, configs if t in sweep_at else (), log,
-                              graphs)
+        rows += _bench_gdn_at(t, fla, t <= torch_max_t, log, graphs)
         _empty_cache()
     return rows
 
 
-def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
-                  log: Callable[[str], None], graphs: bool = False) -> list[dict[str, Any]]:
+def _bench_gdn_at(t: int, fla: bool, with_torch: bool, log: Callable[[str], None],
+                  graphs: bool = False) -> list[dict[str, Any]]:
     from engine.kernels import reference as ref  # noqa: PLC0415
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     rows: list[dict[str, Any]] = []
-    prod = tg.config_for(kd, vd)
+    launch = tg.launch_for(kd, vd)
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
     qx, kx = q.repeat_interleave(hv // hq, 1), k.repeat_interleave(hv // hq, 1)
     n_states = t // CHUNK
     # capture: every grid state (True), the engine's snapshot rows (one per ENGINE_INTERVAL
-    # rows, stored alone by the split pipeline), or none
+    # rows, stored alone), or none
     sparse = set(range(ENGINE_INTERVAL, t + 1, ENGINE_INTERVAL))
-    runs: list[tuple[Any, bool | set[int], bool]] = [
-        (prod, True, True), (prod, True, False), (prod, sparse, True), (prod, False, True)]
-    runs += [(c, True, True) for c in configs if c != prod]
-    for cfg, capture, grouped in runs:
+    runs: list[tuple[bool | set[int], bool]] = [(True, True), (True, False), (sparse, True),
+                                                (False, True)]
+    for capture, grouped in runs:
         qq, kk = (q, k) if grouped else (qx, kx)
-        ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg)
+        ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, launch)
         ms = time_ms(ours)
         n_cap = n_states if capture is True else len(capture) if capture else 0
-        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_cap)
+        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 2, n_cap)
         rep = repeatable(ours) if capture is True and grouped else None
         label = capture if isinstance(capture, bool) else f"every {ENGINE_INTERVAL}"
         rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=label,
-                         captured_states=n_cap, config=cfg._asdict(),
-                         config_name=tg.config_name(cfg), production=cfg == prod,
-                         exact=tg.exact_on_sm90(cfg), repeatable=rep))
-        log(f"  sbrbench T={t} H={qq.shape[1]} capture={label} {tg.config_name(cfg)}: "
-            f"{ms:.3f} ms" + ("" if rep is None else f" repeatable={rep}"))
+                         captured_states=n_cap, repeatable=rep))
+        log(f"  sbrbench T={t} H={qq.shape[1]} capture={label}: {ms:.3f} ms"
+            + ("" if rep is None else f" repeatable={rep}"))
     fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
     for fn in fla_fns:
         fla_ms = _guarded_ms(fn, "fla", log) if fn is not None else None
@@ -299,8 +294,8 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
             ("" if rep is None else f" repeatable={rep}"))
     if graphs:  # the same calls replayed from CUDA graphs: kernels only, no launch gaps
         pairs: list[tuple[str, Callable[[], Any], float, dict[str, Any]]] = [
-            ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, prod),
-             gdn_bytes(t, hq, hv, kd, vd, 4, n_states), {"production": True})]
+            ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, launch),
+             gdn_bytes(t, hq, hv, kd, vd, 2, n_states), {})]
         if fla_fns and fla_fns[0] is not None:
             pairs.append(("fla", fla_fns[0], gdn_bytes(t, hq, hv, kd, vd, 2, 0), {}))
         for impl, fn, nb, extra in pairs:
@@ -418,50 +413,44 @@ def kernel_times(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
 
 def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Per-kernel device time of one gdn_chunk_fwd call at T (Qwen3-Next shape, grouped q/k,
-    every grid state captured): each named configuration of ours, and fla when importable.
-    Rows: kernel "gdn_chunk_fwd.part", impl, config_name, part (the kernel), ms."""
+    every grid state captured): ours, and fla when importable. Rows: kernel
+    "gdn_chunk_fwd.part", impl, part (the kernel), ms."""
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
-    runs: list[tuple[str, str | None, Callable[[], Any] | None]] = [
-        ("sbrbench", name, partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
-                                   tg.config_for(kd, vd, name=name)))
-        for name in tg.NAMED_CONFIGS]
-    runs.append(("fla", None, _fla_fn(q, k, v, g, beta, s0)))
+    runs: list[tuple[str, Callable[[], Any] | None]] = [
+        ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
+                             tg.launch_for(kd, vd))),
+        ("fla", _fla_fn(q, k, v, g, beta, s0))]
     rows: list[dict[str, Any]] = []
-    for impl, name, fn in runs:
+    for impl, fn in runs:
         if fn is None:
             continue
         parts = kernel_times(fn)
-        log(f"  {impl} {name or ''} T={t}: {sum(parts.values()):.3f} ms in "
+        log(f"  {impl} T={t}: {sum(parts.values()):.3f} ms in "
             + ", ".join(f"{p} {ms:.3f}" for p, ms in list(parts.items())[:5]))
-        rows += [{"kernel": "gdn_chunk_fwd.part", "impl": impl, "config_name": name, "T": t,
-                  "H": hq, "HV": hv, "K": kd, "V": vd, "part": part, "ms": round(ms, 4)}
+        rows += [{"kernel": "gdn_chunk_fwd.part", "impl": impl, "T": t, "H": hq, "HV": hv,
+                  "K": kd, "V": vd, "part": part, "ms": round(ms, 4)}
                  for part, ms in parts.items()]
     _empty_cache()
     return rows
 
 
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
-                torch_max_t: int = 16384, sweep_at: Sequence[int] = (), graphs: bool = False,
-                profile_at: Sequence[int] = (),
+                torch_max_t: int = 16384, graphs: bool = False, profile_at: Sequence[int] = (),
                 log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench kernels`: write the rows and return (path, rows)."""
     require_cuda()
-    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
-
     env = bench_env()
     path = out or Path("results") / gpu_slug(env.get("gpu")) / "bench-kernels.json"
     ceil = measure_ceilings()
     log(f"{env.get('gpu')}: matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
         f"copy {ceil.copy_gbps:.0f} GB/s")
-    configs = sweep_configs(tg) if sweep_at else []
     extra = {"ceilings": ceil._asdict(), "shape": dict(QWEN3_NEXT), "partial": True}
     rows: list[dict[str, Any]] = []
     for t in ts:  # rewritten after each T: a run cut short keeps what it measured
-        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, configs=configs,
-                          sweep_at=sweep_at, graphs=graphs, log=log)
+        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, graphs=graphs, log=log)
         if t in profile_at:
             rows += profile_gdn_rows(t, log)
         write_doc(path, "kernels", env, rows, extra)
@@ -471,39 +460,16 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
     return path, rows
 
 
-def sweep_configs(tg: Any) -> list[Any]:
-    """Launch shapes and precisions tried besides the production one (choose, then fix it):
-    every named configuration, the two-stream overlap of the v3 pipeline, and launch shapes
-    of the split pipeline's state pass."""
-    base = tg.config_for(128, 128)
-    named = [tg.config_for(128, 128, name=n) for n in tg.NAMED_CONFIGS]
-    split = tg.config_for(128, 128, name="split")
-    cands = named + [tg.config_for(128, 128, name="exact-tf32")._replace(overlap=True)]
-    cands += [split._replace(overlap=True), split._replace(overlap=True, prio=True),
-              split._replace(overlap=True, prio=True, qk_warps=8),
-              split._replace(overlap=True, prio=True, seg_chunks=32),
-              split._replace(fuse_prep=False), split._replace(qk_warps=8),
-              split._replace(grp_share=True), split._replace(grp_share=True, qk_warps=8)]
-    s2 = tg.config_for(128, 128, name="split2")
-    cands += [s2._replace(grp_share=True), s2._replace(grp_share=True, solve_share=False),
-              s2._replace(solve_bk=64), s2._replace(qk_warps=8), s2._replace(warps=8)]
-    out: list[Any] = []
-    for c in cands:
-        if c != base and c not in out:
-            out.append(c)
-    return out
-
-
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fla_ms / ours_ms per (T, H) for the production config: with every grid state captured
-    (ours_ms, fla_over_ours: the headline), and where measured with the engine's snapshot rows
-    only and with no capture (fla returns no intermediate states at all)."""
+    """fla_ms / ours_ms per (T, H): with every grid state captured (ours_ms, fla_over_ours: the
+    headline), and where measured with the engine's snapshot rows only and with no capture
+    (fla returns no intermediate states at all)."""
     def gdn(r: dict[str, Any], launch: str = "eager") -> bool:
         return bool(r["kernel"] == "gdn_chunk_fwd" and r.get("launch", "eager") == launch)
 
     def ours(cap: Any, launch: str = "eager") -> dict[tuple[int, int], float]:
         return {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, launch)
-                and r["impl"] == "sbrbench" and r.get("production") and r.get("capture") == cap}
+                and r["impl"] == "sbrbench" and r.get("capture") == cap}
 
     every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
     g_ours = ours(True, "graph")

@@ -42,25 +42,21 @@ def kernels(
     ),
     fla: bool = typer.Option(True, "--fla/--no-fla", help="Also time fla (when importable)."),
     torch_max_t: int = typer.Option(16384, "--torch-max-t", help="Torch reference up to this T."),
-    sweep_at: str = typer.Option(
-        "", "--sweep-at", help="Also time alternative launch configs at these T (comma list)."
-    ),
     graphs: bool = typer.Option(
         False, "--graphs/--no-graphs",
         help="Also time ours and fla replayed from CUDA graphs (kernels without launch gaps)."),
     profile_at: str = typer.Option(
         "", "--profile-at",
-        help="Also record each kernel's device time (every named config, fla) at these T."),
+        help="Also record each kernel's device time (ours, fla) at these T."),
 ) -> None:
     """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
     from sbrbench import bench
 
     ts = parse_ints(t, "--T")
-    sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
     prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
-    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
-                                   graphs=graphs, profile_at=prof, log=console.print)
-    table = Table(title="gdn_chunk_fwd, production config: fla / ours by what ours captures")
+    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, graphs=graphs,
+                                   profile_at=prof, log=console.print)
+    table = Table(title="gdn_chunk_fwd: fla / ours by what ours captures")
     for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none",
                 "graphs"):
         table.add_column(col, justify="right")

@@ -117,9 +117,9 @@ def impl_name(device: torch.device | str) -> str:
     return "reference"
 
 
-def gdn_config(device: torch.device | str) -> str | None:
-    """The Triton chunk kernel's configuration name on this device (SBR_GDN_CONFIG), or None
+def gdn_config(device: torch.device | str, kd: int = 128, vd: int = 128) -> str | None:
+    """The Triton chunk kernel's launch shape for head dims (kd, vd) on this device, or None
     where the torch reference runs."""
     if impl_name(device) != "triton":
         return None
-    return str(_triton_mod().production_name())
+    return str(_triton_mod().launch_for(kd, vd).describe())
