@@ -60,3 +60,48 @@ def test_warm_pieces_builds_every_shape() -> None:
     assert at.warm_pieces(cfg, 2048, torch.float32, dev, 100_000) == 0
     assert at.warm_pieces(cfg, 1024, torch.bfloat16, dev, 100_000) == 0  # flash below 2048
     assert at.warm_pieces(cfg, 2048, torch.bfloat16, torch.device("cpu"), 100_000) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_window_attention_rows_do_not_depend_on_the_window_on_cpu(dtype: torch.dtype) -> None:
+    """The CPU's window attention (SDPA, bottom-right causal) gives the queries of positions
+    1024..1087 the same bits in windows of 64, 128, 1024 and 2048 rows starting anywhere on
+    the 64-row grid: windows can be sized to the work. (A decode step, one query over its keys
+    without a mask, is not promised the bits of the same row in a window.)"""
+    cfg = preset("small")
+    attn = at.GatedAttention(cfg, 3)
+    gen = torch.Generator().manual_seed(2)
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(2048, hq, d, generator=gen).to(dtype)
+    keys = torch.randn(2048, hkv, d, generator=gen).to(dtype)
+    vals = torch.randn(2048, hkv, d, generator=gen).to(dtype)
+
+    def window(e0: int, t: int) -> torch.Tensor:
+        return attn._attend(q[e0:e0 + t], keys[:e0 + t], vals[:e0 + t], causal=True)
+
+    want = window(1024, 64)
+    for e0, t in ((1024, 128), (960, 128), (512, 1024), (0, 2048)):
+        assert torch.equal(window(e0, t)[1024 - e0:1088 - e0], want), (e0, t)
+
+
+@pytest.mark.gpu
+def test_flash_window_rows_do_not_depend_on_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The single flash call (SBR_ATTN=flash) gives the queries of positions 4096..4159 the
+    same bits in windows of 64 to 4096 rows: its key blocks start at key 0 whatever the
+    window, and keys past a query add exact zeros. (The cuDNN pieces are not window-invariant:
+    their split points follow the window's start and size.)"""
+    monkeypatch.setenv("SBR_ATTN", "flash")
+    cfg = preset("a3b-proxy")
+    attn = at.GatedAttention(cfg, 3)
+    gen = torch.Generator().manual_seed(4)
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(8192, hq, d, generator=gen).bfloat16().cuda()
+    keys = torch.randn(8192, hkv, d, generator=gen).bfloat16().cuda()
+    vals = torch.randn(8192, hkv, d, generator=gen).bfloat16().cuda()
+
+    def window(e0: int, t: int) -> torch.Tensor:
+        return attn._attend(q[e0:e0 + t], keys[:e0 + t], vals[:e0 + t], causal=True)
+
+    want = window(4096, 64)
+    for e0, t in ((4096, 128), (4032, 128), (2048, 4096), (4096, 4096)):
+        assert torch.equal(window(e0, t)[4096 - e0:4160 - e0], want), (e0, t)
