@@ -165,13 +165,13 @@ class Ceilings(NamedTuple):
     copy_gbps: float  # device-to-device copy, bytes read + written
 
 
-def measure_ceilings() -> Ceilings:
-    """The two ceilings the method asks for, measured once on this device."""
-    n = 8192
+def measure_ceilings(n: int = 8192, copy_mib: int = 1024) -> Ceilings:
+    """The two ceilings the method asks for, measured once on this device: an n^3 bf16 matmul
+    and a copy of copy_mib MiB (the CPU smoke runs take small ones)."""
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b, rep_ms=200)
-    src = torch.randn(256 * 2**20, device=DEVICE)  # 1 GiB fp32
+    src = torch.randn(copy_mib * 2**18, device=DEVICE)  # fp32
     dst = torch.empty_like(src)
     ms_copy = time_ms(lambda: dst.copy_(src), rep_ms=200)
     return Ceilings(2 * n**3 / ms / 1e9, 2 * src.numel() * 4 / ms_copy / 1e6)
@@ -796,4 +796,176 @@ def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int]
         log(f"    other: {ms:8.3f} ms  x{n:<4d} {name}")
     extra.update(partial=False, best_window=best["window"], window_profile_ms=prof)
     write_doc(path, "prefill", env, rows, extra)
+    return path, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# bench resume
+# ---------------------------------------------------------------------------------------------
+
+# Datasheet ceilings of an H200 SXM: dense bf16 tensor-core rate and HBM3e bandwidth. The
+# floor is reported against these and against the ceilings measured in the same run.
+H200_HBM_GBPS = 4800.0
+
+
+class WindowTime(NamedTuple):
+    """One window of a request, timed from outside the engine: host_ms is the wall time of
+    the forward call (issuing its launches), gpu_ms the device time between CUDA events
+    recorded on either side of it (None on the CPU)."""
+
+    e0: int
+    lo: int
+    hi: int
+    host_ms: float
+    gpu_ms: float | None
+
+
+class Floor(NamedTuple):
+    """The least device time some work can take: its FLOPs at the bf16 matmul rate, or its
+    bytes at the memory bandwidth, whichever is longer."""
+
+    flops: float
+    nbytes: float
+    ms: float
+
+    @classmethod
+    def of(cls, flops: float, nbytes: float, tflops: float, gbps: float) -> Floor:
+        return cls(flops, nbytes, max(flops / tflops / 1e9, nbytes / gbps / 1e6))
+
+
+def pass_floor(cfg: ModelConfig, start: int, end: int, weight_bytes: float, dtype_bytes: int,
+               tflops: float, gbps: float) -> Floor:
+    """Floor of one forward pass over positions [start, end) at depth `start`: the model FLOPs
+    of those rows (model_flops) against reading every weight once, the KV of all `end`
+    positions once (writing the new rows' KV) and the recurrent state in and out."""
+    kv = cfg.kv_bytes_per_token(dtype_bytes) * (end + (end - start))
+    state = 2 * cfg.snapshot_bytes(dtype_bytes)
+    return Floor.of(model_flops(cfg, start, end), weight_bytes + kv + state, tflops, gbps)
+
+
+def timed_windows(model: Any, into: list[WindowTime]) -> Callable[[], None]:
+    """Time every model.forward_window call (the engine's windows) into `into`; returns the
+    function that takes the timing off again."""
+    orig = model.forward_window
+    cuda = next(model.parameters()).is_cuda
+
+    def timed(ids: torch.Tensor, e0: int, lo: int, hi: int, *args: Any, **kw: Any) -> Any:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t0 = time.perf_counter()
+        res = orig(ids, e0, lo, hi, *args, **kw)
+        host = (time.perf_counter() - t0) * 1e3
+        gpu = None
+        if cuda:
+            b.record()
+            b.synchronize()
+            gpu = a.elapsed_time(b)
+        into.append(WindowTime(e0, lo, hi, host, gpu))
+        return res
+
+    model.forward_window = timed
+
+    def undo() -> None:
+        del model.forward_window  # the instance attribute; the class method shows again
+
+    return undo
+
+
+def resume_rows(eng: Any, depth: int, new: int, reps: int, ceil: Ceilings,
+                log: Callable[[str], None] = print, seed: int = 0) -> list[dict[str, Any]]:
+    """Warm resumes of one conversation: a cold build to `depth` tokens, then `reps` turns,
+    each sending `new` fresh tokens after the previous turn (one generated token each). Per
+    turn: the TTFT split into window host time, window GPU time and the rest, against the GPU
+    floor of the tokens the turn needs (replay from the snapshot plus the new ones) and of the
+    rows its windows compute, at the measured and at the datasheet ceilings."""
+    from engine.runtime import SamplingParams  # noqa: PLC0415
+
+    cfg, model = eng.config, eng.model
+    dbytes = torch.empty((), dtype=eng.dtype).element_size()
+    wbytes = float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.vocab_size, 256)
+    ids = torch.randint(0, vocab, (depth,), generator=gen).tolist()
+    p = SamplingParams(max_tokens=1, ignore_eos=True)
+    full = ids + eng.generate(ids, p, session="resume").tokens
+    rows: list[dict[str, Any]] = []
+    peaks = {"measured": (ceil.matmul_tflops, ceil.copy_gbps),
+             "datasheet": (DENSE_BF16_PEAK_TFLOPS, H200_HBM_GBPS)}
+    for turn in range(reps):
+        prompt = full + torch.randint(0, vocab, (new,), generator=gen).tolist()
+        calls: list[WindowTime] = []
+        undo = timed_windows(model, calls)
+        try:
+            res = eng.generate(prompt, p, session="resume")
+        finally:
+            undo()
+        st = res.stats
+        full = prompt + res.tokens
+        E, L, s = eng.window, len(prompt), st.snapshot_pos
+        wins = calls[:len(range(s // E * E, L, E))]  # the prompt's windows; then finalize's
+        gpu = None if any(w.gpu_ms is None for w in wins) else sum(w.gpu_ms or 0 for w in wins)
+        host = sum(w.host_ms for w in wins)
+        row: dict[str, Any] = {
+            "kernel": "resume", "impl": "sbrbench", "preset": cfg.name, "window": E,
+            "turn": turn, "prompt_tokens": L, "snapshot_pos": s, "replay_tokens": st.replay_tokens,
+            "new_tokens": st.new_tokens, "ttft_ms": round(st.ttft_s * 1e3, 3),
+            "windows": len(wins), "windows_host_ms": round(host, 3),
+            "windows_gpu_ms": None if gpu is None else round(gpu, 3),
+            "windows_wall_ms": round((st.replay_s + st.prefill_s) * 1e3, 3),
+            "outside_windows_ms": round((st.ttft_s - st.replay_s - st.prefill_s) * 1e3, 3),
+            "per_window": [w._asdict() for w in wins]}
+        for name, (tf, bw) in peaks.items():
+            need = pass_floor(cfg, s, L, wbytes, dbytes, tf, bw)
+            done = sum(pass_floor(cfg, w.e0, w.e0 + E, wbytes, dbytes, tf, bw).ms for w in wins)
+            row[f"floor_ms_{name}"] = round(need.ms, 4)
+            row[f"floor_windows_ms_{name}"] = round(done, 4)
+            row[f"ttft_over_floor_{name}"] = round(st.ttft_s * 1e3 / need.ms, 2)
+        row["floor_flops"], row["floor_bytes"] = need.flops, need.nbytes
+        rows.append(row)
+        log(f"  turn {turn}: L={L} replay {st.replay_tokens} + new {st.new_tokens} tok, "
+            f"TTFT {row['ttft_ms']:.1f} ms = windows {row['windows_wall_ms']:.1f} (host "
+            f"{host:.1f}, GPU {'-' if gpu is None else f'{gpu:.1f}'}) + other "
+            f"{row['outside_windows_ms']:.1f}; floor {row['floor_ms_measured']:.2f} ms "
+            f"({row['ttft_over_floor_measured']:.1f}x), windows' rows "
+            f"{row['floor_windows_ms_measured']:.2f} ms")
+    return rows
+
+
+def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: str,
+               window: int | None, device: str, out: Path | None,
+               log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench resume`: write the rows and return (path, rows). On the CPU (a smoke
+    run) the ceilings are measured small and there is no GPU time."""
+    global DEVICE
+    from engine.runtime import DTYPES, Engine, EngineCacheArgs  # noqa: PLC0415
+
+    if device == "cuda":
+        require_cuda()
+    elif device != "cpu":
+        raise UserError(f"--device is cpu or cuda, got {device!r}")
+    if dtype_name not in DTYPES:
+        raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+    if depth < 1 or new < 1 or reps < 1:
+        raise UserError("--depth, --new and --reps must be >= 1")
+    if window is not None and (window <= 0 or window % CHUNK):
+        raise UserError(f"--window must be a positive multiple of {CHUNK}, got {window}")
+    prev, DEVICE = DEVICE, device
+    try:
+        env = bench_env()
+        slug = gpu_slug(env.get("gpu")) if device == "cuda" else "cpu"
+        path = out or Path("results") / slug / "bench-resume.json"
+        ceil = measure_ceilings() if device == "cuda" else measure_ceilings(512, 16)
+        log(f"{env.get('gpu') or 'cpu'}: matmul {ceil.matmul_tflops:.3g} TFLOP/s, "
+            f"copy {ceil.copy_gbps:.0f} GB/s")
+        cache = EngineCacheArgs(policy="lru", exec_window=window,
+                                kv_budget_tokens=depth + (new + 1) * reps + 4096)
+        eng = Engine.from_preset(preset_name, device=device, dtype=dtype_name, cache=cache)
+        rows = resume_rows(eng, depth, new, reps, ceil, log)
+        extra = {"ceilings": ceil._asdict(), "peak_assumed_tflops": DENSE_BF16_PEAK_TFLOPS,
+                 "hbm_assumed_gbps": H200_HBM_GBPS, "preset": preset_name, "dtype": dtype_name,
+                 "depth": depth, "new": new, "engine": eng.describe()}
+        write_doc(path, "resume", env, rows, extra)
+    finally:
+        DEVICE = prev
     return path, rows

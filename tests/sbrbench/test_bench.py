@@ -116,3 +116,46 @@ def test_bench_graph_ms_captures_our_kernel() -> None:
     ms = bench.graph_ms(partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, 1024, True,
                                 tg.launch_for(128, 128)))
     assert ms is not None and ms > 0
+
+
+def test_bench_resume_smoke_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`bench resume` on the CPU (tiny preset): one row per resumed turn, the prompt's windows
+    (they cover the replay and the new tokens) timed, and the floor of the needed tokens no
+    more than that of the rows the windows compute."""
+    import json
+
+    out = tmp_path / "resume.json"
+    res = CliRunner().invoke(app, ["bench", "resume", "--preset", "tiny", "--depth", "200",
+                                   "--new", "20", "--reps", "2", "--dtype", "float32",
+                                   "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "resume" and doc["engine"]["device"] == "cpu"
+    rows = doc["rows"]
+    assert [r["turn"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["windows_gpu_ms"] is None  # no GPU time on the CPU
+        wins = r["per_window"]
+        assert r["windows"] == len(wins) >= 1
+        assert r["replay_tokens"] + r["new_tokens"] > 0
+        assert wins[0]["e0"] + wins[0]["lo"] == r["snapshot_pos"]
+        assert wins[-1]["e0"] + wins[-1]["hi"] == r["prompt_tokens"]
+        assert all(w["host_ms"] > 0 for w in wins)
+        assert 0 < r["floor_ms_measured"] <= r["floor_windows_ms_measured"]
+        assert r["ttft_over_floor_datasheet"] > 0
+    assert rows[1]["prompt_tokens"] == rows[0]["prompt_tokens"] + 1 + 20
+
+
+def test_bench_resume_rejects_bad_flags() -> None:
+    res = CliRunner().invoke(app, ["bench", "resume", "--device", "tpu"])
+    assert isinstance(res.exception, UserError) and "--device" in str(res.exception)
+    res = CliRunner().invoke(app, ["bench", "resume", "--device", "cpu", "--window", "100"])
+    assert isinstance(res.exception, UserError) and "--window" in str(res.exception)
+
+
+def test_pass_floor_is_the_larger_of_compute_and_memory() -> None:
+    cfg = preset("tiny")
+    f = bench.pass_floor(cfg, 0, 64, 1e6, 4, tflops=1.0, gbps=1.0)
+    assert f.flops == bench.model_flops(cfg, 0, 64)
+    assert f.ms == pytest.approx(max(f.flops / 1e9, f.nbytes / 1e6))
+    assert f.nbytes > 1e6  # the weights plus KV and state
