@@ -165,13 +165,13 @@ class Ceilings(NamedTuple):
     copy_gbps: float  # device-to-device copy, bytes read + written
 
 
-def measure_ceilings() -> Ceilings:
-    """The two ceilings the method asks for, measured once on this device."""
-    n = 8192
+def measure_ceilings(n: int = 8192, copy_mib: int = 1024) -> Ceilings:
+    """The two ceilings the method asks for, measured once on this device: an n^3 bf16 matmul
+    and a copy of copy_mib MiB (the CPU smoke runs take small ones)."""
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b, rep_ms=200)
-    src = torch.randn(256 * 2**20, device=DEVICE)  # 1 GiB fp32
+    src = torch.randn(copy_mib * 2**18, device=DEVICE)  # fp32
     dst = torch.empty_like(src)
     ms_copy = time_ms(lambda: dst.copy_(src), rep_ms=200)
     return Ceilings(2 * n**3 / ms / 1e9, 2 * src.numel() * 4 / ms_copy / 1e6)
@@ -240,52 +240,47 @@ def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbyte
 
 
 def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
-              configs: Sequence[Any] = (), sweep_at: Sequence[int] = (), graphs: bool = False,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (production config, capture on
-    and off, q/k grouped and expanded; extra configs at the T values in sweep_at), fla on the
-    same inputs (grouped and expanded q/k) and the torch reference."""
+              graphs: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (capture on and off, q/k
+    grouped and expanded), fla on the same inputs (grouped and expanded q/k) and the torch
+    reference."""
     rows: list[dict[str, Any]] = []
     for t in ts:
         if t % CHUNK:
             raise UserError(f"--T values must be multiples of {CHUNK}, got {t}")
-        rows += _bench_gdn_at(t, fla, t <= torch_max_t, configs if t in sweep_at else (), log,
-                              graphs)
+        rows += _bench_gdn_at(t, fla, t <= torch_max_t, log, graphs)
         _empty_cache()
     return rows
 
 
-def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
-                  log: Callable[[str], None], graphs: bool = False) -> list[dict[str, Any]]:
+def _bench_gdn_at(t: int, fla: bool, with_torch: bool, log: Callable[[str], None],
+                  graphs: bool = False) -> list[dict[str, Any]]:
     from engine.kernels import reference as ref  # noqa: PLC0415
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     rows: list[dict[str, Any]] = []
-    prod = tg.config_for(kd, vd)
+    launch = tg.launch_for(kd, vd)
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
     qx, kx = q.repeat_interleave(hv // hq, 1), k.repeat_interleave(hv // hq, 1)
     n_states = t // CHUNK
     # capture: every grid state (True), the engine's snapshot rows (one per ENGINE_INTERVAL
-    # rows, stored alone by the split pipeline), or none
+    # rows, stored alone), or none
     sparse = set(range(ENGINE_INTERVAL, t + 1, ENGINE_INTERVAL))
-    runs: list[tuple[Any, bool | set[int], bool]] = [
-        (prod, True, True), (prod, True, False), (prod, sparse, True), (prod, False, True)]
-    runs += [(c, True, True) for c in configs if c != prod]
-    for cfg, capture, grouped in runs:
+    runs: list[tuple[bool | set[int], bool]] = [(True, True), (True, False), (sparse, True),
+                                                (False, True)]
+    for capture, grouped in runs:
         qq, kk = (q, k) if grouped else (qx, kx)
-        ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, cfg)
+        ours = partial(tg.gdn_chunk_fwd, qq, kk, v, g, beta, s0, 0, t, capture, launch)
         ms = time_ms(ours)
         n_cap = n_states if capture is True else len(capture) if capture else 0
-        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 4, n_cap)
+        nb = gdn_bytes(t, qq.shape[1], hv, kd, vd, 2, n_cap)
         rep = repeatable(ours) if capture is True and grouped else None
         label = capture if isinstance(capture, bool) else f"every {ENGINE_INTERVAL}"
         rows.append(_row("sbrbench", t, qq.shape[1], hv, kd, vd, ms, nb, capture=label,
-                         captured_states=n_cap, config=cfg._asdict(),
-                         config_name=tg.config_name(cfg), production=cfg == prod,
-                         exact=tg.exact_on_sm90(cfg), repeatable=rep))
-        log(f"  sbrbench T={t} H={qq.shape[1]} capture={label} {tg.config_name(cfg)}: "
-            f"{ms:.3f} ms" + ("" if rep is None else f" repeatable={rep}"))
+                         captured_states=n_cap, repeatable=rep))
+        log(f"  sbrbench T={t} H={qq.shape[1]} capture={label}: {ms:.3f} ms"
+            + ("" if rep is None else f" repeatable={rep}"))
     fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
     for fn in fla_fns:
         fla_ms = _guarded_ms(fn, "fla", log) if fn is not None else None
@@ -299,8 +294,8 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, configs: Sequence[Any],
             ("" if rep is None else f" repeatable={rep}"))
     if graphs:  # the same calls replayed from CUDA graphs: kernels only, no launch gaps
         pairs: list[tuple[str, Callable[[], Any], float, dict[str, Any]]] = [
-            ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, prod),
-             gdn_bytes(t, hq, hv, kd, vd, 4, n_states), {"production": True})]
+            ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, launch),
+             gdn_bytes(t, hq, hv, kd, vd, 2, n_states), {})]
         if fla_fns and fla_fns[0] is not None:
             pairs.append(("fla", fla_fns[0], gdn_bytes(t, hq, hv, kd, vd, 2, 0), {}))
         for impl, fn, nb, extra in pairs:
@@ -418,50 +413,44 @@ def kernel_times(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
 
 def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Per-kernel device time of one gdn_chunk_fwd call at T (Qwen3-Next shape, grouped q/k,
-    every grid state captured): each named configuration of ours, and fla when importable.
-    Rows: kernel "gdn_chunk_fwd.part", impl, config_name, part (the kernel), ms."""
+    every grid state captured): ours, and fla when importable. Rows: kernel
+    "gdn_chunk_fwd.part", impl, part (the kernel), ms."""
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
-    runs: list[tuple[str, str | None, Callable[[], Any] | None]] = [
-        ("sbrbench", name, partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
-                                   tg.config_for(kd, vd, name=name)))
-        for name in tg.NAMED_CONFIGS]
-    runs.append(("fla", None, _fla_fn(q, k, v, g, beta, s0)))
+    runs: list[tuple[str, Callable[[], Any] | None]] = [
+        ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
+                             tg.launch_for(kd, vd))),
+        ("fla", _fla_fn(q, k, v, g, beta, s0))]
     rows: list[dict[str, Any]] = []
-    for impl, name, fn in runs:
+    for impl, fn in runs:
         if fn is None:
             continue
         parts = kernel_times(fn)
-        log(f"  {impl} {name or ''} T={t}: {sum(parts.values()):.3f} ms in "
+        log(f"  {impl} T={t}: {sum(parts.values()):.3f} ms in "
             + ", ".join(f"{p} {ms:.3f}" for p, ms in list(parts.items())[:5]))
-        rows += [{"kernel": "gdn_chunk_fwd.part", "impl": impl, "config_name": name, "T": t,
-                  "H": hq, "HV": hv, "K": kd, "V": vd, "part": part, "ms": round(ms, 4)}
+        rows += [{"kernel": "gdn_chunk_fwd.part", "impl": impl, "T": t, "H": hq, "HV": hv,
+                  "K": kd, "V": vd, "part": part, "ms": round(ms, 4)}
                  for part, ms in parts.items()]
     _empty_cache()
     return rows
 
 
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
-                torch_max_t: int = 16384, sweep_at: Sequence[int] = (), graphs: bool = False,
-                profile_at: Sequence[int] = (),
+                torch_max_t: int = 16384, graphs: bool = False, profile_at: Sequence[int] = (),
                 log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench kernels`: write the rows and return (path, rows)."""
     require_cuda()
-    from engine.kernels import triton_gdn as tg  # noqa: PLC0415
-
     env = bench_env()
     path = out or Path("results") / gpu_slug(env.get("gpu")) / "bench-kernels.json"
     ceil = measure_ceilings()
     log(f"{env.get('gpu')}: matmul {ceil.matmul_tflops:.0f} TFLOP/s, "
         f"copy {ceil.copy_gbps:.0f} GB/s")
-    configs = sweep_configs(tg) if sweep_at else []
     extra = {"ceilings": ceil._asdict(), "shape": dict(QWEN3_NEXT), "partial": True}
     rows: list[dict[str, Any]] = []
     for t in ts:  # rewritten after each T: a run cut short keeps what it measured
-        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, configs=configs,
-                          sweep_at=sweep_at, graphs=graphs, log=log)
+        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, graphs=graphs, log=log)
         if t in profile_at:
             rows += profile_gdn_rows(t, log)
         write_doc(path, "kernels", env, rows, extra)
@@ -471,39 +460,16 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
     return path, rows
 
 
-def sweep_configs(tg: Any) -> list[Any]:
-    """Launch shapes and precisions tried besides the production one (choose, then fix it):
-    every named configuration, the two-stream overlap of the v3 pipeline, and launch shapes
-    of the split pipeline's state pass."""
-    base = tg.config_for(128, 128)
-    named = [tg.config_for(128, 128, name=n) for n in tg.NAMED_CONFIGS]
-    split = tg.config_for(128, 128, name="split")
-    cands = named + [tg.config_for(128, 128, name="exact-tf32")._replace(overlap=True)]
-    cands += [split._replace(overlap=True), split._replace(overlap=True, prio=True),
-              split._replace(overlap=True, prio=True, qk_warps=8),
-              split._replace(overlap=True, prio=True, seg_chunks=32),
-              split._replace(fuse_prep=False), split._replace(qk_warps=8),
-              split._replace(grp_share=True), split._replace(grp_share=True, qk_warps=8)]
-    s2 = tg.config_for(128, 128, name="split2")
-    cands += [s2._replace(grp_share=True), s2._replace(grp_share=True, solve_share=False),
-              s2._replace(solve_bk=64), s2._replace(qk_warps=8), s2._replace(warps=8)]
-    out: list[Any] = []
-    for c in cands:
-        if c != base and c not in out:
-            out.append(c)
-    return out
-
-
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fla_ms / ours_ms per (T, H) for the production config: with every grid state captured
-    (ours_ms, fla_over_ours: the headline), and where measured with the engine's snapshot rows
-    only and with no capture (fla returns no intermediate states at all)."""
+    """fla_ms / ours_ms per (T, H): with every grid state captured (ours_ms, fla_over_ours: the
+    headline), and where measured with the engine's snapshot rows only and with no capture
+    (fla returns no intermediate states at all)."""
     def gdn(r: dict[str, Any], launch: str = "eager") -> bool:
         return bool(r["kernel"] == "gdn_chunk_fwd" and r.get("launch", "eager") == launch)
 
     def ours(cap: Any, launch: str = "eager") -> dict[tuple[int, int], float]:
         return {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, launch)
-                and r["impl"] == "sbrbench" and r.get("production") and r.get("capture") == cap}
+                and r["impl"] == "sbrbench" and r.get("capture") == cap}
 
     every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
     g_ours = ours(True, "graph")
@@ -830,4 +796,178 @@ def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int]
         log(f"    other: {ms:8.3f} ms  x{n:<4d} {name}")
     extra.update(partial=False, best_window=best["window"], window_profile_ms=prof)
     write_doc(path, "prefill", env, rows, extra)
+    return path, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# bench resume
+# ---------------------------------------------------------------------------------------------
+
+# Datasheet ceilings of an H200 SXM: dense bf16 tensor-core rate and HBM3e bandwidth. The
+# floor is reported against these and against the ceilings measured in the same run.
+H200_HBM_GBPS = 4800.0
+
+
+class WindowTime(NamedTuple):
+    """One window of a request, timed from outside the engine: host_ms is the wall time of
+    the forward call (issuing its launches), gpu_ms the device time between CUDA events
+    recorded on either side of it (None on the CPU)."""
+
+    e0: int
+    lo: int
+    hi: int
+    host_ms: float
+    gpu_ms: float | None
+
+
+class Floor(NamedTuple):
+    """The least device time some work can take: its FLOPs at the bf16 matmul rate, or its
+    bytes at the memory bandwidth, whichever is longer."""
+
+    flops: float
+    nbytes: float
+    ms: float
+
+    @classmethod
+    def of(cls, flops: float, nbytes: float, tflops: float, gbps: float) -> Floor:
+        return cls(flops, nbytes, max(flops / tflops / 1e9, nbytes / gbps / 1e6))
+
+
+def pass_floor(cfg: ModelConfig, start: int, end: int, weight_bytes: float, dtype_bytes: int,
+               tflops: float, gbps: float) -> Floor:
+    """Floor of one forward pass over positions [start, end) at depth `start`: the model FLOPs
+    of those rows (model_flops) against reading every weight once, the KV of all `end`
+    positions once (writing the new rows' KV) and the recurrent state in and out."""
+    kv = cfg.kv_bytes_per_token(dtype_bytes) * (end + (end - start))
+    state = 2 * cfg.snapshot_bytes(dtype_bytes)
+    return Floor.of(model_flops(cfg, start, end), weight_bytes + kv + state, tflops, gbps)
+
+
+def timed_windows(model: Any, into: list[WindowTime]) -> Callable[[], None]:
+    """Time every model.forward_window call (the engine's windows) into `into`; returns the
+    function that takes the timing off again."""
+    orig = model.forward_window
+    cuda = next(model.parameters()).is_cuda
+
+    def timed(ids: torch.Tensor, e0: int, lo: int, hi: int, *args: Any, **kw: Any) -> Any:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t0 = time.perf_counter()
+        res = orig(ids, e0, lo, hi, *args, **kw)
+        host = (time.perf_counter() - t0) * 1e3
+        gpu = None
+        if cuda:
+            b.record()
+            b.synchronize()
+            gpu = a.elapsed_time(b)
+        into.append(WindowTime(e0, lo, hi, host, gpu))
+        return res
+
+    model.forward_window = timed
+
+    def undo() -> None:
+        del model.forward_window  # the instance attribute; the class method shows again
+
+    return undo
+
+
+def resume_rows(eng: Any, depth: int, new: int, reps: int, ceil: Ceilings,
+                log: Callable[[str], None] = print, seed: int = 0) -> list[dict[str, Any]]:
+    """Warm resumes of one conversation: a cold build to `depth` tokens, then `reps` turns,
+    each sending `new` fresh tokens after the previous turn (one generated token each). Per
+    turn: the TTFT split into window host time, window GPU time and the rest, against the GPU
+    floor of the tokens the turn needs (replay from the snapshot plus the new ones) and of the
+    rows its windows compute, at the measured and at the datasheet ceilings."""
+    from engine.runtime import SamplingParams  # noqa: PLC0415
+
+    cfg, model = eng.config, eng.model
+    dbytes = torch.empty((), dtype=eng.dtype).element_size()
+    wbytes = float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.vocab_size, 256)
+    ids = torch.randint(0, vocab, (depth,), generator=gen).tolist()
+    p = SamplingParams(max_tokens=1, ignore_eos=True)
+    full = ids + eng.generate(ids, p, session="resume").tokens
+    rows: list[dict[str, Any]] = []
+    peaks = {"measured": (ceil.matmul_tflops, ceil.copy_gbps),
+             "datasheet": (DENSE_BF16_PEAK_TFLOPS, H200_HBM_GBPS)}
+    for turn in range(reps):
+        prompt = full + torch.randint(0, vocab, (new,), generator=gen).tolist()
+        calls: list[WindowTime] = []
+        undo = timed_windows(model, calls)
+        try:
+            res = eng.generate(prompt, p, session="resume")
+        finally:
+            undo()
+        use, st = res.stats.cache, res.stats.timing
+        full = prompt + res.tokens
+        E, L, s = eng.window, len(prompt), use.snapshot_pos
+        wins = calls[:len(range(s // E * E, L, E))]  # the prompt's windows; then finalize's
+        gpu = None if any(w.gpu_ms is None for w in wins) else sum(w.gpu_ms or 0 for w in wins)
+        host = sum(w.host_ms for w in wins)
+        row: dict[str, Any] = {
+            "kernel": "resume", "impl": "sbrbench", "preset": cfg.name, "window": E,
+            "turn": turn, "prompt_tokens": L, "snapshot_pos": s, "replay_tokens": use.replay_tokens,
+            "new_tokens": use.new_tokens, "ttft_ms": round(st.ttft_s * 1e3, 3),
+            "windows": len(wins), "windows_host_ms": round(host, 3),
+            "windows_gpu_ms": None if gpu is None else round(gpu, 3),
+            "windows_wall_ms": round((st.replay_s + st.prefill_s) * 1e3, 3),
+            "outside_windows_ms": round((st.ttft_s - st.replay_s - st.prefill_s) * 1e3, 3),
+            "per_window": [w._asdict() for w in wins]}
+        for name, (tf, bw) in peaks.items():
+            need = pass_floor(cfg, s, L, wbytes, dbytes, tf, bw)
+            done = sum(pass_floor(cfg, w.e0, w.e0 + E, wbytes, dbytes, tf, bw).ms for w in wins)
+            row[f"floor_ms_{name}"] = round(need.ms, 4)
+            row[f"floor_windows_ms_{name}"] = round(done, 4)
+            row[f"ttft_over_floor_{name}"] = round(st.ttft_s * 1e3 / need.ms, 2)
+        row["floor_flops"], row["floor_bytes"] = need.flops, need.nbytes
+        rows.append(row)
+        log(f"  turn {turn}: L={L} replay {use.replay_tokens} + new {use.new_tokens} tok, "
+            f"TTFT {row['ttft_ms']:.1f} ms = windows {row['windows_wall_ms']:.1f} (host "
+            f"{host:.1f}, GPU {'-' if gpu is None else f'{gpu:.1f}'}) + other "
+            f"{row['outside_windows_ms']:.1f}; floor {row['floor_ms_measured']:.2f} ms "
+            f"({row['ttft_over_floor_measured']:.1f}x), windows' rows "
+            f"{row['floor_windows_ms_measured']:.2f} ms")
+    return rows
+
+
+def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: str,
+               window: int | None, device: str, out: Path | None,
+               log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench resume`: write the rows and return (path, rows). On the CPU (a smoke
+    run) the ceilings are measured small and there is no GPU time."""
+    global DEVICE
+    from engine.cache.settings import CacheSettings  # noqa: PLC0415
+    from engine.runtime import DTYPES, Engine  # noqa: PLC0415
+    from engine.settings import EngineSettings  # noqa: PLC0415
+
+    if device == "cuda":
+        require_cuda()
+    elif device != "cpu":
+        raise UserError(f"--device is cpu or cuda, got {device!r}")
+    if dtype_name not in DTYPES:
+        raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+    if depth < 1 or new < 1 or reps < 1:
+        raise UserError("--depth, --new and --reps must be >= 1")
+    if window is not None and (window <= 0 or window % CHUNK):
+        raise UserError(f"--window must be a positive multiple of {CHUNK}, got {window}")
+    prev, DEVICE = DEVICE, device
+    try:
+        env = bench_env()
+        slug = gpu_slug(env.get("gpu")) if device == "cuda" else "cpu"
+        path = out or Path("results") / slug / "bench-resume.json"
+        ceil = measure_ceilings() if device == "cuda" else measure_ceilings(512, 16)
+        log(f"{env.get('gpu') or 'cpu'}: matmul {ceil.matmul_tflops:.3g} TFLOP/s, "
+            f"copy {ceil.copy_gbps:.0f} GB/s")
+        cache = CacheSettings(policy="lru", kv_budget_tokens=depth + (new + 1) * reps + 4096)
+        eng = Engine.from_preset(preset_name, device=device, dtype=dtype_name, cache=cache,
+                                 settings=EngineSettings.from_env(exec_window=window))
+        rows = resume_rows(eng, depth, new, reps, ceil, log)
+        extra = {"ceilings": ceil._asdict(), "peak_assumed_tflops": DENSE_BF16_PEAK_TFLOPS,
+                 "hbm_assumed_gbps": H200_HBM_GBPS, "preset": preset_name, "dtype": dtype_name,
+                 "depth": depth, "new": new, "engine": eng.describe()}
+        write_doc(path, "resume", env, rows, extra)
+    finally:
+        DEVICE = prev
     return path, rows

@@ -1,4 +1,5 @@
-"""`sbrbench bench kernels|prefill`: GPU timings of the GDN kernels and of the engine's prefill."""
+"""`sbrbench bench kernels|prefill|resume`: GPU timings of the GDN kernels, of the engine's
+prefill, and of a warm resume against its GPU floor."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ console = Console()
 
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(
-        help="GPU timings: GDN kernels against fla and torch, engine prefill and replay costs.",
+        help="GPU timings: GDN kernels against fla and torch, engine prefill and replay costs, "
+        "warm-resume TTFT against its floor.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
     )
     sub.command("kernels")(kernels)
     sub.command("prefill")(prefill)
+    sub.command("resume")(resume)
     app.add_typer(sub, name="bench")
 
 
@@ -42,25 +45,21 @@ def kernels(
     ),
     fla: bool = typer.Option(True, "--fla/--no-fla", help="Also time fla (when importable)."),
     torch_max_t: int = typer.Option(16384, "--torch-max-t", help="Torch reference up to this T."),
-    sweep_at: str = typer.Option(
-        "", "--sweep-at", help="Also time alternative launch configs at these T (comma list)."
-    ),
     graphs: bool = typer.Option(
         False, "--graphs/--no-graphs",
         help="Also time ours and fla replayed from CUDA graphs (kernels without launch gaps)."),
     profile_at: str = typer.Option(
         "", "--profile-at",
-        help="Also record each kernel's device time (every named config, fla) at these T."),
+        help="Also record each kernel's device time (ours, fla) at these T."),
 ) -> None:
     """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
     from sbrbench import bench
 
     ts = parse_ints(t, "--T")
-    sweep = parse_ints(sweep_at, "--sweep-at") if sweep_at.strip() else []
     prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
-    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, sweep_at=sweep,
-                                   graphs=graphs, profile_at=prof, log=console.print)
-    table = Table(title="gdn_chunk_fwd, production config: fla / ours by what ours captures")
+    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, graphs=graphs,
+                                   profile_at=prof, log=console.print)
+    table = Table(title="gdn_chunk_fwd: fla / ours by what ours captures")
     for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none",
                 "graphs"):
         table.add_column(col, justify="right")
@@ -101,5 +100,37 @@ def prefill(
         if r["kernel"] == "prefill":
             table.add_row(str(r["window"]), str(r["tokens"]), f"{r['prefill_s'] * 1e3:.0f}",
                           f"{r['tok_s']:.0f}", f"{r['model_tflops']:.0f}", f"{r['mfu']:.1%}")
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+def resume(
+    preset: str = typer.Option("a3b-proxy", "--preset", help="Engine preset (random weights)."),
+    depth: int = typer.Option(24576, "--depth", help="Conversation depth before the resumes."),
+    new: int = typer.Option(27, "--new", help="Fresh tokens sent by each resumed turn."),
+    reps: int = typer.Option(3, "--reps", help="Resumed turns."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype."),
+    window: int | None = typer.Option(None, "--window", help="Exec window [engine default]."),
+    device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a smoke run."),
+    out: Path | None = typer.Option(
+        None, "--out", help="JSON path [results/<gpu>/bench-resume.json]."
+    ),
+) -> None:
+    """Warm-resume TTFT split into window host time, window GPU time and the rest, beside the
+    GPU floor of the work (FLOPs at the bf16 rate, bytes at the memory bandwidth)."""
+    from sbrbench import bench
+
+    path, rows = bench.run_resume(preset, depth, new, reps, dtype, window, device, out,
+                                  log=console.print)
+    table = Table(title=f"warm resume, {preset} {dtype} at depth {depth}")
+    for col in ("turn", "replay+new", "TTFT ms", "windows host", "windows GPU", "other",
+                "floor ms", "TTFT / floor"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        gpu = r["windows_gpu_ms"]
+        table.add_row(str(r["turn"]), f"{r['replay_tokens']}+{r['new_tokens']}",
+                      f"{r['ttft_ms']:.1f}", f"{r['windows_host_ms']:.1f}",
+                      "-" if gpu is None else f"{gpu:.1f}", f"{r['outside_windows_ms']:.1f}",
+                      f"{r['floor_ms_measured']:.3f}", f"{r['ttft_over_floor_measured']:.1f}x")
     console.print(table)
     console.print(f"wrote {path}")

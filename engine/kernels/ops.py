@@ -15,20 +15,21 @@ from engine.kernels import reference
 
 _triton: Any = None
 _glue: Any = None
+_gemm: Any = None
 _triton_checked = False
 
 
 def _triton_mod() -> Any:
-    global _triton, _glue, _triton_checked
+    global _triton, _glue, _gemm, _triton_checked
     if not _triton_checked:
         _triton_checked = True
         if os.environ.get("SBR_KERNELS", "auto") != "reference" and torch.cuda.is_available():
             try:
-                from engine.kernels import triton_gdn, triton_glue  # noqa: PLC0415
+                from engine.kernels import triton_gdn, triton_gemm, triton_glue  # noqa: PLC0415
 
-                _triton, _glue = triton_gdn, triton_glue
+                _triton, _glue, _gemm = triton_gdn, triton_glue, triton_gemm
             except ImportError:
-                _triton = _glue = None
+                _triton = _glue = _gemm = None
     return _triton
 
 
@@ -39,15 +40,17 @@ def glue_module() -> Any:
 
 
 def glue_enabled() -> bool:
-    """Whether the Triton glue kernels (triton_glue: RMSNorm, SwiGLU) run on CUDA;
-    `SBR_GLUE_KERNELS=0` keeps the torch versions there (to A/B them)."""
+    """Whether the Triton glue kernels (triton_glue: RMSNorm, SwiGLU...; triton_gemm: the
+    batch-invariant linear) run on CUDA; `SBR_GLUE_KERNELS=0` keeps the torch versions there
+    (to A/B them)."""
     return os.environ.get("SBR_GLUE_KERNELS", "1") != "0"
 
 
 def _pick(name: str, x: torch.Tensor) -> Callable[..., Any]:
     if x.is_cuda:
         mod = _triton_mod()
-        for m in (mod, _glue if glue_enabled() else None):
+        glue = (_glue, _gemm) if glue_enabled() else ()
+        for m in (mod, *glue):
             if m is not None and hasattr(m, name):
                 return getattr(m, name)  # type: ignore[no-any-return]
     return getattr(reference, name)  # type: ignore[no-any-return]
@@ -76,6 +79,13 @@ def recurrent_step(q, k, v, g, beta, state):  # type: ignore[no-untyped-def]
     if fn is reference.recurrent_step:
         q, k = _expand(q, k, v.shape[0])
     return fn(q, k, v, g, beta, state)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ weight [N, K]^T with every row's bits independent of the number of rows
+    (reference.linear; triton_gemm.linear on CUDA): the batch-invariant replacement for
+    nn.Linear's forward in a window (bias-free, as every projection of the models is)."""
+    return _pick("linear", x)(x, weight)  # type: ignore[no-any-return]
 
 
 def rms_norm(x, weight, eps):  # type: ignore[no-untyped-def]
@@ -117,12 +127,12 @@ def impl_name(device: torch.device | str) -> str:
     return "reference"
 
 
-def gdn_config(device: torch.device | str) -> str | None:
-    """The Triton chunk kernel's configuration name on this device (SBR_GDN_CONFIG), or None
+def gdn_config(device: torch.device | str, kd: int = 128, vd: int = 128) -> str | None:
+    """The Triton chunk kernel's launch shape for head dims (kd, vd) on this device, or None
     where the torch reference runs."""
     if impl_name(device) != "triton":
         return None
-    return str(_triton_mod().production_name())
+    return str(_triton_mod().launch_for(kd, vd).describe())
 
 
 def moe_experts(x, idx, w, gate_up, down, lo, hi):  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""Torch reference kernels (CPU and GPU): the gated delta rule, causal conv1d, norms.
+"""Torch reference kernels (CPU and GPU): the gated delta rule, causal conv1d, norms, and the
+batch-invariant linear layer.
 
 The gated delta rule (per value head, state S in R^{K x V}, fp32):
 
@@ -37,6 +38,28 @@ from engine.config import CHUNK
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / ||x|| over the last dim, as fla and transformers compute it (fp32 in, fp32 out)."""
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+
+
+# Rows per block of reference.linear: the engine's windows start on the 64-row grid.
+ROW_BLOCK = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] times weight [N, K] transposed (torch's F.linear), in blocks of ROW_BLOCK rows
+    (the last one padded with zero rows), so that a row's result does not depend on how many
+    rows the call has: BLAS picks its kernel and thread split by shape, and torch's CPU matmul
+    of one row (a matrix-vector kernel) or of a few rows sums in another order than of 64.
+    Every row goes through the same [ROW_BLOCK, K] product, whose rows BLAS computes
+    independently of each other and of their place in the block (the kernel tests check it)."""
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    pad = -m % ROW_BLOCK
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, k)])
+    blocks = [F.linear(x2[i:i + ROW_BLOCK], weight) for i in range(0, m + pad, ROW_BLOCK)]
+    out = torch.cat(blocks)[:m] if blocks else x2.new_zeros(0, n)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,26 +1,21 @@
 """Triton kernels of the GDN layer (CUDA): chunked gated delta rule on the absolute grid, the
 single-token recurrent step, causal conv1d and gated RMSNorm, with reference.py's contracts.
 
-Imported lazily by engine.kernels.ops, on CUDA only. The chunked rule has two pipelines:
+Imported lazily by engine.kernels.ops, on CUDA only.
 
-Split (SPLIT_CONFIG; fla's structure on our contract) and split2 (SPLIT2_CONFIG, the default:
-the same with the causal scores formed in step 4 rather than stored by step 2, and a bf16
-output), four launches:
+The chunked rule (gdn_chunk_fwd) is four launches, fla's structure on our contract:
 1. `_solve_kernel`, parallel over (chunk, value head): X = (I + L)^-1 in 16x16 blocks (forward
    substitution on the diagonal blocks, block merges below; one warp per chunk so that its row
    steps reduce inside the warp). Raw bf16 k tiles feed the tensor cores (exact products, fp32
    sums); the norms and gates scale the results.
-2. `_prep2_kernel`, parallel: the causal scores Aqk = tril(q k^T Gamma) (split only), the row
-   factors, and W = X diag(f_w) k, U = X diag(beta) v (bf16).
-3. `_seq2_kernel`, one program per (value head, 32 state columns), sequential over chunks, two
+2. `_prep_kernel`, parallel: the row factors f_k, e^gc_last, and W = X diag(f_w) k,
+   U = X diag(beta) v (bf16).
+3. `_state_kernel`, one program per (value head, BV state columns), sequential over chunks, two
    dots per chunk: Vn = U - W S, S <- e^gc_last S + k^T (f_k Vn). It stores each chunk's entry
-   state (bf16) and Vn for the output, and the fp32 state at every chunk boundary when
-   `capture` is on (grid snapshots cost no extra pass).
-4. `_out_kernel`, parallel: O = f_q (q S_c) + Aqk Vn (split2: Aqk and f_q formed here).
-
-v3 (exact-tf32 / fast-bf16), three launches: `_solve_kernel`, `_qk_kernel` (Aqk and factors),
-and `_seq_kernel`, which never forms W or U and writes the output in the state pass (five dots
-per chunk: Z = beta v - f_w (k S), Vn = X Z, O = f_q (q S) + Aqk Vn, S update).
+   state (bf16) and Vn for the output, and the fp32 state at every grid row (or at the rows
+   asked for) when capturing, so grid snapshots cost no extra pass.
+4. `_out_kernel`, parallel: O = f_q (q S_c) + Aqk Vn, with the causal scores Aqk and f_q formed
+   from q, k and g here rather than stored by step 2 and read back.
 
 Exactness: a chunk's numbers are a fixed-shape, fixed-order function of (state in, the chunk's
 rows): launch shapes never depend on T, lo or hi (no autotuning), there are no atomics or split
@@ -30,11 +25,10 @@ resuming from a captured grid state is bitwise equal to running through, and val
 depend on what padding rows hold. Later rows meet earlier ones only through exact zeros of the
 triangular factors, so a row's output does not depend on the valid rows after it either.
 
-Precision. Split rounds X, W, U, Aqk, the state and Vn to bf16 for the products, as fla does
-(the carried state, the factors and every sum stay fp32, and the raw bf16 inputs enter the
-products unrounded): relative L2 error ~3e-3. exact-tf32 keeps fp32 operands (tf32 products),
-~1e-3, at ~2.5x the time. Both were measured deterministic on an H200 (exact_on_sm90); the one
-configuration that is not, fast-bf16, owes it to its pipelined bf16 Aqk kernel.
+Precision: X, W, U, Aqk, the entry states and Vn are rounded to bf16 for the products, as fla
+does; the carried state, the row factors and every sum stay fp32, and the raw bf16 inputs enter
+the products unrounded. Relative L2 error against the fp32 reference: ~3e-3. The output is
+stored in v's dtype (the gated norm that reads it rounds to that dtype first anyway).
 """
 
 from __future__ import annotations
@@ -59,108 +53,35 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-class GdnConfig(NamedTuple):
-    """Launch shape and precision of the chunked rule (fixed per head shape; the bench sweeps
-    it). The field defaults are the v3 exact-tf32 configuration; NAMED_CONFIGS lists the
-    others, and production_name() picks the engine's."""
+class GdnLaunch(NamedTuple):
+    """Launch shape of the chunked rule's state pass: the one sequential kernel, so the one
+    whose shape decides the time on a given GPU and the one worth tuning for another. Fixed
+    per head shape, never derived from the window, so every window of a run computes the same
+    way (exact parity is promised between runs with the same launch). The fields spread the
+    work: bv splits the state's columns, which are independent; warps and stages schedule the
+    same dots. The parallel kernels' shapes are fixed by the 64-row chunk and the head dims."""
 
-    bv: int = 64  # V columns per state-pass program (>= 64: see _SAFE_DOT)
-    warps: int = 4  # warps of the state pass
-    stages: int = 1  # software-pipelining depth of its loads (1 with tf32: shared memory)
-    seg_chunks: int = 0  # chunks per segment (0: one segment, or ~8 with `overlap`)
-    overlap: bool = False  # prep of segment i+1 on a side stream during segment i's pass
-    solve_warps: int = 1  # warps of the UT-transform solve (row steps reduce inside a warp)
-    solve_bk: int = 32  # key columns per step of its K K^T products
-    qk_warps: int = 4  # warps of the Aqk / row-factor kernel
-    tf32: bool = True  # X and Aqk stored fp32 and tf32 products, or bf16 throughout
-    state_tf32: bool | None = None  # state-pass dots in tf32 (None: as `tf32`), else bf16
-    split: bool = False  # W/U materialised, 2-dot state pass, output in a parallel kernel
-    prep_tf32: bool | None = None  # raw-input products of the prep in tf32 (None: tf32 and
-    # not split); both are exact products, the flag only picks the instruction
-    qk_stages: int = 2  # pipelining of the Aqk kernel's loads
-    kt_ptr: bool = False  # split state pass: k^T loaded through a transposed block pointer
-    fuse_prep: bool = True  # split: Aqk, factors, W and U in one kernel (_prep2_kernel)
-    prio: bool = False  # split overlap: state passes on a high-priority stream
-    grp_share: bool = False  # split: one prep/output program per q/k head (its value heads)
-    out_bf16: bool = False  # output stored in v's dtype (as fla; the engine's gated norm
-    # rounds it to that dtype first anyway), else fp32
-    aqk_out: bool = False  # split, fused prep: the causal scores Aqk formed in the output
-    # kernel from q, k and g (as fla), instead of stored by the prep and read back
-    solve_share: bool | None = None  # split: grp_share for the solve too (None: grp_share)
-    out_warps: int = 4  # warps of the split output kernel
+    bv: int = 32  # state columns per program: HV * V / bv programs fill the GPU (H200: 132
+    # SMs; 32 value heads x 128 / 32 = 128 programs); smaller gives more programs, larger
+    # fewer loads of W and k per column
+    warps: int = 4  # warps per program
+    stages: int = 3  # software-pipelining depth of its per-chunk loads (shared memory: lower
+    # it on GPUs with less than sm_90's 228 KB per SM)
+
+    def describe(self) -> str:
+        return f"bv={self.bv},warps={self.warps},stages={self.stages}"
 
 
-DEFAULT_CONFIG = GdnConfig()
-# The v3 bf16 configuration (bf16 operands, pipelined loads): with Triton 3.6 on sm_90 it is not
-# deterministic at 32 value heads; run 5 traced that to its Aqk kernel's pipelined bf16 loop
-# (qk_stages=1 cures it; see exact_on_sm90 and docs/KERNELS.md). Kept for benchmarks.
-FAST_BF16_CONFIG = DEFAULT_CONFIG._replace(tf32=False, stages=3)
-# The split pipeline (v4), fla's structure on our contract: X = (I + L)^-1 (_solve_kernel, bf16
-# out), then one parallel kernel forms Aqk, the row factors, W = X diag(f_w) k and
-# U = X diag(beta) v (bf16, as fla); a state pass with two bf16 dots per chunk (Vn = U - W S,
-# S <- e^g S + k^T (f_k Vn)) stores each chunk's entry state (bf16), Vn and, with capture, the
-# fp32 grid states; the output comes from a parallel kernel: O = f_q (q S_c) + Aqk Vn.
-SPLIT_CONFIG = DEFAULT_CONFIG._replace(split=True, tf32=True, state_tf32=False, stages=3, bv=32,
-                                       prep_tf32=False, qk_stages=1)
-# split2 (the engine default since run 6): the split pipeline with fla's output contract and
-# Aqk formed in the output kernel (no Aqk round trip through memory, bf16 output). Measured on
-# the H200 at 16k (results/h200/bench-kernels-sweep16k.json): 1.019 ms vs split's 1.171;
-# sharing q/k tiles between a group's value heads (grp_share) made it slower there (1.090).
-SPLIT2_CONFIG = SPLIT_CONFIG._replace(out_bf16=True, aqk_out=True)
-NAMED_CONFIGS = {"exact-tf32": DEFAULT_CONFIG, "fast-bf16": FAST_BF16_CONFIG,
-                 "split": SPLIT_CONFIG,
-                 "split-tf32": SPLIT_CONFIG._replace(state_tf32=True, stages=1),
-                 "split2": SPLIT2_CONFIG}
+def launch_for(kd: int, vd: int) -> GdnLaunch:
+    """The engine's launch shape for head dims (kd, vd)."""
+    base = GdnLaunch()
+    return base._replace(bv=min(base.bv, vd))
 
 
-def exact_on_sm90(cfg: GdnConfig) -> bool:
-    """Whether cfg was measured deterministic on sm_90 (Triton 3.6, H200, run 5): everything
-    except the separate Aqk kernel (_qk_kernel) with bf16 products and pipelined loads
-    (qk_stages > 1), which gives run-to-run differences in Aqk (scripts/gpu_split_diag.py).
-    The fused split pipeline does not use that kernel."""
-    uses_qk = not (cfg.split and cfg.fuse_prep)
-    p32 = (cfg.tf32 and not cfg.split) if cfg.prep_tf32 is None else cfg.prep_tf32
-    return not (uses_qk and not p32 and cfg.qk_stages > 1)
-
-
-# Triton 3.x on sm_90 miscompiles some kernels with several tl.dot (illegal shared-memory
-# reads or silent corruption; helion PR #1905 reports block sizes 16/32). Seen here: the v3
-# bf16 state pass with num_stages=1 reads shared memory out of bounds (compute-sanitizer); the
-# run-to-run differences once blamed on it came from the pipelined bf16 Aqk kernel (run 5).
-# Head dims >= 64 only; smaller heads use the torch reference.
+# Triton 3.x on sm_90 miscompiles some kernels with several tl.dot at small block sizes
+# (illegal shared-memory reads or silent corruption; helion PR #1905 reports block sizes
+# 16/32). Head dims >= 64 only; smaller heads (toy models) use the torch reference.
 _SAFE_DOT = 64
-
-
-def config_name(cfg: GdnConfig) -> str:
-    """A configuration's name: the NAMED_CONFIGS key it equals (up to bv for small heads), or
-    that key plus the fields that differ."""
-    best = ""
-    for name, base in NAMED_CONFIGS.items():
-        diff = {k: v for k, v in cfg._asdict().items() if base._asdict()[k] != v}
-        text = name + "".join(f",{k}={v}" for k, v in diff.items())
-        if not best or len(text) < len(best):
-            best = text
-    return best
-
-
-def production_name() -> str:
-    """The configuration the engine uses: `SBR_GDN_CONFIG` (a NAMED_CONFIGS key) or the
-    default, split (fastest, and measured deterministic on sm_90)."""
-    name = os.environ.get("SBR_GDN_CONFIG", "split2")
-    if name not in NAMED_CONFIGS:
-        raise ValueError(f"SBR_GDN_CONFIG={name!r}: expected one of {sorted(NAMED_CONFIGS)}")
-    return name
-
-
-def config_for(kd: int, vd: int, tf32: bool | None = None, name: str | None = None,
-               ) -> GdnConfig:
-    """The launch shape for head dims (kd, vd): the production one (production_name()), a
-    named one, or with tf32=False the fast bf16 one (not exact on sm_90, see
-    FAST_BF16_CONFIG)."""
-    if name is None:
-        name = "fast-bf16" if tf32 is False else production_name()
-    cfg = NAMED_CONFIGS[name]
-    return cfg._replace(bv=min(cfg.bv, vd))
 
 
 class GridStates(Mapping[int, torch.Tensor]):
@@ -197,7 +118,7 @@ class GridStates(Mapping[int, torch.Tensor]):
 
 
 # ---------------------------------------------------------------------------------------------
-# chunked gated delta rule: per-chunk preparation (parallel over chunks x heads)
+# chunked gated delta rule: the state-independent half (parallel over chunks x heads)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -271,9 +192,10 @@ def _inv4_unit_lower(l0, l1, l2, l3, o_s):
 
 
 @triton.jit
-def _rdot(a, b, acc, TF32: tl.constexpr):
-    # product of raw (bf16 or fp32) input tiles
-    if TF32:
+def _rdot(a, b, acc, EMU: tl.constexpr):
+    # product of raw (bf16 or fp32) input tiles: exact on the tensor cores (bf16 operands,
+    # fp32 sums); in the interpreter an fp32 dot (exact there too)
+    if EMU:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc)
@@ -307,67 +229,22 @@ def _causal_scores(a_qk, rq, rk, gcv, o_c):
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
-def _qk_kernel(q, k, g, beta, fac, glast, aqk,
-               sq_t, sq_h, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t, scale,
-               HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-               TF32: tl.constexpr, STAGES: tl.constexpr):
-    # The rest of one chunk of one value head that does not depend on the state:
-    # - the causal scores Aqk = tril(q_i.k_j Gamma_ij) (q normalised and scaled by 1/sqrt(K));
-    # - per-row factors for the state pass: f_q = e^gc |q|^-1 / sqrt(K), f_k = e^(gc_last - gc)
-    #   |k|^-1, f_w = beta e^gc |k|^-1, beta; and e^gc_last.
-    i_c = tl.program_id(0) + c0
-    i_h = tl.program_id(1)
-    r0 = i_c * 64
-    o_c = tl.arange(0, 64)
-    rows = r0 + o_c
-    ok = (rows >= lo) & (rows < hi)
-    kb = k + (i_h // GRP) * sk_h
-    qb = q + (i_h // GRP) * sq_h
-
-    gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
-                                      sb_t, sb_h, HV)
-    # q k^T over full 64-row tiles, with the row norms of both
-    a_qk = tl.zeros([64, 64], dtype=tl.float32)
-    ssq = tl.zeros([64], dtype=tl.float32)
-    ssk = tl.zeros([64], dtype=tl.float32)
-    for j in tl.range(0, K // BK, num_stages=STAGES):
-        qt = _load_raw(_tile(qb, hi, K, sq_t, r0, j * BK, 64, BK))
-        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BK, 64, BK))
-        a_qk = _rdot(qt, tl.trans(kt), a_qk, TF32)
-        qf = qt.to(tl.float32)
-        kf = kt.to(tl.float32)
-        ssq += tl.sum(qf * qf, 1)
-        ssk += tl.sum(kf * kf, 1)
-    rq = tl.rsqrt(ssq + 1e-6) * scale
-    rk = tl.rsqrt(ssk + 1e-6)
-    sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
-    tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64), sc.to(aqk.dtype.element_ty))
-    fb = fac + rows * HV + i_h
-    plane = t * HV
-    tl.store(fb, rq * tl.exp(gcv))
-    tl.store(fb + plane, rk * tl.exp(g_last - gcv))
-    tl.store(fb + 2 * plane, rk * bfull * tl.exp(gcv))
-    tl.store(fb + 3 * plane, bfull)
-
-
-@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
 def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
                   HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                  TF32: tl.constexpr, NH: tl.constexpr):
+                  EMU: tl.constexpr):
     # X = (I + L)^-1 of one chunk of one value head, L = strict_tril(beta_i k_i.k_j Gamma_ij)
     # (k normalised), in 16x16 blocks: the four diagonal blocks by forward substitution, the
     # six below by X_ij = -X_ii sum_{j<=m<i} L_im X_mj. Raw key tiles go to the tensor cores
-    # (exact products); the norms scale the products. Meant for one or two warps: the row
-    # steps of the substitution then reduce inside a warp, and many chunks share an SM. A
-    # program serves NH value heads of one q/k head (1, or GRP: they share the raw products).
+    # (exact products); the norms scale the products. Meant for one warp: the row steps of the
+    # substitution then reduce inside the warp, and many chunks share an SM.
     i_c = tl.program_id(0) + c0
-    i_p = tl.program_id(1)
+    i_h = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
     o_s = tl.arange(0, 16)
     rows = r0 + o_c
     ok = (rows >= lo) & (rows < hi)
-    kb = k + ((i_p * NH) // GRP) * sk_h
+    kb = k + (i_h // GRP) * sk_h
 
     a00 = tl.zeros([16, 16], dtype=tl.float32)
     a11 = tl.zeros([16, 16], dtype=tl.float32)
@@ -384,16 +261,16 @@ def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, 
         k1 = _load_raw(_tile(kb, hi, K, sk_t, r0 + 16, j * BK, 16, BK))
         k2 = _load_raw(_tile(kb, hi, K, sk_t, r0 + 32, j * BK, 16, BK))
         k3 = _load_raw(_tile(kb, hi, K, sk_t, r0 + 48, j * BK, 16, BK))
-        a00 = _rdot(k0, tl.trans(k0), a00, TF32)
-        a11 = _rdot(k1, tl.trans(k1), a11, TF32)
-        a22 = _rdot(k2, tl.trans(k2), a22, TF32)
-        a33 = _rdot(k3, tl.trans(k3), a33, TF32)
-        a10 = _rdot(k1, tl.trans(k0), a10, TF32)
-        a20 = _rdot(k2, tl.trans(k0), a20, TF32)
-        a21 = _rdot(k2, tl.trans(k1), a21, TF32)
-        a30 = _rdot(k3, tl.trans(k0), a30, TF32)
-        a31 = _rdot(k3, tl.trans(k1), a31, TF32)
-        a32 = _rdot(k3, tl.trans(k2), a32, TF32)
+        a00 = _rdot(k0, tl.trans(k0), a00, EMU)
+        a11 = _rdot(k1, tl.trans(k1), a11, EMU)
+        a22 = _rdot(k2, tl.trans(k2), a22, EMU)
+        a33 = _rdot(k3, tl.trans(k3), a33, EMU)
+        a10 = _rdot(k1, tl.trans(k0), a10, EMU)
+        a20 = _rdot(k2, tl.trans(k0), a20, EMU)
+        a21 = _rdot(k2, tl.trans(k1), a21, EMU)
+        a30 = _rdot(k3, tl.trans(k0), a30, EMU)
+        a31 = _rdot(k3, tl.trans(k1), a31, EMU)
+        a32 = _rdot(k3, tl.trans(k2), a32, EMU)
 
     # 1/|k| from the diagonals of the raw products (as reference.l2norm: rsqrt(sum k^2 + eps))
     eye = o_s[:, None] == o_s[None, :]
@@ -405,251 +282,124 @@ def _solve_kernel(k, g, beta, xmat, sk_t, sk_h, sg_t, sg_h, sb_t, sb_h, lo, hi, 
     c1_ = tl.rsqrt(tl.sum(tl.where(eye, a11, 0.0), 0) + 1e-6)
     c2_ = tl.rsqrt(tl.sum(tl.where(eye, a22, 0.0), 0) + 1e-6)
     c3_ = tl.rsqrt(tl.sum(tl.where(eye, a33, 0.0), 0) + 1e-6)
-    for jh in tl.static_range(NH):
-        i_h = i_p * NH + jh
-        gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
-        gcv = tl.cumsum(gv, 0)
-        bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
-        g0 = _pick16(gcv, o_c, 0, o_s)
-        g1 = _pick16(gcv, o_c, 16, o_s)
-        g2 = _pick16(gcv, o_c, 32, o_s)
-        g3 = _pick16(gcv, o_c, 48, o_s)
-        b0 = _pick16(bfull, o_c, 0, o_s)
-        b1 = _pick16(bfull, o_c, 16, o_s)
-        b2 = _pick16(bfull, o_c, 32, o_s)
-        b3 = _pick16(bfull, o_c, 48, o_s)
-        l10 = _gate(a10, r1_, c0_, b1, g1, g0, o_s, False)
-        l20 = _gate(a20, r2_, c0_, b2, g2, g0, o_s, False)
-        l21 = _gate(a21, r2_, c1_, b2, g2, g1, o_s, False)
-        l30 = _gate(a30, r3_, c0_, b3, g3, g0, o_s, False)
-        l31 = _gate(a31, r3_, c1_, b3, g3, g1, o_s, False)
-        l32 = _gate(a32, r3_, c2_, b3, g3, g2, o_s, False)
-        x00, x11, x22, x33 = _inv4_unit_lower(
-            _gate(a00, r0_, c0_, b0, g0, g0, o_s, True),
-            _gate(a11, r1_, c1_, b1, g1, g1, o_s, True),
-            _gate(a22, r2_, c2_, b2, g2, g2, o_s, True),
-            _gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
-        x10 = -_mm(x11, _mm(l10, x00))
-        x21 = -_mm(x22, _mm(l21, x11))
-        x32 = -_mm(x33, _mm(l32, x22))
-        x20 = -_mm(x22, _mm(l20, x00) + _mm(l21, x10))
-        x31 = -_mm(x33, _mm(l31, x11) + _mm(l32, x21))
-        x30 = -_mm(x33, _mm(l30, x00) + _mm(l31, x10) + _mm(l32, x20))
+    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+    gcv = tl.cumsum(gv, 0)
+    bfull = tl.load(beta + rows * sb_t + i_h * sb_h, mask=ok, other=0.0).to(tl.float32)
+    g0 = _pick16(gcv, o_c, 0, o_s)
+    g1 = _pick16(gcv, o_c, 16, o_s)
+    g2 = _pick16(gcv, o_c, 32, o_s)
+    g3 = _pick16(gcv, o_c, 48, o_s)
+    b0 = _pick16(bfull, o_c, 0, o_s)
+    b1 = _pick16(bfull, o_c, 16, o_s)
+    b2 = _pick16(bfull, o_c, 32, o_s)
+    b3 = _pick16(bfull, o_c, 48, o_s)
+    l10 = _gate(a10, r1_, c0_, b1, g1, g0, o_s, False)
+    l20 = _gate(a20, r2_, c0_, b2, g2, g0, o_s, False)
+    l21 = _gate(a21, r2_, c1_, b2, g2, g1, o_s, False)
+    l30 = _gate(a30, r3_, c0_, b3, g3, g0, o_s, False)
+    l31 = _gate(a31, r3_, c1_, b3, g3, g1, o_s, False)
+    l32 = _gate(a32, r3_, c2_, b3, g3, g2, o_s, False)
+    x00, x11, x22, x33 = _inv4_unit_lower(
+        _gate(a00, r0_, c0_, b0, g0, g0, o_s, True),
+        _gate(a11, r1_, c1_, b1, g1, g1, o_s, True),
+        _gate(a22, r2_, c2_, b2, g2, g2, o_s, True),
+        _gate(a33, r3_, c3_, b3, g3, g3, o_s, True), o_s)
+    x10 = -_mm(x11, _mm(l10, x00))
+    x21 = -_mm(x22, _mm(l21, x11))
+    x32 = -_mm(x33, _mm(l32, x22))
+    x20 = -_mm(x22, _mm(l20, x00) + _mm(l21, x10))
+    x31 = -_mm(x33, _mm(l31, x11) + _mm(l32, x21))
+    x30 = -_mm(x33, _mm(l30, x00) + _mm(l31, x10) + _mm(l32, x20))
 
-        xdt = xmat.dtype.element_ty
-        xb = xmat + i_h * 64
-        zero = tl.zeros([16, 16], dtype=xdt)
-        tl.store(_tile(xb, t, 64, HV * 64, r0, 0, 16, 16), x00.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0, 16, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0, 32, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0, 48, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 0, 16, 16), x10.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 16, 16, 16), x11.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 32, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 48, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 0, 16, 16), x20.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 16, 16, 16), x21.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 32, 16, 16), x22.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 48, 16, 16), zero)
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 0, 16, 16), x30.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 16, 16, 16), x31.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 32, 16, 16), x32.to(xdt))
-        tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 48, 16, 16), x33.to(xdt))
-
-
-# ---------------------------------------------------------------------------------------------
-# chunked gated delta rule: the state pass (sequential over chunks, output fused)
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sdot(a, b, acc, TF32: tl.constexpr, EMU: tl.constexpr):
-    # state-pass product: tf32 operands, or bf16 operands with fp32 accumulation
-    if TF32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-    else:
-        return _bdot(a, b, acc, EMU)
-
-
-@triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
-def _seq_kernel(q, k, v, fac, glast, xmat, aqk, s0, out, states, s_out,
-                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, c1, cs, t,
-                HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
-                STAGES: tl.constexpr, EMU: tl.constexpr):
-    # One value head, BV columns of its state (columns are independent), chunk after chunk:
-    #   Z  = beta v - f_w (k S)              (= U - W S without forming W or U)
-    #   Vn = X Z
-    #   O  = f_q (q S) + Aqk Vn
-    #   S <- e^gc_last S + k^T (f_k Vn)
-    # Chunks c0 .. c1-1; s0 is the state before chunk c0, s_out receives the state after c1-1;
-    # the state after chunk c is states[c - cs] when CAPTURE (and the chunk ends by hi).
-    # The state stays in registers in fp32.
-    i_v = tl.program_id(0)
-    i_h = tl.program_id(1)
-    v0 = i_v * BV
-    hkv = i_h * (K * V)
-    qb = q + (i_h // GRP) * sq_h
-    kb = k + (i_h // GRP) * sk_h
-    vb = v + i_h * sv_h
-    o_c = tl.arange(0, 64)
-    plane = t * HV
-    s = tl.load(_tile(s0 + hkv, K, V, V, 0, v0, K, BV))
-    for c in tl.range(c0, c1, num_stages=STAGES):
-        r0 = c * 64
-        fb = fac + (r0 + o_c) * HV + i_h
-        f_q = tl.load(fb)
-        f_k = tl.load(fb + plane)
-        f_w = tl.load(fb + 2 * plane)
-        bt = tl.load(fb + 3 * plane)
-        decay = tl.load(glast + c * HV + i_h)
-        qt = _load_raw(_tile(qb, hi, K, sq_t, r0, 0, 64, K))
-        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K))
-        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, v0, 64, BV)).to(tl.float32)
-        xt = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-        at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-        z = bt[:, None] * vt - f_w[:, None] * _sdot(kt, s, None, TF32, EMU)
-        vn = _sdot(xt, z, None, TF32, EMU)
-        o = f_q[:, None] * _sdot(qt, s, None, TF32, EMU)
-        o = _sdot(at, vn, o, TF32, EMU)
-        s = _sdot(tl.trans(kt), f_k[:, None] * vn, s * decay, TF32, EMU)
-        # padding rows of a partial chunk come out as exact zeros (their q and Aqk rows are 0)
-        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, v0, 64, BV), o.to(out.dtype.element_ty))
-        if CAPTURE:
-            if r0 + 64 <= hi:
-                sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
-                tl.store(_tile(sp, K, V, V, 0, v0, K, BV), s)
-    tl.store(_tile(s_out + hkv, K, V, V, 0, v0, K, BV), s)
-
-
-# ---------------------------------------------------------------------------------------------
-# chunked gated delta rule, split pipeline (cfg.split): W/U, a 2-dot state pass, the output
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _xdot(a, b, TF32: tl.constexpr, EMU: tl.constexpr):
-    # fp32 a times raw b, tf32 products (exact fp32 in the interpreter), or bf16 operands
-    if TF32:
-        return tl.dot(a, b.to(tl.float32), input_precision="tf32")
-    else:
-        return _bdot(a, b, None, EMU)
+    xdt = xmat.dtype.element_ty
+    xb = xmat + i_h * 64
+    zero = tl.zeros([16, 16], dtype=xdt)
+    tl.store(_tile(xb, t, 64, HV * 64, r0, 0, 16, 16), x00.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0, 16, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0, 32, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0, 48, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 0, 16, 16), x10.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 16, 16, 16), x11.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 32, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 16, 48, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 0, 16, 16), x20.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 16, 16, 16), x21.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 32, 16, 16), x22.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 32, 48, 16, 16), zero)
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 0, 16, 16), x30.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 16, 16, 16), x31.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 32, 16, 16), x32.to(xdt))
+    tl.store(_tile(xb, t, 64, HV * 64, r0 + 48, 48, 16, 16), x33.to(xdt))
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
-def _wu_kernel(k, v, fac, xmat, w, u, sk_t, sk_h, sv_t, sv_h, lo, hi, c0, t,
-               HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-               BD: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr):
-    # W = X diag(f_w) k and U = X diag(beta) v of one chunk of one value head (the decayed,
-    # normalised keys and the beta-scaled values through the UT transform): X times the raw
-    # tiles scaled by their row factors, bf16 operands (as fla) or tf32; stored in w/u's dtype.
+def _prep_kernel(k, v, g, beta, xmat, fk, glast, w, u, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h,
+                 sb_t, sb_h, lo, hi, c0, t, HV: tl.constexpr, GRP: tl.constexpr,
+                 K: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, EMU: tl.constexpr):
+    # The state pass's inputs for one chunk of one value head: the factor f_k =
+    # e^(gc_last - gc) |k|^-1, e^gc_last, then W = X diag(f_w) k and U = X diag(beta) v with
+    # f_w = beta e^gc |k|^-1 (the decayed, normalised keys and the beta-scaled values through
+    # the UT transform), bf16 operands, stored in w/u's dtype. One load of the k tile.
     i_c = tl.program_id(0) + c0
     i_h = tl.program_id(1)
-    r0 = i_c * 64
-    o_c = tl.arange(0, 64)
-    fb = fac + (r0 + o_c) * HV + i_h
-    plane = t * HV
-    f_w = tl.load(fb + 2 * plane)
-    bt = tl.load(fb + 3 * plane)
-    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-    kb = k + (i_h // GRP) * sk_h
-    vb = v + i_h * sv_h
-    for j in tl.static_range(K // BD):
-        kt = _load_raw(_tile(kb, hi, K, sk_t, r0, j * BD, 64, BD)).to(tl.float32)
-        wt = _sdot(x, kt * f_w[:, None], None, TF32, EMU)
-        tl.store(_tile(w + i_h * K, t, K, HV * K, r0, j * BD, 64, BD), wt.to(w.dtype.element_ty))
-    for j in tl.static_range(V // BD):
-        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
-        ut = _sdot(x, vt * bt[:, None], None, TF32, EMU)
-        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
-
-
-@triton.jit(do_not_specialize=["lo", "hi", "c0", "t"])
-def _prep2_kernel(q, k, v, g, beta, xmat, fac, glast, aqk, w, u,
-                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t, sg_h, sb_t, sb_h, lo, hi, c0, t,
-                  scale, HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, BD: tl.constexpr, TF32: tl.constexpr,
-                  STF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr,
-                  AQK: tl.constexpr):
-    # _qk_kernel and _wu_kernel in one pass over a chunk (split pipeline): the causal scores
-    # Aqk, the factors f_q (plane 0) and f_k (plane 1), e^gc_last, then W = X diag(f_w) k and
-    # U = X diag(beta) v. One load of the q and k tiles, no loop over K. A program serves NH
-    # value heads (1, or GRP: all heads of one q/k head, which share its tiles, q k^T and norms).
-    # With AQK 0 the scores and f_q are left to the output kernel (_out_kernel's AQK).
-    i_c = tl.program_id(0) + c0
-    i_p = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
     rows = r0 + o_c
     ok = (rows >= lo) & (rows < hi)
-    i_qk = (i_p * NH) // GRP
-    kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
+    kt = _load_raw(_tile(k + (i_h // GRP) * sk_h, hi, K, sk_t, r0, 0, 64, K))
     kf = kt.to(tl.float32)
     rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
-    if AQK:
-        qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
-        a_qk = _rdot(qt, tl.trans(kt), None, TF32)
-        qf = qt.to(tl.float32)
-        rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
-    for jh in tl.static_range(NH):
-        i_h = i_p * NH + jh
-        gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
-                                          sb_t, sb_h, HV)
-        fb = fac + rows * HV + i_h
-        if AQK:
-            sc = _causal_scores(a_qk, rq, rk, gcv, o_c)
-            tl.store(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64),
-                     sc.to(aqk.dtype.element_ty))
-            tl.store(fb, rq * tl.exp(gcv))
-        tl.store(fb + t * HV, rk * tl.exp(g_last - gcv))
-        f_w = rk * bfull * tl.exp(gcv)
-        x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-        wt = _sdot(x, kf * f_w[:, None], None, STF32, EMU)
-        tl.store(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K), wt.to(w.dtype.element_ty))
-        vb = v + i_h * sv_h
-        for j in tl.static_range(V // BD):
-            vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
-            ut = _sdot(x, vt * bfull[:, None], None, STF32, EMU)
-            tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD),
-                     ut.to(u.dtype.element_ty))
+    gcv, g_last, bfull = _chunk_gates(g, beta, glast, rows, ok, o_c, i_c, i_h, sg_t, sg_h,
+                                      sb_t, sb_h, HV)
+    tl.store(fk + rows * HV + i_h, rk * tl.exp(g_last - gcv))
+    f_w = rk * bfull * tl.exp(gcv)
+    x = tl.load(_tile(xmat + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
+    wt = _bdot(x, kf * f_w[:, None], None, EMU)
+    tl.store(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K), wt.to(w.dtype.element_ty))
+    vb = v + i_h * sv_h
+    for j in tl.static_range(V // BD):
+        vt = _load_raw(_tile(vb, hi, V, sv_t, r0, j * BD, 64, BD)).to(tl.float32)
+        ut = _bdot(x, vt * bfull[:, None], None, EMU)
+        tl.store(_tile(u + i_h * V, t, V, HV * V, r0, j * BD, 64, BD), ut.to(u.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked gated delta rule: the state pass (sequential over chunks) and the output
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "c1", "cs", "t"])
-def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, sk_t, sk_h,
-                 lo, hi, c0, c1, cs, t,
-                 HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                 BV: tl.constexpr, CAPTURE: tl.constexpr, TF32: tl.constexpr,
-                 STAGES: tl.constexpr, KT_PTR: tl.constexpr, EMU: tl.constexpr):
+def _state_kernel(k, w, u, fk, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, sk_t, sk_h,
+                  lo, hi, c0, c1, cs, t,
+                  HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BV: tl.constexpr, CAPTURE: tl.constexpr, STAGES: tl.constexpr,
+                  EMU: tl.constexpr):
     # One value head, BV state columns, chunk after chunk, two dots on the state's path:
     #   h[c] = S (entry state, for the output kernel);  Vn = U - W S;  S <- e^gc_last S +
     #   k^T (f_k Vn). Vn is stored for the output kernel; the state after chunk c goes to
     #   states[c - cs] with CAPTURE 1 (every chunk that ends by hi), or to states[cap_idx[c - cs]]
     #   where that is >= 0 with CAPTURE 2 (requested rows only); s_out gets the last one.
+    # The state stays in registers in fp32.
     i_v = tl.program_id(0)
     i_h = tl.program_id(1)
     v0 = i_v * BV
     hkv = i_h * (K * V)
     kb = k + (i_h // GRP) * sk_h
     o_c = tl.arange(0, 64)
-    plane = t * HV
     s = tl.load(_tile(s0 + hkv, K, V, V, 0, v0, K, BV))
     for c in tl.range(c0, c1, num_stages=STAGES):
         r0 = c * 64
         hp = hbuf + (c - cs).to(tl.int64) * (HV * K * V) + hkv
         tl.store(_tile(hp, K, V, V, 0, v0, K, BV), s.to(hbuf.dtype.element_ty))
-        f_k = tl.load(fac + (r0 + o_c) * HV + i_h + plane)
+        f_k = tl.load(fk + (r0 + o_c) * HV + i_h)
         decay = tl.load(glast + c * HV + i_h)
         wt = tl.load(_tile(w + i_h * K, t, K, HV * K, r0, 0, 64, K))
         ut = tl.load(_tile(u + i_h * V, t, V, HV * V, r0, v0, 64, BV)).to(tl.float32)
-        if KT_PTR:
-            ktt = tl.load(tl.make_block_ptr(kb, (K, hi), (1, sk_t), (0, r0), (K, 64), (0, 1)),
-                          boundary_check=(1,), padding_option="zero")
-        else:
-            ktt = tl.trans(_load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K)))
-        vn = ut - _sdot(wt, s, None, TF32, EMU)
+        ktt = tl.trans(_load_raw(_tile(kb, hi, K, sk_t, r0, 0, 64, K)))
+        vn = ut - _bdot(wt, s, None, EMU)
         tl.store(_tile(vnbuf + i_h * V, t, V, HV * V, r0, v0, 64, BV),
                  vn.to(vnbuf.dtype.element_ty))
-        s = _sdot(ktt, f_k[:, None] * vn, s * decay, TF32, EMU)
+        s = _bdot(ktt, f_k[:, None] * vn, s * decay, EMU)
         if CAPTURE == 1:
             if r0 + 64 <= hi:
                 sp = states + (c - cs).to(tl.int64) * (HV * K * V) + hkv
@@ -663,47 +413,39 @@ def _seq2_kernel(k, w, u, fac, glast, s0, hbuf, vnbuf, states, s_out, cap_idx, s
 
 
 @triton.jit(do_not_specialize=["lo", "hi", "c0", "cs", "t"])
-def _out_kernel(q, k, g, hbuf, vnbuf, aqk, fac, out, sq_t, sq_h, sk_t, sk_h, sg_t, sg_h,
+def _out_kernel(q, k, g, hbuf, vnbuf, out, sq_t, sq_h, sk_t, sk_h, sg_t, sg_h,
                 lo, hi, c0, cs, t, scale,
                 HV: tl.constexpr, GRP: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BV: tl.constexpr, TF32: tl.constexpr, EMU: tl.constexpr, NH: tl.constexpr,
-                AQK: tl.constexpr, PTF32: tl.constexpr):
-    # O = f_q (q h[c]) + Aqk Vn for one chunk (parallel over chunks) and NH value heads that
-    # share one q tile. Padding rows come out as exact zeros: their q and Aqk rows are zero.
-    # With AQK 0 this kernel forms Aqk and f_q itself from q, k and g (as the prep would).
+                BV: tl.constexpr, EMU: tl.constexpr):
+    # O = f_q (q h[c]) + Aqk Vn for one chunk of one value head (parallel over chunks), with
+    # the causal scores Aqk = tril(q_i.k_j / |q_i| |k_j| Gamma_ij) and f_q = e^gc |q|^-1 / sqrt(K)
+    # formed here from q, k and g. Padding rows come out as exact zeros: their q rows are zero.
     i_c = tl.program_id(0) + c0
-    i_p = tl.program_id(1)
+    i_h = tl.program_id(1)
     r0 = i_c * 64
     o_c = tl.arange(0, 64)
     rows = r0 + o_c
-    i_qk = (i_p * NH) // GRP
+    i_qk = i_h // GRP
     qt = _load_raw(_tile(q + i_qk * sq_h, hi, K, sq_t, r0, 0, 64, K))
-    if not AQK:
-        kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
-        a_qk = _rdot(qt, tl.trans(kt), None, PTF32)
-        qf = qt.to(tl.float32)
-        kf = kt.to(tl.float32)
-        rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
-        rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
-        ok = (rows >= lo) & (rows < hi)
-    for jh in tl.static_range(NH):
-        i_h = i_p * NH + jh
-        if AQK:
-            f_q = tl.load(fac + rows * HV + i_h)
-            at = tl.load(_tile(aqk + i_h * 64, t, 64, HV * 64, r0, 0, 64, 64))
-        else:
-            gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
-            gcv = tl.cumsum(gv, 0)
-            f_q = rq * tl.exp(gcv)
-            at = _causal_scores(a_qk, rq, rk, gcv, o_c).to(aqk.dtype.element_ty)
-        hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
-        for j in tl.static_range(V // BV):
-            ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
-            vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
-            o = f_q[:, None] * _sdot(qt, ht, None, TF32, EMU)
-            o = _sdot(at, vt, o, TF32, EMU)
-            tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV),
-                     o.to(out.dtype.element_ty))
+    kt = _load_raw(_tile(k + i_qk * sk_h, hi, K, sk_t, r0, 0, 64, K))
+    a_qk = _rdot(qt, tl.trans(kt), None, EMU)
+    qf = qt.to(tl.float32)
+    kf = kt.to(tl.float32)
+    rq = tl.rsqrt(tl.sum(qf * qf, 1) + 1e-6) * scale
+    rk = tl.rsqrt(tl.sum(kf * kf, 1) + 1e-6)
+    ok = (rows >= lo) & (rows < hi)
+    gv = tl.load(g + rows * sg_t + i_h * sg_h, mask=ok, other=0.0).to(tl.float32)
+    gcv = tl.cumsum(gv, 0)
+    f_q = rq * tl.exp(gcv)
+    at = _causal_scores(a_qk, rq, rk, gcv, o_c).to(vnbuf.dtype.element_ty)
+    hp = hbuf + (i_c - cs).to(tl.int64) * (HV * K * V) + i_h * (K * V)
+    for j in tl.static_range(V // BV):
+        ht = tl.load(_tile(hp, K, V, V, 0, j * BV, K, BV))
+        vt = tl.load(_tile(vnbuf + i_h * V, t, V, HV * V, r0, j * BV, 64, BV))
+        o = f_q[:, None] * _bdot(qt, ht, None, EMU)
+        o = _bdot(at, vt, o, EMU)
+        tl.store(_tile(out + i_h * V, t, V, HV * V, r0, j * BV, 64, BV),
+                 o.to(out.dtype.element_ty))
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -711,18 +453,8 @@ def _rows2d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class ChunkPrep(NamedTuple):
-    """What the state pass reads besides q, k, v: per-row factors [4, T, HV] (f_q, f_k, f_w,
-    beta), exp(gc_last) [T/64, HV], X = (I + L)^-1 and Aqk, both [T, HV, 64]."""
-
-    fac: torch.Tensor
-    glast: torch.Tensor
-    xmat: torch.Tensor
-    aqk: torch.Tensor
-
-
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-           beta: torch.Tensor, lo: int, hi: int) -> None:
+           beta: torch.Tensor, lo: int, hi: int, launch: GdnLaunch) -> None:
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
     if t % CHUNK or lo % CHUNK or not 0 <= lo < hi <= t:
@@ -732,106 +464,36 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     for d in (kd, vd):
         if d < 16 or d & (d - 1):
             raise ValueError(f"head dims must be powers of two >= 16, got K={kd} V={vd}")
-
-
-def _state_tf32(cfg: GdnConfig) -> bool:
-    return cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32
-
-
-def _alloc_prep(t: int, hv: int, kd: int, cfg: GdnConfig, dev: torch.device) -> ChunkPrep:
-    mid = torch.float32 if cfg.tf32 else torch.bfloat16
-    # split: X feeds only the parallel W/U kernel (kept fp32); Aqk feeds the output's dots
-    xdt = adt = mid
-    if cfg.split:
-        xdt = adt = torch.float32 if _state_tf32(cfg) else torch.bfloat16
-    return ChunkPrep(_empty(4, t, hv, dtype=torch.float32, device=dev),
-                     _empty(t // CHUNK, hv, dtype=torch.float32, device=dev),
-                     _empty(t, hv, CHUNK, dtype=xdt, device=dev),
-                     _empty(t, hv, CHUNK, dtype=adt, device=dev))
-
-
-def _launch_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                 prep: ChunkPrep, lo: int, hi: int, ca: int, cb: int, cfg: GdnConfig) -> None:
-    """The state-independent half of the chunked rule for chunks ca .. cb-1."""
-    t, hq, kd = q.shape
-    hv = prep.glast.shape[1]
-    # raw-input products are exact in bf16 too; split keeps tf32 only for X's merges
-    p32 = (cfg.tf32 and not cfg.split) if cfg.prep_tf32 is None else cfg.prep_tf32
-    tf32 = p32 or _EMU_BF16
-    _solve_kernel[(cb - ca, hv)](
-        k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
-        beta.stride(0), beta.stride(1), lo, hi, ca, t,
-        HV=hv, GRP=hv // hq, K=kd, BK=min(cfg.solve_bk, kd), TF32=tf32, NH=1,
-        num_warps=cfg.solve_warps)
-    _qk_kernel[(cb - ca, hv)](
-        q, k, g, beta, prep.fac, prep.glast, prep.aqk,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), g.stride(1),
-        beta.stride(0), beta.stride(1), lo, hi, ca, t, kd ** -0.5,
-        HV=hv, GRP=hv // hq, K=kd, BK=min(64, kd), TF32=tf32, STAGES=cfg.qk_stages,
-        num_warps=cfg.qk_warps)
-
-
-def chunk_prep(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, hv: int,
-               lo: int, hi: int, cfg: GdnConfig) -> ChunkPrep:
-    """The state-independent half of the chunked rule for chunks lo/64 .. ceil(hi/64)."""
-    prep = _alloc_prep(q.shape[0], hv, q.shape[2], cfg, q.device)
-    _launch_prep(q, k, g, beta, prep, lo, hi, lo // CHUNK, -(-hi // CHUNK), cfg)
-    return prep
-
-
-def _segments(c0: int, c1: int, seg: int) -> list[tuple[int, int]]:
-    """Chunk ranges of the prep/state-pass overlap (auto: ~8 segments of 16..64 chunks)."""
-    n = c1 - c0
-    if seg <= 0:
-        seg = max(16, min(64, n // 8))
-    return [(a, min(a + seg, c1)) for a in range(c0, c1, seg)]
-
-
-_SIDE_STREAMS: dict[tuple[int, int], torch.cuda.Stream] = {}
-
-
-def _side_stream(dev: torch.device, priority: int = 0) -> torch.cuda.Stream:
-    idx = dev.index if dev.index is not None else torch.cuda.current_device()
-    key = (idx, priority)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=idx, priority=priority)
-    return _SIDE_STREAMS[key]
+    if launch.bv < 16 or vd % launch.bv:
+        raise ValueError(f"launch bv={launch.bv} must be >= 16 and divide V={vd}")
 
 
 def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                   beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,
-                  capture: bool | Collection[int], cfg: GdnConfig,
+                  capture: bool | Collection[int], launch: GdnLaunch,
                   ) -> tuple[torch.Tensor, torch.Tensor, Mapping[int, torch.Tensor]]:
     """chunk_gated_delta_rule with an explicit launch shape. q, k may have fewer heads than v
     (grouped: value head h reads q/k head h // (HV // H)), as views with any row stride.
     `capture`: True for the state at every grid row in (lo, hi], or the rows wanted (those on
-    the grid and in range are returned; the split pipeline then stores only those).
-
-    With cfg.overlap, long windows run in segments: the preparation of segment i+1 (side
-    stream) overlaps the state pass of segment i (current stream), which uses few SMs. The state
-    crosses segment boundaries through fp32 memory, so the numbers do not depend on the
-    segmentation. Off by default: the two-stream path has not been timed or tested on a GPU
-    yet (tests/engine/test_triton_kernels.py::test_chunk_segments_are_invisible does)."""
-    _check(q, k, v, g, beta, lo, hi)
-    rows: list[int] | None = None  # the requested grid rows (sparse capture, split only)
+    the grid and in range are returned, and only those are stored). The output is in v's
+    dtype, zero outside [lo, hi)."""
+    _check(q, k, v, g, beta, lo, hi, launch)
+    rows: list[int] | None = None  # the requested grid rows (sparse capture)
     if not isinstance(capture, bool):
         rows = sorted({int(r) for r in capture
                        if lo < r <= hi // CHUNK * CHUNK and r % CHUNK == 0})
         if not rows:
-            o, s_hi, _ = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, False, cfg)
+            o, s_hi, _ = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, False, launch)
             return o, s_hi, {}
-        if not cfg.split:  # v3 stores every grid state; keep the requested ones
-            o, s_hi, dense = gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, True, cfg)
-            return o, s_hi, {r: dense[r] for r in rows}
         capture = True
     t, hq, kd = q.shape
     hv, vd = v.shape[1], v.shape[2]
-    bv = min(cfg.bv, vd)
+    grp = hv // hq
     q, k, v = _rows2d(q), _rows2d(k), _rows2d(v)
     state = state.float().contiguous()
     dev = q.device
     c0, c1 = lo // CHUNK, -(-hi // CHUNK)
-    out = _empty(t, hv, vd, dtype=v.dtype if cfg.out_bf16 else torch.float32, device=dev)
+    out = _empty(t, hv, vd, dtype=v.dtype, device=dev)
     if c0:
         out[:c0 * CHUNK].zero_()
     if c1 * CHUNK < t:
@@ -839,178 +501,55 @@ def gdn_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     s_out = _empty(hv, kd, vd, dtype=torch.float32, device=dev)
     n_states = len(rows) if rows is not None else (hi // CHUNK - c0) if capture else 0
     states = _empty(max(n_states, 0), hv, kd, vd, dtype=torch.float32, device=dev)
-    prep = _alloc_prep(t, hv, kd, cfg, dev)
-    if cfg.split:
-        cap_idx = None
-        if rows is not None:  # chunk -> index into states, -1 for chunks not requested
-            idx = [-1] * (c1 - c0)
-            for i, r in enumerate(rows):
-                idx[r // CHUNK - 1 - c0] = i
-            cap_idx = torch.tensor(idx, dtype=torch.int32).to(dev, non_blocking=True)
-        _split_fwd(q, k, v, g, beta, state, lo, hi, capture, cfg, prep, out, s_out, states,
-                   cap_idx)
-        if rows is not None:
-            return out, s_out, {r: states[i] for i, r in enumerate(rows)}
-        return out, s_out, GridStates(states, lo + CHUNK)
-    segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
-
-    def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
-        _seq_kernel[(vd // bv, hv)](
-            q, k, v, prep.fac, prep.glast, prep.xmat, prep.aqk, s_in, out,
-            states if capture else s_next, s_next,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            lo, hi, ca, cb, c0, t,
-            HV=hv, GRP=hv // hq, K=kd, V=vd, BV=bv, CAPTURE=bool(capture),
-            TF32=cfg.tf32 if cfg.state_tf32 is None else cfg.state_tf32,
-            STAGES=cfg.stages, EMU=_EMU_BF16, num_warps=cfg.warps)
-
-    if len(segs) == 1 or not q.is_cuda or not cfg.overlap:
-        for ca, cb in segs:
-            _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
-        s_cur = state
-        for i, (ca, cb) in enumerate(segs):
-            s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
-            state_pass(ca, cb, s_cur, s_next)
-            s_cur = s_next
-        return out, s_out, GridStates(states, lo + CHUNK)
-
-    main, side = torch.cuda.current_stream(dev), _side_stream(dev)
-    side.wait_stream(main)  # inputs and buffers are ready on the side stream
-    ready = []
-    with torch.cuda.stream(side):
-        for ca, cb in segs:
-            _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
-            ev = torch.cuda.Event()
-            ev.record(side)
-            ready.append(ev)
-    for x in (q, k, g, beta, *prep):
-        x.record_stream(side)
-    s_cur = state
-    for i, (ca, cb) in enumerate(segs):
-        main.wait_event(ready[i])
-        s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
-        state_pass(ca, cb, s_cur, s_next)
-        s_cur = s_next
-    return out, s_out, GridStates(states, lo + CHUNK)
-
-
-def _split_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-               beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int, capture: bool,
-               cfg: GdnConfig, prep: ChunkPrep, out: torch.Tensor, s_out: torch.Tensor,
-               states: torch.Tensor, cap_idx: torch.Tensor | None = None) -> None:
-    """The split pipeline (cfg.split, see SPLIT_CONFIG) into out / s_out / states (every
-    chunk, or with cap_idx [chunks of the window] the chunks whose entry is >= 0, at that
-    index)."""
-    t, hq, kd = q.shape
-    hv, vd = v.shape[1], v.shape[2]
-    bv = min(cfg.bv, vd)
-    dev = q.device
-    c0, c1 = lo // CHUNK, -(-hi // CHUNK)
-    grp = hv // hq
-    nh = grp if cfg.grp_share else 1  # value heads per program of the parallel kernels
-    nhs = grp if (cfg.grp_share if cfg.solve_share is None else cfg.solve_share) else 1
-    st32 = _state_tf32(cfg)
-    mid = torch.float32 if st32 else torch.bfloat16
+    cap_idx = None
+    if rows is not None:  # chunk -> index into states, -1 for chunks not requested
+        idx = [-1] * (c1 - c0)
+        for i, r in enumerate(rows):
+            idx[r // CHUNK - 1 - c0] = i
+        cap_idx = torch.tensor(idx, dtype=torch.int32).to(dev, non_blocking=True)
+    # the bf16 operands of the products (see the module docstring, Precision)
+    mid = torch.bfloat16
+    fk = _empty(t, hv, dtype=torch.float32, device=dev)
+    glast = _empty(t // CHUNK, hv, dtype=torch.float32, device=dev)
+    xmat = _empty(t, hv, CHUNK, dtype=mid, device=dev)
     w = _empty(t, hv, kd, dtype=mid, device=dev)
     u = _empty(t, hv, vd, dtype=mid, device=dev)
     vn = _empty(t, hv, vd, dtype=mid, device=dev)
     hbuf = _empty(c1 - c0, hv, kd, vd, dtype=mid, device=dev)
 
-    def parallel_in(ca: int, cb: int) -> None:  # prep and W/U of chunks ca .. cb-1
-        if cfg.fuse_prep:
-            p32 = bool(cfg.prep_tf32) or _EMU_BF16
-            _solve_kernel[(cb - ca, hv // nhs)](
-                k, g, beta, prep.xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
-                beta.stride(0), beta.stride(1), lo, hi, ca, t,
-                HV=hv, GRP=grp, K=kd, BK=min(cfg.solve_bk, kd), TF32=p32, NH=nhs,
-                num_warps=cfg.solve_warps)
-            _prep2_kernel[(cb - ca, hv // nh)](
-                q, k, v, g, beta, prep.xmat, prep.fac, prep.glast, prep.aqk, w, u,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), lo, hi, ca, t,
-                kd ** -0.5, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, vd), TF32=p32,
-                STF32=st32, EMU=_EMU_BF16, NH=nh, AQK=not cfg.aqk_out, num_warps=cfg.qk_warps)
-            return
-        _launch_prep(q, k, g, beta, prep, lo, hi, ca, cb, cfg)
-        _wu_kernel[(cb - ca, hv)](
-            k, v, prep.fac, prep.xmat, w, u, k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), lo, hi, ca, t, HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, kd, vd),
-            TF32=st32, EMU=_EMU_BF16, num_warps=4)
-
-    def state_pass(ca: int, cb: int, s_in: torch.Tensor, s_next: torch.Tensor) -> None:
-        _seq2_kernel[(vd // bv, hv)](
-            k, w, u, prep.fac, prep.glast, s_in, hbuf, vn, states if capture else s_next,
-            s_next, cap_idx if cap_idx is not None else s_next, k.stride(0), k.stride(1),
-            lo, hi, ca, cb, c0, t,
-            HV=hv, GRP=grp, K=kd, V=vd, BV=bv,
-            CAPTURE=0 if not capture else (1 if cap_idx is None else 2), TF32=st32,
-            STAGES=cfg.stages, KT_PTR=cfg.kt_ptr, EMU=_EMU_BF16, num_warps=cfg.warps)
-
-    def output(ca: int, cb: int) -> None:
-        _out_kernel[(cb - ca, hv // nh)](
-            q, k, g, hbuf, vn, prep.aqk, prep.fac, out, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), g.stride(0), g.stride(1), lo, hi, ca, c0, t, kd ** -0.5,
-            HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), TF32=st32, EMU=_EMU_BF16, NH=nh,
-            AQK=not (cfg.aqk_out and cfg.fuse_prep), PTF32=bool(cfg.prep_tf32) or _EMU_BF16,
-            num_warps=cfg.out_warps)
-
-    segs = _segments(c0, c1, cfg.seg_chunks) if cfg.overlap or cfg.seg_chunks else [(c0, c1)]
-    overlap = cfg.overlap and q.is_cuda and len(segs) > 1
-    if not overlap:
-        for ca, cb in segs:
-            parallel_in(ca, cb)
-        s_cur = state
-        for i, (ca, cb) in enumerate(segs):
-            s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
-            state_pass(ca, cb, s_cur, s_next)
-            s_cur = s_next
-        output(c0, c1)
-        return
-    # Two streams: the side stream prepares segment i+1 and writes the output of segment i
-    # while the main stream runs segment i's state pass (which fills few SMs).
-    caller, side = torch.cuda.current_stream(dev), _side_stream(dev)
-    # with cfg.prio the state passes run on a high-priority stream, so that their blocks are
-    # scheduled before the parallel kernels' whenever both wait for an SM
-    main = _side_stream(dev, priority=-1) if cfg.prio else caller
-    side.wait_stream(caller)
-    main.wait_stream(caller)
-    for x in (q, k, v, g, beta, state, out, states, w, u, vn, hbuf, *prep):
-        x.record_stream(side)
-        x.record_stream(main)
-    if cap_idx is not None:
-        cap_idx.record_stream(side)
-        cap_idx.record_stream(main)
-    ready = [torch.cuda.Event() for _ in segs]
-    done = [torch.cuda.Event() for _ in segs]
-    with torch.cuda.stream(side):
-        parallel_in(*segs[0])
-        ready[0].record(side)
-    s_cur = state
-    for i, (ca, cb) in enumerate(segs):
-        main.wait_event(ready[i])
-        s_next = s_out if i == len(segs) - 1 else torch.empty_like(s_out)
-        if main is not caller:
-            s_next.record_stream(main)
-        with torch.cuda.stream(main):
-            state_pass(ca, cb, s_cur, s_next)
-            done[i].record(main)
-        s_cur = s_next
-        with torch.cuda.stream(side):
-            if i + 1 < len(segs):
-                parallel_in(*segs[i + 1])
-                ready[i + 1].record(side)
-            side.wait_event(done[i])
-            output(ca, cb)
-    caller.wait_stream(side)
-    caller.wait_stream(main)
+    _solve_kernel[(c1 - c0, hv)](
+        k, g, beta, xmat, k.stride(0), k.stride(1), g.stride(0), g.stride(1),
+        beta.stride(0), beta.stride(1), lo, hi, c0, t,
+        HV=hv, GRP=grp, K=kd, BK=min(32, kd), EMU=_EMU_BF16, num_warps=1)
+    _prep_kernel[(c1 - c0, hv)](
+        k, v, g, beta, xmat, fk, glast, w, u, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), lo, hi, c0, t,
+        HV=hv, GRP=grp, K=kd, V=vd, BD=min(64, vd), EMU=_EMU_BF16, num_warps=4)
+    bv = min(launch.bv, vd)
+    _state_kernel[(vd // bv, hv)](
+        k, w, u, fk, glast, state, hbuf, vn, states if capture else s_out, s_out,
+        cap_idx if cap_idx is not None else s_out, k.stride(0), k.stride(1),
+        lo, hi, c0, c1, c0, t,
+        HV=hv, GRP=grp, K=kd, V=vd, BV=bv,
+        CAPTURE=0 if not capture else (1 if cap_idx is None else 2),
+        STAGES=launch.stages, EMU=_EMU_BF16, num_warps=launch.warps)
+    _out_kernel[(c1 - c0, hv)](
+        q, k, g, hbuf, vn, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        g.stride(0), g.stride(1), lo, hi, c0, c0, t, kd ** -0.5,
+        HV=hv, GRP=grp, K=kd, V=vd, BV=min(64, vd), EMU=_EMU_BF16, num_warps=4)
+    if rows is not None:
+        return out, s_out, {r: states[i] for i, r in enumerate(rows)}
+    return out, s_out, GridStates(states, lo + CHUNK)
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                            beta: torch.Tensor, state: torch.Tensor, lo: int, hi: int,
                            capture: bool | Collection[int] = True,
+                           launch: GdnLaunch | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, Mapping[int, torch.Tensor]]:
-    """reference.chunk_gated_delta_rule on the GPU (see the module docstring); head dims under
-    64 (toy models) take the torch reference (see _SAFE_DOT)."""
+    """reference.chunk_gated_delta_rule on the GPU (see the module docstring), with the
+    engine's launch shape unless one is given; head dims under 64 (toy models) take the torch
+    reference (see _SAFE_DOT)."""
     kd, vd = q.shape[-1], v.shape[-1]
     if min(kd, vd) < _SAFE_DOT:
         from engine.kernels import reference  # noqa: PLC0415
@@ -1020,7 +559,7 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
             q = q.repeat_interleave(hv // q.shape[1], dim=1)
             k = k.repeat_interleave(hv // k.shape[1], dim=1)
         return reference.chunk_gated_delta_rule(q, k, v, g, beta, state, lo, hi, capture)
-    return gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, capture, config_for(kd, vd))
+    return gdn_chunk_fwd(q, k, v, g, beta, state, lo, hi, capture, launch or launch_for(kd, vd))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,20 +15,20 @@ from engine.config import ModelConfig
 from engine.kernels import ops
 from engine.model.norm import RMSNorm
 
-# On CUDA, SDPA may pick cuDNN, which builds a new graph for every new key length: ~4.6 ms of
-# host time per call, 12 layers x every decode step (measured on the H200 host,
-# scripts/gpu_decode_diag.py). Flash attention has no per-shape set-up.
+# On CUDA, SDPA may pick cuDNN, which builds a new graph for every new key length (milliseconds
+# of host time per call, on every attention layer of every decode step). Flash attention has no
+# per-shape set-up, so decode and short windows keep it.
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Prefill windows on CUDA: cuDNN's fused attention runs the a3b-proxy window (D 256, GQA 8:1)
-# at ~1.8x flash's speed on an H200 (scripts/gpu_attn_probe.py), but takes no lower-right causal
-# mask. So the keys go in pieces: the prefix in fixed pieces of _PIECE keys (no mask; bounded
-# shapes, so cuDNN builds a bounded number of graphs, ~75 ms each on first use), then the
-# window's own keys (square, causal), merged by log-sum-exp in a fixed order
-# (triton_glue.attn_merge). `SBR_ATTN=flash` keeps the single flash call.
+# at ~1.8x flash's speed on an H200, but takes no lower-right causal mask. So the keys go in
+# pieces: the prefix in fixed pieces of _PIECE keys (no mask; bounded shapes, so cuDNN builds a
+# bounded number of graphs, ~75 ms each on first use), then the window's own keys (square,
+# causal), merged by log-sum-exp in a fixed order (triton_glue.attn_merge). `SBR_ATTN=flash`
+# keeps the single flash call.
 _PIECE = 16384  # at most; a window of E rows uses pieces of min(_PIECE, 16 E) keys
 _CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # fp32 windows keep flash/efficient/math
-# Windows of fewer rows keep the single flash call: at 512 rows the pieces lost to flash up to
-# 8k keys on the H200 (results/h200/bench-prefill-final*.json, attention_window rows).
+# Windows of fewer rows keep the single flash call: there the pieces' extra launches and merge
+# cost more than cuDNN saves (at 512 rows they lost to flash up to 8k keys on the H200).
 _CUDNN_MIN_ROWS = 2048
 _cudnn_failed: list[str] = []
 
