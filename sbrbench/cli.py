@@ -19,8 +19,25 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from sbrbench import __version__
+
+        typer.echo(f"sbrbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Benchmark and explain the prefix cache of hybrid (attention + Gated DeltaNet) LLMs."""
+
+
 def _register() -> None:
-    # Each verb lives in its own module so that work on one never touches another.
+    # Each verb lives in its own module so that work on one never touches another; the modules
+    # import torch, scipy and the engine only inside the verbs, so --help and --version are fast.
     from sbrbench import (
         cli_bench,
         cli_compare,

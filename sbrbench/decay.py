@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 from safetensors import SafetensorError, safe_open
-from scipy import stats
 
 from engine.errors import UserError
 from sbrbench.results import DECAY_SCHEMA, now_iso
 
 if TYPE_CHECKING:
+    import torch
+
     from engine.model.gdn import GDNTrace
 
 DEFAULT_EPS = (1e-3,)
@@ -202,6 +202,7 @@ def gdn_params_from_state(state: dict[str, torch.Tensor]) -> list[GDNLayerParams
 def _layer_params(
     layer: int, a_log: torch.Tensor, dt_bias: torch.Tensor, where: Any
 ) -> GDNLayerParams:
+    import torch
     a = a_log.detach().to("cpu", torch.float64).reshape(-1).numpy()
     d = dt_bias.detach().to("cpu", torch.float64).reshape(-1).numpy()
     if a.shape != d.shape:
@@ -297,6 +298,7 @@ def gated_delta_final_states(
     k [T, H, K] (l2-normalised), v [T, H, V], g [T, H] (log decay), beta [T, H]. Per token:
     S = exp(g_t) S;  S += k_t (beta_t (v_t - S^T k_t))^T. Equal starts share one run.
     """
+    import torch
     k, v, g, beta = (x.detach().to(torch.float64) for x in (k, v, g, beta))
     T, H, K = k.shape
     clamped = [min(max(0, int(s)), T) for s in starts]
@@ -489,6 +491,7 @@ def analyze_activations(
 ) -> DecayReport:
     """Horizons over positions from recorded g_t, and window fidelity of the recorded
     k/v/g/beta rerun in float64, per GDN layer and head."""
+    import torch
     eps, taus = validate_eps(eps), validate_taus(taus)
     by_layer = {p.layer: p for p in params}
     missing = [tr.layer for tr in traces if tr.layer not in by_layer]
@@ -554,6 +557,7 @@ def tail_fit(horizons: np.ndarray) -> dict[str, Any] | None:
     """Lognormal vs Pareto fit (MLE, loc fixed at 0) of the finite horizons, with the KS
     statistic of each against its fit; best = the smaller KS statistic. The KS p-values are
     optimistic because the parameters were fitted on the same sample."""
+    from scipy import stats
     x = horizons[np.isfinite(horizons) & (horizons > 0)]
     if x.size < 3 or np.unique(x).size < 3:
         return None
