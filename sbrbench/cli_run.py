@@ -212,7 +212,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="weights and workload seed"),
         label: str | None = typer.Option(None, help="label stored in the result"),
         out: Path | None = typer.Option(
-            None, help="result JSON (default results/<scenario>-<policy>-<time>.json)"
+            None, help="result JSON (default sbr-results/<scenario>-<policy>-<time>.json)"
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         warmup: bool = typer.Option(

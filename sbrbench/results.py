@@ -228,8 +228,11 @@ def policy_of(doc: dict[str, Any]) -> str:
     return str(tgt.get("kind", "?")) if isinstance(tgt, dict) else "?"
 
 
-def default_out(scenario: str, policy: str, stamp: str, root: Path = Path("results")) -> Path:
-    """`results/<scenario>-<policy>-<timestamp>.json`."""
+OUTPUT_DIR = Path("sbr-results")  # where results go unless --out says otherwise (cwd-relative)
+
+
+def default_out(scenario: str, policy: str, stamp: str, root: Path = OUTPUT_DIR) -> Path:
+    """`sbr-results/<scenario>-<policy>-<timestamp>.json`."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in policy)
     return root / f"{scenario}-{safe}-{stamp}.json"
 
