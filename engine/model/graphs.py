@@ -1,7 +1,7 @@
 """CUDA-graph decode: `HybridModel.step` with the launch overhead taken out.
 
 A decode step of a3b-proxy is ~2,300 small kernels: 6.7 ms of GPU work behind 85 ms of Python
-and launch time on the H200 host (scripts/gpu_profile.py). The step is captured as one graph
+and launch time on an H200 host (torch profiler). The step is captured as one graph
 per stretch of layers between two full-attention layers; only the attention itself (the new
 key/value written at `pos`, then SDPA over the request's keys [0, pos]) runs eagerly, because its
 buffer and length change with every request and token. Each segment ends with the next
