@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Seeded synthetic Mooncake-format traces (timestamp, input_length, output_length, hash_ids of
-512-token blocks) with structures unlike the real conversation trace, for held-out policy tests.
+512-token blocks) with structures unlike the real conversation trace, for policy evaluation on
+workloads no policy was tuned on. Deterministic: a seed always gives the same bytes
+(benchmarks/traces.sha256 holds the digests of seeds 0, 2 and 3).
 
   chat:    many short sessions (1-4 turns, geometric) behind one long shared system prompt
            (4 blocks = 2048 tokens, hash ids 0..3), short user turns, many sessions interleaved.
@@ -10,7 +12,7 @@
 A next turn's hash ids extend the previous turn's full blocks and diverge at its last partial
 block (how the simulator links a turn to its parent: `TraceStream`, min_link_blocks=2).
 
-    python scripts/make_synthetic_traces.py --out-dir /tmp/synth --seed 0
+    python benchmarks/synthetic_traces.py --out-dir /tmp/synth --seed 0
 """
 
 from __future__ import annotations
