@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_headline.sh [OUT] [deep|rr|parity ...]    (default: all three parts)
 #
 # OUT defaults to ./sbr-results/gpu-headline. Time on one H200: deep ~11 min, rr ~6 min,
-# parity ~2 min (parts run in the order given; each part is self-contained: its baseline
+# parity ~3.5 min (parts run in the order given; each part is self-contained: its baseline
 # runs within it).
 #
 #   deep    deep-resume (depth 24,000, 128 one-shot pressure requests per idle period, 6

@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/kernels.sh [OUT]
 #
-# OUT defaults to ./sbr-results/kernels. Time on one H200: ~10 min (kernels ~4.5, prefill ~5.5).
+# OUT defaults to ./sbr-results/kernels. Time on one H200: ~4 min.
 # fla must be importable for its rows (on a machine without a package index, carry its wheels
 # in .whl/, see lib.sh); without it the kernels are timed against the torch reference only.
 # Run the GPU tests first (python -m pytest -m gpu tests/engine): a timing of a kernel that
