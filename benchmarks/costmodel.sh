@@ -5,8 +5,9 @@
 #
 #   bash benchmarks/costmodel.sh [OUT] [gpu|cpu ...]    (default: both)
 #
-# OUT defaults to ./sbr-results/costmodel. Time: gpu ~4 min on one H200 (a3b-proxy, bf16),
-# cpu ~3 min on one core (tiny, float32, five timings per point).
+# OUT defaults to ./sbr-results/costmodel. Time: a few minutes each (gpu: a3b-proxy, bf16, on
+# one GPU; cpu: tiny, float32, five timings per point, on one thread: run it on an idle machine,
+# other load shows up in the fit).
 #
 #   costmodel-gpu.json       the a3b-proxy fit on this GPU
 #   costmodel-cpu-tiny.json  the tiny-preset fit on this CPU

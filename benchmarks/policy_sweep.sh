@@ -8,8 +8,9 @@
 #   bash benchmarks/policy_sweep.sh TRACE [OUT] [all|conversation]    (default: all)
 #
 # TRACE: mooncake_conversation_trace.jsonl (12,031 requests; not in this repository). OUT
-# defaults to ./sbr-results/policy-sweep. Time on one core: ~15 min for the conversation trace,
-# ~25 min for the nine 3,000-request traces.
+# defaults to ./sbr-results/policy-sweep. Time, one process on two busy shared cores: ~18 min
+# for the conversation trace, 10-20 min for each of the nine 3,000-request traces (adaptive at
+# 256 slots is the longest cell).
 #
 #   conversation-sweep.json (+ .png)   the whole conversation trace
 #   traces/*.jsonl, <trace>-sweep.json one sweep per trace of traces.sh
