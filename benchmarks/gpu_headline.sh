@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's GPU headline on one GPU: deep-resume, round-robin and parity on the real engine
-# (a3b-proxy shapes, random weights, bf16, 16 snapshot slots), every baseline rerun in the same
-# call, on the same machine, as the policies it is compared with.
+# (a3b-proxy shapes, random weights, bf16), every baseline rerun in the same call, on the same
+# machine, as the policies it is compared with.
 #
 #   bash benchmarks/gpu_headline.sh [OUT] [deep|rr|parity ...]    (default: all three parts)
 #
@@ -9,15 +9,16 @@
 # parity ~3.5 min (parts run in the order given; each part is self-contained: its baseline
 # runs within it).
 #
-#   deep    deep-resume (depth 24,000, 128 one-shot pressure requests per idle period, 6
-#           cycles) under forecast, tail-pin, adaptive; resume-phase TTFT compared with tail-pin
+#   deep    deep-resume (16 snapshot slots, depth 24,000, 128 one-shot pressure requests per
+#           idle period, 6 cycles) under forecast, tail-pin, adaptive; compared with tail-pin
 #           -> deep-resume-{forecast,tail-pin,adaptive}.json,
 #              deep-resume-{forecast,adaptive}-vs-tail-pin.json
-#   rr      round-robin (8 conversations, 20 rounds) under forecast then adaptive, twice
+#   rr      round-robin (16 slots, 8 conversations, 20 rounds), forecast then adaptive, twice
 #           (interleaved, so host drift hits both), compared pooled over the two repetitions
 #           -> round-robin-{forecast,adaptive}-{1,2}.json, round-robin-adaptive-vs-forecast.json
-#   parity  the parity stream (30 requests) under forecast, tail-pin, adaptive: tokens and logits
-#           digests must match bitwise
+#   parity  the parity stream (30 requests, the scenario's 6 slots) under forecast, tail-pin,
+#           adaptive; the comparisons' `parity` block says whether tokens and logits digests
+#           match bitwise (they must)
 #           -> parity-{forecast,tail-pin,adaptive}.json,
 #              parity-forecast-vs-{tail-pin,adaptive}.json
 #
