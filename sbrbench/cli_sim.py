@@ -386,7 +386,7 @@ def register(app: typer.Typer) -> None:
         preset: str = typer.Option("a3b-proxy", help="model whose snapshot size/FLOPs apply"),
         dtype: str = typer.Option("bfloat16", help="dtype of that model"),
         costmodel: Path | None = typer.Option(
-            None, help="cost model JSON [GPU fit, else analytic H100 estimate]"
+            None, help="cost model JSON [the packaged fit of --preset, else analytic H100]"
         ),
         link_replies: bool = typer.Option(
             True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
@@ -638,9 +638,9 @@ def register(app: typer.Typer) -> None:
         )
         if out is None:
             out = (
-                cmod.RESULTS_DIR / f"costmodel-{cmod.gpu_slug(model.meta.get('gpu'))}.json"
+                Path("results") / f"costmodel-{cmod.gpu_slug(model.meta.get('gpu'))}.json"
                 if device != "cpu"
-                else cmod.RESULTS_DIR / "sim" / f"costmodel-cpu-{preset}.json"
+                else Path("results") / "sim" / f"costmodel-cpu-{preset}.json"
             )
         _check(model, check)
         cmod.save(model, out)

@@ -13,7 +13,10 @@ them from FLOPs and bandwidth when no fit exists (see docs/SIMULATOR.md).
 With `window = E > 0` the model charges what an engine of fixed aligned windows (ours) computes:
 every window of E rows touching [s, L) in full, padding included, and each window's E queries
 against its keys [0, e0 + E). Then replay that falls inside the window of the new tokens costs
-nothing, which is what the GPU engine shows (results/h200/NOTES.md).
+nothing, which is what the GPU engine shows.
+
+The default cost models ship with the package (`sbrbench/data/`, see `PACKAGED`), so a checkout
+and an installed wheel simulate alike; a measured fit is passed with `--costmodel PATH`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,8 +37,15 @@ from engine.record import Timing
 
 COSTMODEL_SCHEMA = "sbrbench.costmodel/v1"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = _REPO_ROOT / "results"
-CPU_FALLBACK = RESULTS_DIR / "sim" / "costmodel-cpu-tiny.json"
+
+# The fits shipped in sbrbench/data/, by (preset, "gpu" | "cpu"): what the simulator charges when
+# no --costmodel is given. The H200 fit is `sbrbench calibrate` on the engine's CUDA defaults
+# (exec window 2048); the CPU fit is the tiny preset on one thread. Changing a default means
+# replacing its file here, deliberately: no other file is read unless it is given by path.
+PACKAGED: dict[tuple[str, str], str] = {
+    ("a3b-proxy", "gpu"): "costmodel-h200.json",
+    ("tiny", "cpu"): "costmodel-cpu-tiny.json",
+}
 
 # Analytic estimate: one H100 SXM (dense bf16 peak, HBM3 bandwidth) at stated efficiencies.
 H100 = {
@@ -174,7 +185,17 @@ def load(path: str | Path) -> CostModel:
     from sbrbench.results import load_json
 
     p = Path(path)
-    doc = load_json(p)
+    return _from_doc(load_json(p), p, _display_path(p))
+
+
+def packaged(name: str) -> CostModel:
+    """A cost model shipped in sbrbench/data/ (a name of `PACKAGED`)."""
+    res = resources.files("sbrbench") / "data" / name
+    doc = json.loads(res.read_text(encoding="utf-8"))
+    return _from_doc(doc, Path(name), f"sbrbench/data/{name}")
+
+
+def _from_doc(doc: dict[str, Any], p: Path, shown: str) -> CostModel:
     if doc.get("schema") != COSTMODEL_SCHEMA:
         raise UserError(f"{p}: not a cost model file (schema {doc.get('schema')!r})")
     try:
@@ -193,7 +214,7 @@ def load(path: str | Path) -> CostModel:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{p}: bad cost model ({type(e).__name__}: {e})") from None
-    cm.meta["path"] = _display_path(p)
+    cm.meta["path"] = shown
     return cm
 
 
@@ -246,29 +267,20 @@ def analytic(
     )
 
 
-def default_costmodel(
-    preset_name: str = "a3b-proxy", device: str = "cuda", results_dir: Path = RESULTS_DIR
-) -> CostModel:
+def default_costmodel(preset_name: str = "a3b-proxy", device: str = "cuda") -> CostModel:
     """The cost model the simulator uses when none is given.
 
-    1. a GPU fit committed as `results/costmodel-<gpu>.json` or `results/<gpu>/costmodel.json`
-       (what the GPU reproduction writes) for this preset;
-    2. on `device` cpu: the committed CPU fit `results/sim/costmodel-cpu-<preset>.json`;
+    1. the packaged GPU fit of this preset (`PACKAGED`), whatever `device` says: the simulator
+       models the GPU engine;
+    2. on `device` cpu: the packaged CPU fit of this preset;
     3. the analytic H100 estimate of the preset (a3b-proxy's when the preset is unknown here).
     """
-    fits = (sorted(results_dir.glob("costmodel-*.json"))
-            + sorted(results_dir.glob("*/costmodel.json")) if results_dir.is_dir() else [])
-    for p in fits:
-        try:
-            cm = load(p)
-        except UserError:
-            continue
-        if cm.preset == preset_name and cm.device not in (None, "cpu"):
-            return cm
-    if device == "cpu":
-        p = results_dir / "sim" / f"costmodel-cpu-{preset_name}.json"
-        if p.is_file():
-            return load(p)
+    gpu = PACKAGED.get((preset_name, "gpu"))
+    if gpu is not None:
+        return packaged(gpu)
+    cpu = PACKAGED.get((preset_name, "cpu"))
+    if device == "cpu" and cpu is not None:
+        return packaged(cpu)
     try:
         return analytic(preset_name)
     except ConfigError:
@@ -586,7 +598,7 @@ def parse_points(text: str) -> list[CalibPoint]:
 
 
 def gpu_slug(name: str | None) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100' (for results/costmodel-<gpu>.json)."""
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (for calibrate's default file name)."""
     if not name:
         return "gpu"
     for tag in ("h200", "h100", "a100", "l40s", "l4", "b200", "gb200"):

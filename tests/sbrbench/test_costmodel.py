@@ -93,40 +93,76 @@ def test_analytic_a3b_proxy_is_in_a_plausible_range() -> None:
     assert m.b * cm.attention_work(0, 12000) < m.a * 12000  # quadratic part minor at 12k
 
 
-def test_default_costmodel_resolution(tmp_path: Path) -> None:
-    assert cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path).source == "analytic"
-    cpu = CostModel(a=1e-3, b=0, c=0.1, restore=0, source="fit:engine", preset="tiny", device="cpu")
-    cm.save(cpu, tmp_path / "sim" / "costmodel-cpu-tiny.json")
-    assert cm.default_costmodel("tiny", "cpu", results_dir=tmp_path).source == "fit:engine"
-    assert cm.default_costmodel("tiny", "cuda", results_dir=tmp_path).source == "analytic"
-    gpu = CostModel(
-        a=1e-5,
-        b=1e-10,
-        c=0.02,
-        restore=1e-4,
-        source="fit:engine",
-        preset="a3b-proxy",
-        device="cuda",
-        meta={"gpu": "NVIDIA H100 80GB HBM3"},
-    )
-    cm.save(gpu, tmp_path / "costmodel-h100.json")
-    got = cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path)
-    assert got.source == "fit:engine" and got.a == 1e-5
+# What the simulator charged by default before its default fits became package data: the
+# packaged copies must keep these coefficients (every committed simulator figure rests on them).
+H200_FIT = {"a": 2.7854539568524153e-05, "b": 2.598426083443067e-11, "c": 0.0,
+            "restore": 0.01228485521670771, "decode": 0.006677629999974973, "window": 2048}
+CPU_TINY_FIT = {"a": 0.000154957087952081, "b": 0.0, "c": 8.228843869422867e-05, "restore": 0.0,
+                "decode": 0.003871763999995892, "window": 0}
+
+
+def test_default_cost_models_are_the_packaged_fits() -> None:
+    gpu = cm.default_costmodel("a3b-proxy", "cuda")
+    assert gpu.coefficients() == H200_FIT and gpu.source == "fit:engine"
+    assert gpu.describe()["path"] == "sbrbench/data/costmodel-h200.json"
+    assert gpu.describe()["gpu"] == "NVIDIA H200"
+    # the simulator models the GPU engine, also when asked on a CPU
+    assert cm.default_costmodel("a3b-proxy", "cpu").coefficients() == H200_FIT
+    tiny = cm.default_costmodel("tiny", "cpu")
+    assert tiny.coefficients() == CPU_TINY_FIT and tiny.device == "cpu"
+    assert tiny.describe()["path"] == "sbrbench/data/costmodel-cpu-tiny.json"
+    assert cm.default_costmodel("tiny", "cuda").source == "analytic"
+    assert cm.default_costmodel("small", "cpu").source == "analytic"
+    assert cm.resolve(None, "a3b-proxy", "cuda").coefficients() == H200_FIT
+    # modelled TTFT of a 24k-token resume from a snapshot at 20,480 and of a cold 24k prompt:
+    # 2 and 12 windows of 2048 rows
+    assert gpu.ttft(20480, 24000, 24100) == pytest.approx(0.1287748, rel=1e-6)
+    assert gpu.ttft(0, 0, 24000) == pytest.approx(0.6924005, rel=1e-6)
+
+
+def test_result_files_do_not_change_the_default(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits written where `sbrbench calibrate` puts them by default (results/ under the working
+    directory) are not read: a measured fit is passed with --costmodel."""
+    monkeypatch.chdir(tmp_path)
+    other = dict(source="fit:engine", meta={"gpu": "NVIDIA H100 80GB HBM3"})
+    cm.save(CostModel(a=1e-5, b=0, c=0.02, restore=0, preset="a3b-proxy", device="cuda",
+                      **other), tmp_path / "results" / "costmodel-a100.json")
+    cm.save(CostModel(a=3e-5, b=0, c=0.02, restore=0, preset="a3b-proxy", device="cuda",
+                      **other), tmp_path / "results" / "h200" / "costmodel.json")
+    cm.save(CostModel(a=1e-3, b=0, c=0.1, restore=0, preset="tiny", device="cpu", **other),
+            tmp_path / "results" / "sim" / "costmodel-cpu-tiny.json")
+    assert cm.default_costmodel("a3b-proxy", "cuda").coefficients() == H200_FIT
+    assert cm.default_costmodel("tiny", "cpu").coefficients() == CPU_TINY_FIT
+    given = cm.resolve(tmp_path / "results" / "costmodel-a100.json", "a3b-proxy", "cuda")
+    assert given.a == 1e-5 and given.describe()["path"].endswith("costmodel-a100.json")
+
+
+def test_packaged_cost_models_are_package_data() -> None:
+    """Each packaged fit is found through importlib.resources (as from an installed wheel) and
+    matches its table entry; sbrbench/data/ holds no other fit; the wheel ships the sbrbench
+    package directory whole (hatch's `packages`, nothing excluded), so the data goes with it."""
+    import tomllib
+    from importlib import resources
+
+    data = resources.files("sbrbench") / "data"
+    for (preset, kind), name in cm.PACKAGED.items():
+        assert (data / name).is_file(), name
+        model = cm.packaged(name)
+        assert model.preset == preset and (model.device == "cpu") == (kind == "cpu"), name
+        assert model.source == "fit:engine" and model.meta["points"], name
+    shipped = {p.name for p in data.iterdir() if p.name.endswith(".json")}
+    assert shipped == set(cm.PACKAGED.values())
+    root = Path(__file__).resolve().parents[2]
+    wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"]["wheel"]
+    assert "sbrbench" in wheel["packages"]
+    assert not {"only-include", "exclude", "include"} & set(wheel)
+
+
+def test_gpu_slug_names_calibrate_output() -> None:
     assert cm.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
-
-
-def test_default_costmodel_finds_a_gpu_results_dir(tmp_path: Path) -> None:
-    """What `sbrbench calibrate` writes in the GPU reproduction (results/<gpu>/costmodel.json)
-    is picked up; a fit of another preset is not."""
-    other = CostModel(a=2e-5, b=0, c=0.01, restore=0, source="fit:engine", preset="small",
-                      device="cuda")
-    cm.save(other, tmp_path / "h200" / "costmodel.json")
-    assert cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path).source == "analytic"
-    fit = CostModel(a=3e-5, b=1e-10, c=0.025, restore=0, source="fit:engine", preset="a3b-proxy",
-                    device="cuda", meta={"gpu": "NVIDIA H200"})
-    cm.save(fit, tmp_path / "h200" / "costmodel.json")
-    got = cm.default_costmodel("a3b-proxy", "cuda", results_dir=tmp_path)
-    assert got.source == "fit:engine" and got.a == 3e-5
+    assert cm.gpu_slug("NVIDIA H200") == "h200" and cm.gpu_slug(None) == "gpu"
 
 
 @pytest.mark.parametrize(
