@@ -151,6 +151,18 @@ class Engine:
         return cls(model, tok, dev, dt, cache, source=f"checkpoint:{path}", settings=settings,
                    template=load_template(tok, Path(path)))
 
+    def release(self) -> None:
+        """Free the device memory of the model and the pools (the engine is unusable after)."""
+        self.model = None  # type: ignore[assignment]
+        self.k_pool = self.v_pool = []
+        self.snap_ssm = self.snap_conv = torch.empty(0)
+        self._graphs = None
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     # ---- introspection -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The result JSON's "engine" block: the model, how it computes, what it caches."""

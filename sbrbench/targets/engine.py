@@ -80,4 +80,6 @@ class EngineTarget:
         return dict(self.engine.cache_stats())
 
     def close(self) -> None:
-        pass
+        """Drop the engine (its weights, KV and snapshot pools): the next policy's engine of a
+        large model must fit beside nothing."""
+        self.engine.release()
