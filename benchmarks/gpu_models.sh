@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The real-shape MoE preset on one GPU: the GPU tests (MoE invariance, parity, kernels), then
+# deep-resume under forecast, tail-pin and adaptive and `bench prefill` on qwen3.5-35b-a3b
+# (34.7B parameters, 3.5B active per token; random weights, bf16; MFU counted on active
+# parameters), each baseline in the same call.
+#
+#   bash benchmarks/gpu_models.sh [OUT] [tests|deep|prefill ...]    (default: all three)
+#
+# OUT defaults to ./sbr-results/gpu-models. Every part is bounded (timeout) so one slow part
+# leaves the others their time; each writes its log beside its JSON.
+#
+#   tests    python -m pytest -m gpu tests/engine            -> gpu-tests.log
+#   deep     deep-resume, depth 8192, 32 one-shots per idle period, 3 cycles, 16 slots
+#            -> deep-resume-35b-{forecast,tail-pin,adaptive}.json, comparisons vs tail-pin
+#   prefill  bench prefill at 4k and 16k tokens, windows 2048 and 4096 -> bench-prefill-35b.json
+#
+# Regenerates results/h200/deep-resume-35b-*.json and results/h200/bench-prefill-35b.json.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+OUT=$(out_dir "${1:-sbr-results/gpu-models}")
+shift $(($# > 0 ? 1 : 0))
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests deep prefill)
+gpu_setup
+
+P=(--preset qwen3.5-35b-a3b --device cuda --dtype bfloat16 --no-progress)
+for part in "${parts[@]}"; do
+  case $part in
+    tests)
+      (cd "$BENCH_ROOT" && timeout "${SBR_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu \
+        -p no:cacheprovider --continue-on-collection-errors tests/engine 2>&1 | tee "$OUT/gpu-tests.log") || echo "tests: $?"
+      ;;
+    deep)
+      timeout "${SBR_DEEP_S:-300}" "$PYTHON" -m sbrbench.cli run deep-resume "${P[@]}" \
+        --snapshot-slots 16 --set depth=8192 --set pressure=32 --set cycles=3 \
+        --policy forecast,tail-pin,adaptive --out "$OUT/deep-resume-35b.json" 2>&1 \
+        | tee "$OUT/deep-resume-35b.log" || true
+      for pol in forecast adaptive; do
+        [ -f "$OUT/deep-resume-35b-$pol.json" ] && [ -f "$OUT/deep-resume-35b-tail-pin.json" ] && \
+          (cd "$OUT" && sbrbench compare "deep-resume-35b-$pol.json" deep-resume-35b-tail-pin.json \
+            --json "deep-resume-35b-$pol-vs-tail-pin.json") || true
+      done
+      ;;
+    prefill)
+      timeout "${SBR_PREFILL_S:-150}" "$PYTHON" -m sbrbench.cli bench prefill \
+        --preset qwen3.5-35b-a3b --lengths 4096,16384 --windows 2048,4096 --reps 2 \
+        --out "$OUT/bench-prefill-35b.json" 2>&1 | tee "$OUT/bench-prefill-35b.log" || true
+      ;;
+    *) echo "unknown part $part (tests, deep, prefill)" >&2; exit 2 ;;
+  esac
+done
