@@ -61,7 +61,7 @@ def analyze(
     device: str = typer.Option("cpu", "--device", help="activations: engine device."),
     seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
 ) -> None:
-    """Per-head decay horizons, their heavy tail, and window fidelity (see DESIGN.md, decay)."""
+    """Per-head decay horizons, their heavy tail, and window fidelity (docs/DECAY.md)."""
     if (checkpoint is None) == (preset is None):
         raise UserError("give exactly one of --checkpoint DIR or --preset NAME")
     if mode not in MODES:

@@ -8,29 +8,33 @@ from typing import Any
 
 from engine.chat import Message
 from engine.errors import ConfigError
-from sbrbench.scenarios.base import REPO_ROOT, Param, Scenario, Step
+from sbrbench.scenarios.base import Param, Scenario, Step
 from sbrbench.targets.base import Request, Target
-from sbrbench.tracefile import TraceRecord, TraceTokens, iter_trace, session_of
+from sbrbench.tracefile import SAMPLE_TRACE, TraceRecord, TraceTokens, iter_trace, session_of
 
 _WAVE = 64  # records materialised at a time (prompts of a full trace would not fit in memory)
 
 
 def resolve_trace(path: str) -> Path:
-    """A trace path as given, else relative to the repository root."""
+    """A trace file: the name of one shipped with the package (sbrbench/data/traces/, e.g. the
+    default "mooncake-conversation-400"), or a path."""
     if not path:
         raise ConfigError("trace: no trace file; pass --set trace=PATH")
+    shipped = SAMPLE_TRACE.parent / f"{path}.jsonl"
+    if "/" not in path and shipped.is_file():
+        return shipped
     p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
+    if not p.is_file():
+        raise ConfigError(f"trace: no such file {path!r} (give a path, or the shipped "
+                          f"{SAMPLE_TRACE.stem!r})")
+    return p
 
 
 class Trace(Scenario):
     name = "trace"
     summary = "replay a Mooncake JSONL trace through the target"
     PARAMS = {
-        "trace": Param(str, "JSONL trace file (relative paths: cwd, then the repo root)"),
+        "trace": Param(str, "JSONL trace: a path, or the name of a shipped one"),
         "limit": Param(int, "first N records (0 = all)", 0),
         "time_scale": Param(float, "arrival times x this factor (0 = as fast as possible)", 0),
         "block_tokens": Param(int, "tokens per 512-token trace block (shrinks the trace)", 1),
