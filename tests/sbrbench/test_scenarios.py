@@ -315,7 +315,7 @@ def test_run_cli_user_errors(invoke, tmp_path: Path, fake_targets) -> None:
             ["run", "parity", "--target", "http", "--base-url", "http://x", "--policy", "a,b"],
             "needs --target engine or sim",
         ),
-        (["run", "trace", "--set", "trace=/nonexistent.jsonl"], "cannot open trace"),
+        (["run", "trace", "--set", "trace=/nonexistent.jsonl"], "no such file"),
     ]
     for args, msg in cases:
         code, text = invoke([*args, "--out", str(tmp_path / "x.json"), "--no-progress"])
