@@ -34,6 +34,7 @@ from engine.cache.snapshots import SnapshotEntry
 from engine.chat import ChatML, ChatTemplate, load_template
 from engine.config import CHUNK, ModelConfig, preset
 from engine.errors import UserError
+from engine.kernels import ops
 from engine.kernels.ops import gdn_config, glue_enabled, impl_name
 from engine.model.attention import attention_impl, warm_pieces
 from engine.model.graphs import DecodeGraphs
@@ -93,6 +94,7 @@ class Engine:
         self.source = source
         self.seed = seed
         self.settings = settings or EngineSettings.from_env()
+        self.kernels = ops.Kernels.of(self.settings)  # held by every op while this engine runs
         threads = self.settings.cpu_threads
         if self.device.type == "cpu" and model.cfg.hidden_size <= 256 and threads is not None:
             torch.set_num_threads(threads)
@@ -123,7 +125,7 @@ class Engine:
         self.requests = 0
         # cuDNN attention graphs for every key-piece shape the windows can meet, built now
         # rather than on the first request at each depth (engine.model.attention.warm_pieces)
-        with torch.no_grad():
+        with torch.no_grad(), ops.using(self.kernels):
             warm_pieces(self.config, self.window, dtype, self.device, cs.kv_budget_tokens)
 
     # ---- construction ------------------------------------------------------------------------
@@ -166,6 +168,10 @@ class Engine:
     # ---- introspection -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The result JSON's "engine" block: the model, how it computes, what it caches."""
+        with ops.using(self.kernels):
+            return self._describe()
+
+    def _describe(self) -> dict[str, Any]:
         cs, cfg = self.cache_settings, self.cache_config
         return {
             "preset": self.config.name, "source": self.source, "seed": self.seed,
@@ -184,6 +190,7 @@ class Engine:
             "cache_enabled": self.cm is not None, "branch_admission": cfg.branch_admission,
             "cache_settings": cs.describe(), "settings": self.settings.describe(),
             "chat_template": self.template.name,
+            "kernel_failures": list(self.kernels.failures),
             "params": sum(p.numel() for p in self.model.parameters()),
             "active_params": self.config.active_param_count(),
         }
@@ -212,7 +219,8 @@ class Engine:
                       vocab_size=self.config.vocab_size)
         t0 = self.clock.now()
         run = _Request(self, prompt, p, on_token, t0)
-        served = run_request(cm, prompt, p.max_tokens, session, run)
+        with ops.using(self.kernels):
+            served = run_request(cm, prompt, p.max_tokens, session, run)
         t_end = self.clock.now()
         self.requests += 1
         return GenerateResult(list(served.reply), run.stats(served.use, t_end), run.finish)

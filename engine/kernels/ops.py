@@ -1,12 +1,16 @@
-"""Kernel dispatch: Triton kernels on CUDA when available and enabled, else the torch reference.
+"""Kernel dispatch: Triton kernels on CUDA when available and chosen, else the torch reference.
 
-`SBR_KERNELS=reference` forces the reference everywhere (used to A/B the two on a GPU).
+The choice is an engine's (`Kernels`, made from its EngineSettings at construction) and holds
+while the engine runs a request (`using`); without one, ops take the defaults (Triton on CUDA,
+glue kernels on, cuDNN attention pieces). Nothing here reads the environment.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,37 +23,75 @@ _gemm: Any = None
 _triton_checked = False
 
 
+@dataclass
+class Kernels:
+    """Which implementations an engine's ops take on CUDA: the Triton kernels or the torch
+    reference (`triton`), the Triton glue kernels (`glue`: norms, SwiGLU, conv, the
+    batch-invariant linear), and prefill attention ("cudnn" key pieces or one "flash" call).
+    `failures` records a cuDNN attention that failed, after which the engine attends with flash
+    (the same numbers for the rest of the run: the failure happens at warm-up)."""
+
+    triton: bool = True
+    glue: bool = True
+    attention: str = "cudnn"
+    failures: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, settings: Any) -> Kernels:
+        """From an engine.settings.EngineSettings."""
+        return cls(triton=settings.kernels == "auto", glue=settings.glue_kernels,
+                   attention=settings.attention)
+
+
+_DEFAULT = Kernels()  # the choice of ops run outside any engine's request
+_current: contextvars.ContextVar[Kernels | None] = contextvars.ContextVar("kernels", default=None)
+
+
+@contextlib.contextmanager
+def using(kernels: Kernels) -> Iterator[Kernels]:
+    """Run the ops of this block (this thread or task) with `kernels`."""
+    token = _current.set(kernels)
+    try:
+        yield kernels
+    finally:
+        _current.reset(token)
+
+
+def current() -> Kernels:
+    k = _current.get()
+    return k if k is not None else _DEFAULT
+
+
 def _triton_mod() -> Any:
+    """engine.kernels.triton_gdn where Triton can run (CUDA, triton importable) and the current
+    choice takes it, else None."""
     global _triton, _glue, _gemm, _triton_checked
     if not _triton_checked:
         _triton_checked = True
-        if os.environ.get("SBR_KERNELS", "auto") != "reference" and torch.cuda.is_available():
+        if torch.cuda.is_available():
             try:
                 from engine.kernels import triton_gdn, triton_gemm, triton_glue  # noqa: PLC0415
 
                 _triton, _glue, _gemm = triton_gdn, triton_glue, triton_gemm
             except ImportError:
                 _triton = _glue = _gemm = None
-    return _triton
+    return _triton if current().triton else None
 
 
 def glue_module() -> Any:
-    """engine.kernels.triton_glue where Triton runs (CUDA), else None."""
-    _triton_mod()
-    return _glue
+    """engine.kernels.triton_glue where Triton runs (CUDA) and the choice takes it, else None."""
+    return _glue if _triton_mod() is not None else None
 
 
 def glue_enabled() -> bool:
-    """Whether the Triton glue kernels (triton_glue: RMSNorm, SwiGLU...; triton_gemm: the
-    batch-invariant linear) run on CUDA; `SBR_GLUE_KERNELS=0` keeps the torch versions there
-    (to A/B them)."""
-    return os.environ.get("SBR_GLUE_KERNELS", "1") != "0"
+    """Whether the Triton glue kernels run on CUDA under the current choice."""
+    return current().glue
 
 
 def _pick(name: str, x: torch.Tensor) -> Callable[..., Any]:
     if x.is_cuda:
         mod = _triton_mod()
-        glue = (_glue, _gemm) if glue_enabled() else ()
+        glue = (_glue, _gemm) if mod is not None and glue_enabled() else ()
         for m in (mod, *glue):
             if m is not None and hasattr(m, name):
                 return getattr(m, name)  # type: ignore[no-any-return]
@@ -139,7 +181,7 @@ def moe_experts(x, idx, w, gate_up, down, lo, hi):  # type: ignore[no-untyped-de
     """Routed experts of rows [lo, hi): grouped GEMMs on CUDA in bf16 (no host sync, fixed
     shapes); elsewhere the fixed-block reference, or, for a CUDA decode step (one row, where
     a graph may be capturing), the sync-free gathered form."""
-    if x.is_cuda and os.environ.get("SBR_KERNELS", "auto") != "reference":
+    if x.is_cuda and current().triton:
         from engine.kernels import moe_grouped  # noqa: PLC0415
 
         if moe_grouped.grouped_available(x):

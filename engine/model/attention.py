@@ -3,8 +3,6 @@ q/k RMSNorm, partial RoPE, GQA. Keys and values live in a per-request contiguous
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,21 +21,22 @@ _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBac
 # at ~1.8x flash's speed on an H200, but takes no lower-right causal mask. So the keys go in
 # pieces: the prefix in fixed pieces of _PIECE keys (no mask; bounded shapes, so cuDNN builds a
 # bounded number of graphs, ~75 ms each on first use), then the window's own keys (square,
-# causal), merged by log-sum-exp in a fixed order (triton_glue.attn_merge). `SBR_ATTN=flash`
-# keeps the single flash call.
+# causal), merged by log-sum-exp in a fixed order (triton_glue.attn_merge). The "flash"
+# attention setting (engine.settings) keeps the single flash call.
 _PIECE = 16384  # at most; a window of E rows uses pieces of min(_PIECE, 16 E) keys
 _CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # fp32 windows keep flash/efficient/math
 # Windows of fewer rows keep the single flash call: there the pieces' extra launches and merge
 # cost more than cuDNN saves (at 512 rows they lost to flash up to 8k keys on the H200).
 _CUDNN_MIN_ROWS = 2048
-_cudnn_failed: list[str] = []
 
 
 def attention_impl(device: torch.device | str) -> str:
-    """What prefill windows attend with: 'cudnn-pieces' or 'flash' on CUDA, 'sdpa' on CPU."""
+    """What prefill windows attend with under the current kernel choice (ops.current()):
+    'cudnn-pieces' or 'flash' on CUDA, 'sdpa' on CPU."""
     if torch.device(device).type != "cuda":
         return "sdpa"
-    if os.environ.get("SBR_ATTN", "cudnn") == "flash" or _cudnn_failed:
+    k = ops.current()
+    if k.attention == "flash" or k.failures:
         return "flash"
     return "cudnn-pieces" if ops.glue_module() is not None else "flash"
 
@@ -73,7 +72,7 @@ def warm_pieces(cfg: ModelConfig, window: int, dtype: torch.dtype, device: torch
             attend_pieces(q, kv[:e0 + window], kv[:e0 + window], d ** -0.5)
             n += 1
     except RuntimeError as e:
-        _cudnn_failed.append(f"{type(e).__name__}: {e}")
+        ops.current().failures.append(f"{type(e).__name__}: {e}")
         return 0
     return n
 
@@ -149,7 +148,7 @@ class GatedAttention(nn.Module):
             try:
                 return attend_pieces(q, keys, vals, self.d ** -0.5)
             except RuntimeError as e:  # a cuDNN without this kernel: flash from now on
-                _cudnn_failed.append(f"{type(e).__name__}: {e}")
+                ops.current().failures.append(f"{type(e).__name__}: {e}")
         qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, keys, vals))
         mask = causal_lower_right(q.shape[0], keys.shape[0]) if causal else None
         if q.is_cuda:

@@ -36,3 +36,22 @@ def test_the_engine_records_its_settings() -> None:
     d = eng.describe()
     assert d["settings"]["exec_window"] == 128 and d["exec_window"] == 128
     assert d["cache_settings"]["policy"] == "adaptive" and d["chat_template"] == "chatml"
+
+
+def test_the_engine_runs_with_its_own_kernel_choice() -> None:
+    from engine.kernels import ops
+
+    eng = Engine.from_preset("tiny", settings=EngineSettings(kernels="reference",
+                                                            glue_kernels=False))
+    assert eng.kernels == ops.Kernels(triton=False, glue=False, attention="cudnn")
+    seen: list[ops.Kernels] = []
+    step = eng.model.logits
+
+    def spy(h):  # noqa: ANN001, ANN202
+        seen.append(ops.current())
+        return step(h)
+
+    eng.model.logits = spy  # type: ignore[method-assign]
+    eng.generate([1, 2, 3])
+    assert seen and all(k is eng.kernels for k in seen)
+    assert ops.current() == ops.Kernels()  # the default again outside the engine's request

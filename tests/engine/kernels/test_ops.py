@@ -14,15 +14,16 @@ from engine.kernels import ops
 from engine.kernels import reference as ref
 
 
-def test_cpu_runs_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the CPU every op is the reference, whatever SBR_GLUE_KERNELS says; the switch itself
-    reads the variable."""
-    for val in ("0", "1"):
-        monkeypatch.setenv("SBR_GLUE_KERNELS", val)
-        assert ops.glue_enabled() == (val == "1")
-        x = torch.randn(3, 8)
-        assert ops._pick("rms_norm", x) is ref.rms_norm
-        assert ops._pick("chunk_gated_delta_rule", x) is ref.chunk_gated_delta_rule
+def test_cpu_runs_the_reference() -> None:
+    """On the CPU every op is the reference, whatever the kernel choice says; the choice holds
+    inside `using` and only there."""
+    for glue in (False, True):
+        with ops.using(ops.Kernels(glue=glue)):
+            assert ops.glue_enabled() == glue
+            x = torch.randn(3, 8)
+            assert ops._pick("rms_norm", x) is ref.rms_norm
+            assert ops._pick("chunk_gated_delta_rule", x) is ref.chunk_gated_delta_rule
+    assert ops.current() == ops.Kernels()
     assert ops.impl_name("cpu") == "reference"
     assert ops.gdn_config("cpu") is None
 

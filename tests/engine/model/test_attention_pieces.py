@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from engine.config import preset
+from engine.kernels import ops
 from engine.model import attention as at
 
 
-def test_attention_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU attends with SDPA whatever SBR_ATTN says, warms nothing, and piece sizes depend
-    on the window only (16 windows, at most 16384 keys)."""
+def test_attention_choice_on_cpu() -> None:
+    """The CPU attends with SDPA whatever the attention setting says, warms nothing, and piece
+    sizes depend on the window only (16 windows, at most 16384 keys)."""
     for val in ("cudnn", "flash"):
-        monkeypatch.setenv("SBR_ATTN", val)
-        assert at.attention_impl("cpu") == "sdpa"
-        assert not at.uses_pieces(4096, torch.bfloat16, "cpu")
+        with ops.using(ops.Kernels(attention=val)):
+            assert at.attention_impl("cpu") == "sdpa"
+            assert not at.uses_pieces(4096, torch.bfloat16, "cpu")
     assert at.warm_pieces(preset("tiny"), 2048, torch.bfloat16, torch.device("cpu"), 10**6) == 0
     assert [at.piece_keys(e) for e in (64, 512, 1024, 2048, 4096)] == [1024, 8192, 16384,
                                                                        16384, 16384]
@@ -86,11 +87,11 @@ def test_window_attention_rows_do_not_depend_on_the_window_on_cpu(dtype: torch.d
 
 @pytest.mark.gpu
 def test_flash_window_rows_do_not_depend_on_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The single flash call (SBR_ATTN=flash) gives the queries of positions 4096..4159 the
-    same bits in windows of 64 to 4096 rows: its key blocks start at key 0 whatever the
-    window, and keys past a query add exact zeros. (The cuDNN pieces are not window-invariant:
+    """The single flash call (attention setting "flash") gives the queries of positions
+    4096..4159 the same bits in windows of 64 to 4096 rows: its key blocks start at key 0
+    whatever the window, and keys past a query add exact zeros. (The cuDNN pieces are not window-invariant:
     their split points follow the window's start and size.)"""
-    monkeypatch.setenv("SBR_ATTN", "flash")
+    monkeypatch.setattr(ops, "_DEFAULT", ops.Kernels(attention="flash"))
     cfg = preset("a3b-proxy")
     attn = at.GatedAttention(cfg, 3)
     gen = torch.Generator().manual_seed(4)
