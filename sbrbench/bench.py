@@ -82,12 +82,10 @@ def bench_env() -> dict[str, Any]:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    try:
-        import fla  # noqa: PLC0415
+    from sbrbench import peers  # noqa: PLC0415
 
-        env["fla"] = getattr(fla, "__version__", "?")
-    except ImportError:
-        env["fla"] = None
+    env["fla"] = peers.version("fla")
+    env["flashinfer"] = peers.version("flashinfer")
     return env
 
 
@@ -215,22 +213,6 @@ def gdn_inputs(t: int, hq: int, hv: int, kd: int, vd: int, seed: int = 0,
             g, torch.sigmoid(rnd(t, hv)).bfloat16(), rnd(hv, kd, vd) * 0.05)
 
 
-def _fla_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-            beta: torch.Tensor, s0: torch.Tensor) -> Callable[[], Any] | None:
-    try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdn  # noqa: PLC0415
-    except ImportError:
-        return None
-    args = (q[None], k[None], v[None], g[None], beta[None])
-    h0 = s0[None].contiguous()
-
-    def run() -> Any:
-        return fla_gdn(*args, initial_state=h0, output_final_state=True,
-                       use_qk_l2norm_in_kernel=True)
-
-    return run
-
-
 def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbytes: float,
          **extra: Any) -> dict[str, Any]:
     fl = gdn_flops(t, hv, kd, vd)
@@ -239,24 +221,30 @@ def _row(impl: str, t: int, hq: int, hv: int, kd: int, vd: int, ms: float, nbyte
             "gbps": round(nbytes / ms / 1e6, 1), **extra}
 
 
-def bench_gdn(ts: Sequence[int], *, fla: bool = True, torch_max_t: int = 16384,
-              graphs: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+def bench_gdn(ts: Sequence[int], *, fla: bool = True, flashinfer: bool = True,
+              torch_max_t: int = 16384, graphs: bool = False,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """gdn_chunk_fwd rows for Qwen3-Next shapes at each T: ours (capture on and off, q/k
-    grouped and expanded), fla on the same inputs (grouped and expanded q/k) and the torch
-    reference."""
+    grouped and expanded), fla and FlashInfer on the same inputs (sbrbench.peers; skipped when
+    not importable) and the torch reference."""
     rows: list[dict[str, Any]] = []
     for t in ts:
         if t % CHUNK:
             raise UserError(f"--T values must be multiples of {CHUNK}, got {t}")
-        rows += _bench_gdn_at(t, fla, t <= torch_max_t, log, graphs)
+        rows += _bench_gdn_at(t, fla, flashinfer, t <= torch_max_t, log, graphs)
         _empty_cache()
     return rows
 
 
-def _bench_gdn_at(t: int, fla: bool, with_torch: bool, log: Callable[[str], None],
-                  graphs: bool = False) -> list[dict[str, Any]]:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _bench_gdn_at(t: int, fla: bool, flashinfer: bool, with_torch: bool,
+                  log: Callable[[str], None], graphs: bool = False) -> list[dict[str, Any]]:
     from engine.kernels import reference as ref  # noqa: PLC0415
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+    from sbrbench import peers  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     rows: list[dict[str, Any]] = []
@@ -281,7 +269,7 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, log: Callable[[str], None
                          captured_states=n_cap, repeatable=rep))
         log(f"  sbrbench T={t} H={qq.shape[1]} capture={label}: {ms:.3f} ms"
             + ("" if rep is None else f" repeatable={rep}"))
-    fla_fns = [_fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
+    fla_fns = [peers.fla_fn(a, b, v, g, beta, s0) for a, b in ((q, k), (qx, kx))] if fla else []
     for fn in fla_fns:
         fla_ms = _guarded_ms(fn, "fla", log) if fn is not None else None
         if fla_ms is None:
@@ -292,19 +280,37 @@ def _bench_gdn_at(t: int, fla: bool, with_torch: bool, log: Callable[[str], None
                          capture=False, repeatable=rep))
         log(f"  fla      T={t} H={h}: {fla_ms:.3f} ms" +
             ("" if rep is None else f" repeatable={rep}"))
+    fi_calls = [peers.flashinfer_call(q, k, v, g, beta, s0, cap) for cap in (False, True)] \
+        if flashinfer else []
+    ours_out, ours_s, _ = tg.gdn_chunk_fwd(q, k, v, g, beta, s0, 0, t, False, launch)
+    for call in fi_calls:
+        fi_ms = _guarded_ms(call.run, "flashinfer", log) if call is not None else None
+        if call is None or fi_ms is None:
+            break
+        err_o, err_s = _rel(call.output(), ours_out), _rel(call.final_state(), ours_s)
+        rows.append(_row("flashinfer", t, hq, hv, kd, vd, fi_ms,
+                         gdn_bytes(t, hq, hv, kd, vd, 2, call.checkpoints),
+                         capture=call.checkpoints > 0, captured_states=call.checkpoints,
+                         rel_err_out_vs_ours=round(err_o, 5),
+                         rel_err_state_vs_ours=round(err_s, 5), notes=call.notes[:1],
+                         repeatable=repeatable(call.run)))
+        log(f"  flashinfer T={t} H={hq} checkpoints={call.checkpoints}: {fi_ms:.3f} ms "
+            f"(vs ours: output {err_o:.1e}, state {err_s:.1e}; {call.notes[:1]})")
     if graphs:  # the same calls replayed from CUDA graphs: kernels only, no launch gaps
-        pairs: list[tuple[str, Callable[[], Any], float, dict[str, Any]]] = [
+        pairs: list[tuple[str, Callable[[], Any], float, bool]] = [
             ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True, launch),
-             gdn_bytes(t, hq, hv, kd, vd, 2, n_states), {})]
+             gdn_bytes(t, hq, hv, kd, vd, 2, n_states), True)]
         if fla_fns and fla_fns[0] is not None:
-            pairs.append(("fla", fla_fns[0], gdn_bytes(t, hq, hv, kd, vd, 2, 0), {}))
-        for impl, fn, nb, extra in pairs:
+            pairs.append(("fla", fla_fns[0], gdn_bytes(t, hq, hv, kd, vd, 2, 0), False))
+        if fi_calls and fi_calls[0] is not None:
+            pairs.append(("flashinfer", fi_calls[0].run, gdn_bytes(t, hq, hv, kd, vd, 2, 0),
+                          False))
+        for impl, fn, nb, cap in pairs:
             gms = graph_ms(fn)
             log(f"  {impl:8s} T={t} H={hq} graph replay: "
                 + ("not capturable" if gms is None else f"{gms:.3f} ms"))
             if gms is not None:
-                rows.append(_row(impl, t, hq, hv, kd, vd, gms, nb, capture=impl == "sbrbench",
-                                 launch="graph", **extra))
+                rows.append(_row(impl, t, hq, hv, kd, vd, gms, nb, capture=cap, launch="graph"))
     ref_ms = _guarded_ms(partial(ref.chunk_gated_delta_rule, qx, kx, v, g, beta, s0, 0, t, True),
                          "torch", log, warmup_ms=1, rep_ms=1) if with_torch else None
     if ref_ms is not None:
@@ -413,16 +419,19 @@ def kernel_times(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
 
 def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Per-kernel device time of one gdn_chunk_fwd call at T (Qwen3-Next shape, grouped q/k,
-    every grid state captured): ours, and fla when importable. Rows: kernel
-    "gdn_chunk_fwd.part", impl, part (the kernel), ms."""
+    every grid state captured): ours, and fla and FlashInfer (with its checkpoints) when
+    importable. Rows: kernel "gdn_chunk_fwd.part", impl, part (the kernel), ms."""
     from engine.kernels import triton_gdn as tg  # noqa: PLC0415
+    from sbrbench import peers  # noqa: PLC0415
 
     hq, hv, kd, vd = QWEN3_NEXT["H"], QWEN3_NEXT["HV"], QWEN3_NEXT["K"], QWEN3_NEXT["V"]
     q, k, v, g, beta, s0 = gdn_inputs(t, hq, hv, kd, vd, seed=t)
     runs: list[tuple[str, Callable[[], Any] | None]] = [
         ("sbrbench", partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, t, True,
                              tg.launch_for(kd, vd))),
-        ("fla", _fla_fn(q, k, v, g, beta, s0))]
+        ("fla", peers.fla_fn(q, k, v, g, beta, s0))]
+    fi = peers.flashinfer_call(q, k, v, g, beta, s0, True)
+    runs.append(("flashinfer", fi.run if fi is not None else None))
     rows: list[dict[str, Any]] = []
     for impl, fn in runs:
         if fn is None:
@@ -438,7 +447,8 @@ def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[st
 
 
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
-                torch_max_t: int = 16384, graphs: bool = False, profile_at: Sequence[int] = (),
+                flashinfer: bool = True, torch_max_t: int = 16384, graphs: bool = False,
+                profile_at: Sequence[int] = (),
                 log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench kernels`: write the rows and return (path, rows)."""
     require_cuda()
@@ -450,7 +460,8 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
     extra = {"ceilings": ceil._asdict(), "shape": dict(QWEN3_NEXT), "partial": True}
     rows: list[dict[str, Any]] = []
     for t in ts:  # rewritten after each T: a run cut short keeps what it measured
-        rows += bench_gdn([t], fla=fla, torch_max_t=torch_max_t, graphs=graphs, log=log)
+        rows += bench_gdn([t], fla=fla, flashinfer=flashinfer, torch_max_t=torch_max_t,
+                          graphs=graphs, log=log)
         if t in profile_at:
             rows += profile_gdn_rows(t, log)
         write_doc(path, "kernels", env, rows, extra)
@@ -461,34 +472,46 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
 
 
 def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """fla_ms / ours_ms per (T, H): with every grid state captured (ours_ms, fla_over_ours: the
-    headline), and where measured with the engine's snapshot rows only and with no capture
-    (fla returns no intermediate states at all)."""
-    def gdn(r: dict[str, Any], launch: str = "eager") -> bool:
-        return bool(r["kernel"] == "gdn_chunk_fwd" and r.get("launch", "eager") == launch)
+    """Per (T, H) where ours ran with every grid state captured (ours_ms): peer_ms / ours_ms,
+    above 1 where ours is faster. fla: fla_over_ours (the headline: ours capturing, fla
+    returning no intermediate state), and against ours with the engine's snapshot rows only
+    or no capture. FlashInfer: fi_over_ours (FlashInfer's plain call against ours capturing),
+    fi_ckpt_over_ours (both storing every grid state), fi_over_ours_no_capture (neither);
+    capture costs ours_capture_cost and fi_capture_cost (time with / without). Graph-replay
+    rows give the *_graph columns and never replace the eager ones."""
+    def pick(impl: str, cap: Any, launch: str = "eager") -> dict[tuple[int, int], float]:
+        return {(r["T"], r["H"]): r["ms"] for r in rows
+                if r["kernel"] == "gdn_chunk_fwd" and r.get("launch", "eager") == launch
+                and r["impl"] == impl and (cap is None or r.get("capture") == cap)}
 
-    def ours(cap: Any, launch: str = "eager") -> dict[tuple[int, int], float]:
-        return {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, launch)
-                and r["impl"] == "sbrbench" and r.get("capture") == cap}
+    every, engine, none = (pick("sbrbench", c) for c in (True, f"every {ENGINE_INTERVAL}",
+                                                         False))
+    fla, fi, fi_ck = pick("fla", None), pick("flashinfer", False), pick("flashinfer", True)
+    g_ours, g_fla, g_fi = pick("sbrbench", True, "graph"), pick("fla", None, "graph"), \
+        pick("flashinfer", False, "graph")
 
-    every, engine, none = ours(True), ours(f"every {ENGINE_INTERVAL}"), ours(False)
-    g_ours = ours(True, "graph")
-    g_fla = {(r["T"], r["H"]): r["ms"] for r in rows if gdn(r, "graph") and r["impl"] == "fla"}
+    def ratio(a: dict[tuple[int, int], float], b: dict[tuple[int, int], float],
+              key: tuple[int, int]) -> float | None:
+        return round(a[key] / b[key], 3) if key in a and key in b else None
+
     res = []
-    for r in rows:
-        if not gdn(r) or r["impl"] != "fla":
+    for key in sorted(every):
+        if key not in fla and key not in fi:
             continue
-        key = (r["T"], r["H"])
-        if key in every:
-            o = every[key]
-            row = {"T": r["T"], "H": r["H"], "fla_ms": r["ms"], "ours_ms": o,
-                   "fla_over_ours": round(r["ms"] / o, 3)}
-            for name, d in (("engine_capture", engine), ("no_capture", none)):
-                if key in d:
-                    row[f"fla_over_ours_{name}"] = round(r["ms"] / d[key], 3)
-            if key in g_ours and key in g_fla:
-                row["fla_over_ours_graph"] = round(g_fla[key] / g_ours[key], 3)
-            res.append(row)
+        row: dict[str, Any] = {"T": key[0], "H": key[1], "ours_ms": every[key]}
+        cols = {"fla_ms": fla.get(key), "fla_over_ours": ratio(fla, every, key),
+                "fla_over_ours_engine_capture": ratio(fla, engine, key),
+                "fla_over_ours_no_capture": ratio(fla, none, key),
+                "fla_over_ours_graph": ratio(g_fla, g_ours, key),
+                "fi_ms": fi.get(key), "fi_ckpt_ms": fi_ck.get(key),
+                "fi_over_ours": ratio(fi, every, key),
+                "fi_ckpt_over_ours": ratio(fi_ck, every, key),
+                "fi_over_ours_no_capture": ratio(fi, none, key),
+                "fi_over_ours_graph": ratio(g_fi, g_ours, key),
+                "ours_capture_cost": ratio(every, none, key),
+                "fi_capture_cost": ratio(fi_ck, fi, key)}
+        row.update({k: v for k, v in cols.items() if v is not None})
+        res.append(row)
     return res
 
 
