@@ -57,11 +57,11 @@ def kernels(
 ) -> None:
     """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla, FlashInfer
     and torch."""
-    from sbrbench import bench
+    from sbrbench import bench_kernels
 
     ts = parse_ints(t, "--T")
     prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
-    path, rows = bench.run_kernels(ts, out, fla=fla, flashinfer=flashinfer,
+    path, rows = bench_kernels.run_kernels(ts, out, fla=fla, flashinfer=flashinfer,
                                    torch_max_t=torch_max_t, graphs=graphs, profile_at=prof,
                                    log=console.print)
     table = Table(title="gdn_chunk_fwd: peer ms / ours ms (above 1: ours faster)")
@@ -73,7 +73,7 @@ def kernels(
     def fmt(x: float | None, digits: int = 2) -> str:
         return "-" if x is None else f"{x:.{digits}f}"
 
-    for r in bench.speedups(rows):
+    for r in bench_kernels.speedups(rows):
         g = r.get
         table.add_row(str(r["T"]), str(r["H"]), fmt(r["ours_ms"], 3), fmt(g("fla_ms"), 3),
                       fmt(g("fla_over_ours")), fmt(g("fla_over_ours_no_capture")),
@@ -95,11 +95,11 @@ def prefill(
     ),
 ) -> None:
     """Engine cold prefill tokens/s and MFU per exec window, replay and snapshot costs."""
-    from sbrbench import bench
+    from sbrbench import bench_engine
 
     if reps < 1:
         raise UserError(f"--reps must be >= 1, got {reps}")
-    path, rows = bench.run_prefill(preset, parse_ints(lengths, "--lengths"),
+    path, rows = bench_engine.run_prefill(preset, parse_ints(lengths, "--lengths"),
                                    parse_ints(windows, "--windows"), dtype, reps, out,
                                    log=console.print)
     table = Table(title=f"cold prefill, {preset} {dtype}")
@@ -127,9 +127,9 @@ def resume(
 ) -> None:
     """Warm-resume TTFT split into window host time, window GPU time and the rest, beside the
     GPU floor of the work (FLOPs at the bf16 rate, bytes at the memory bandwidth)."""
-    from sbrbench import bench
+    from sbrbench import bench_engine
 
-    path, rows = bench.run_resume(preset, depth, new, reps, dtype, window, device, out,
+    path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, out,
                                   log=console.print)
     table = Table(title=f"warm resume, {preset} {dtype} at depth {depth}")
     for col in ("turn", "replay+new", "TTFT ms", "windows host", "windows GPU", "other",

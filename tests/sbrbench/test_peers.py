@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from sbrbench import bench, peers
+from sbrbench import bench_kernels, peers
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_speedups_with_flashinfer() -> None:
 
     rows = [row("sbrbench", 2.0, capture=True), row("sbrbench", 1.6, capture=False),
             row("flashinfer", 1.0, capture=False), row("flashinfer", 1.5, capture=True)]
-    (sp,) = bench.speedups(rows)
+    (sp,) = bench_kernels.speedups(rows)
     assert sp["fi_over_ours"] == 0.5 and sp["fi_ckpt_over_ours"] == 0.75
     assert sp["fi_over_ours_no_capture"] == round(1.0 / 1.6, 3)
     assert sp["ours_capture_cost"] == 1.25 and sp["fi_capture_cost"] == 1.5
