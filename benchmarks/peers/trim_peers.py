@@ -9,7 +9,9 @@ module level (followed statically, the way the interpreter would), every Python 
 packages its GDN prefill reaches at call time (gdn_kernels, cute_dsl, cudnn, jit, trace), and
 no data (C++ sources, headers): its SM90 path is CuTe-DSL Python, compiled when first called.
 The CuTe DSL keeps its compiler library and runtime, less the stubs for other platforms,
-headers and static libraries. Wheel RECORDs go (their file lists no longer hold).
+headers and static libraries. Wheel RECORDs go (their file lists no longer hold), and so do the
+wheels' stray top-level files (a build backend, examples). The DSL's .pth file stays but does
+nothing from PYTHONPATH: unpack.sh puts its packages on PYTHONPATH itself.
 """
 
 from __future__ import annotations
@@ -92,7 +94,16 @@ def trim_flashinfer(site: Path) -> None:
     (root / "__init__.py").write_text(STUB)
 
 
+KEEP_TOP = ("flashinfer", "nvidia_cutlass_dsl", "tvm_ffi", "fla")
+
+
 def trim_libraries(site: Path) -> None:
+    for top in site.iterdir():  # the wheels' stray top-level files and packages
+        if not (top.name.startswith(KEEP_TOP) or top.name.endswith(".dist-info")):
+            if top.is_dir():
+                shutil.rmtree(top)
+            else:
+                top.unlink()
     dsl = site / "nvidia_cutlass_dsl"
     for junk in list(dsl.rglob("stubs")) + list(dsl.rglob("include")):
         shutil.rmtree(junk, ignore_errors=True)
