@@ -6,7 +6,7 @@
 # (trim_peers.py) and writes two archives, because together they exceed the device tool's
 # 64 MiB per call (README.md beside this file):
 #   .whl/peers-a.tar.xz  the CuTe DSL compiler library alone (~50 MB)
-#   .whl/peers-b.tar.xz  everything else (~25 MB)
+#   .whl/peers-b.tar.xz  everything else (~21 MB)
 # Nothing this makes is committed (build/ and .whl/ are git-ignored). Needs pip and xz.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -22,7 +22,7 @@ from engine.kernels import reference as ref
 
 C = 64
 TOL = 2.5e-2
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)  # a bound, not a timing: seconds when the machine is idle
 
 
 # ---------------------------------------------------------------------------------------------
