@@ -248,6 +248,35 @@ def profile_gdn_rows(t: int, log: Callable[[str], None] = print) -> list[dict[st
     return rows
 
 
+# (K, N) of the a3b-proxy's projections: q (doubled for the gate), k and v, o and the GDN
+# output, the GDN input (q, k, v, z), the MLP's gate and up, its down
+LINEAR_SHAPES = ((2048, 8192), (2048, 512), (4096, 2048), (2048, 12288), (2048, 5632),
+                 (5632, 2048))
+
+
+def bench_linear_rows(ms_rows: Sequence[int] = (1, 64, 512, 2048, 4096),
+                      log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The batch-invariant linear (ops.linear's triton_gemm) against torch's F.linear (cuBLAS)
+    in bf16 at the a3b-proxy's projection shapes and window sizes M: what the invariance costs
+    (TFLOP/s, and GB/s of weights read for the small M that decode and short windows meet)."""
+    from engine.kernels import triton_gemm  # noqa: PLC0415
+
+    rows: list[dict[str, Any]] = []
+    for k, n in LINEAR_SHAPES:
+        w = (torch.randn(n, k, device=bench.DEVICE) * k ** -0.5).bfloat16()
+        for m in ms_rows:
+            x = torch.randn(m, k, device=bench.DEVICE).bfloat16()
+            for impl, fn in (("sbrbench", partial(triton_gemm.linear, x, w)),
+                             ("torch", partial(torch.nn.functional.linear, x, w))):
+                ms = time_ms(fn)
+                rows.append({"kernel": "linear", "impl": impl, "M": m, "K": k, "N": n,
+                             "ms": round(ms, 4), "tflops": round(2 * m * k * n / ms / 1e9, 1),
+                             "weight_gbps": round(2 * k * n / ms / 1e6, 1)})
+            ours, cublas = rows[-2]["ms"], rows[-1]["ms"]
+            log(f"  linear M={m} K={k} N={n}: ours {ours:.3f} ms, cuBLAS {cublas:.3f} ms")
+    return rows
+
+
 def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
                 flashinfer: bool = True, torch_max_t: int = 16384, graphs: bool = False,
                 profile_at: Sequence[int] = (),
@@ -268,6 +297,7 @@ def run_kernels(ts: Sequence[int], out: Path | None, *, fla: bool = True,
             rows += profile_gdn_rows(t, log)
         write_doc(path, "kernels", env, rows, extra)
     rows += bench_small_kernels(log=log)
+    rows += bench_linear_rows(log=log)
     extra.update(partial=False, speedups=speedups(rows))
     write_doc(path, "kernels", env, rows, extra)
     return path, rows
