@@ -6,7 +6,8 @@ PEERS=${PEERS:-/tmp/peers}
 mkdir -p "$PEERS"
 for f in .whl/peers-*.tar.xz; do
   [ -e "$f" ] || continue
-  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$f" "$PEERS"
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' \
+      "$f" "$PEERS"
   echo "unpacked $f"
 done
 export PYTHONPATH="$PEERS:$PEERS/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
