@@ -39,11 +39,14 @@ def parse_ints(text: str, flag: str) -> list[int]:
 
 
 def kernels(
-    t: str = typer.Option("4096,8192,16384,65536", "--T", help="Sequence lengths (x64)."),
+    t: str = typer.Option("4096,8192,16384,32768,65536", "--T", help="Sequence lengths (x64)."),
     out: Path | None = typer.Option(
         None, "--out", help="JSON path [results/<gpu>/bench-kernels.json]."
     ),
     fla: bool = typer.Option(True, "--fla/--no-fla", help="Also time fla (when importable)."),
+    flashinfer: bool = typer.Option(
+        True, "--flashinfer/--no-flashinfer",
+        help="Also time FlashInfer's GDN prefill (when importable; benchmarks/peers)."),
     torch_max_t: int = typer.Option(16384, "--torch-max-t", help="Torch reference up to this T."),
     graphs: bool = typer.Option(
         False, "--graphs/--no-graphs",
@@ -52,25 +55,31 @@ def kernels(
         "", "--profile-at",
         help="Also record each kernel's device time (ours, fla) at these T."),
 ) -> None:
-    """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla vs torch."""
-    from sbrbench import bench
+    """GDN kernels at Qwen3-Next shapes (H=16, HV=32, K=V=128, B=1): ours vs fla, FlashInfer
+    and torch."""
+    from sbrbench import bench_kernels
 
     ts = parse_ints(t, "--T")
     prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
-    path, rows = bench.run_kernels(ts, out, fla=fla, torch_max_t=torch_max_t, graphs=graphs,
-                                   profile_at=prof, log=console.print)
-    table = Table(title="gdn_chunk_fwd: fla / ours by what ours captures")
-    for col in ("T", "H", "fla ms", "ours ms (all states)", "fla / ours", "engine rows", "none",
-                "graphs"):
+    path, rows = bench_kernels.run_kernels(ts, out, fla=fla, flashinfer=flashinfer,
+                                   torch_max_t=torch_max_t, graphs=graphs, profile_at=prof,
+                                   log=console.print)
+    table = Table(title="gdn_chunk_fwd: peer ms / ours ms (above 1: ours faster)")
+    for col in ("T", "H", "ours ms (all states)", "fla ms", "fla / ours", "fla / ours (none)",
+                "FI ms", "FI / ours", "FI+ckpt / ours", "FI / ours (none)", "ours capture cost",
+                "graphs fla / FI"):
         table.add_column(col, justify="right")
 
-    def fmt(x: float | None) -> str:
-        return "-" if x is None else f"{x:.2f}"
+    def fmt(x: float | None, digits: int = 2) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
 
-    for r in bench.speedups(rows):
-        table.add_row(str(r["T"]), str(r["H"]), f"{r['fla_ms']:.3f}", f"{r['ours_ms']:.3f}",
-                      fmt(r["fla_over_ours"]), fmt(r.get("fla_over_ours_engine_capture")),
-                      fmt(r.get("fla_over_ours_no_capture")), fmt(r.get("fla_over_ours_graph")))
+    for r in bench_kernels.speedups(rows):
+        g = r.get
+        table.add_row(str(r["T"]), str(r["H"]), fmt(r["ours_ms"], 3), fmt(g("fla_ms"), 3),
+                      fmt(g("fla_over_ours")), fmt(g("fla_over_ours_no_capture")),
+                      fmt(g("fi_ms"), 3), fmt(g("fi_over_ours")), fmt(g("fi_ckpt_over_ours")),
+                      fmt(g("fi_over_ours_no_capture")), fmt(g("ours_capture_cost")),
+                      f"{fmt(g('fla_over_ours_graph'))} / {fmt(g('fi_over_ours_graph'))}")
     console.print(table)
     console.print(f"wrote {path}")
 
@@ -86,11 +95,11 @@ def prefill(
     ),
 ) -> None:
     """Engine cold prefill tokens/s and MFU per exec window, replay and snapshot costs."""
-    from sbrbench import bench
+    from sbrbench import bench_engine
 
     if reps < 1:
         raise UserError(f"--reps must be >= 1, got {reps}")
-    path, rows = bench.run_prefill(preset, parse_ints(lengths, "--lengths"),
+    path, rows = bench_engine.run_prefill(preset, parse_ints(lengths, "--lengths"),
                                    parse_ints(windows, "--windows"), dtype, reps, out,
                                    log=console.print)
     table = Table(title=f"cold prefill, {preset} {dtype}")
@@ -118,9 +127,9 @@ def resume(
 ) -> None:
     """Warm-resume TTFT split into window host time, window GPU time and the rest, beside the
     GPU floor of the work (FLOPs at the bf16 rate, bytes at the memory bandwidth)."""
-    from sbrbench import bench
+    from sbrbench import bench_engine
 
-    path, rows = bench.run_resume(preset, depth, new, reps, dtype, window, device, out,
+    path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, out,
                                   log=console.print)
     table = Table(title=f"warm resume, {preset} {dtype} at depth {depth}")
     for col in ("turn", "replay+new", "TTFT ms", "windows host", "windows GPU", "other",

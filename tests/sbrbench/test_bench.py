@@ -1,6 +1,6 @@
-"""sbrbench.bench and `sbrbench bench`: the FLOP and byte counts, the speed-up table, kernel
-families of a profile, the CLI's argument handling (CPU), and graph timing of our kernel
-(GPU)."""
+"""sbrbench.bench, bench_kernels, bench_engine and `sbrbench bench`: the FLOP and byte counts,
+the speed-up table, kernel families of a profile, the CLI's argument handling, the resume
+bench's smoke run and floor (CPU), and graph timing of our kernel (GPU)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typer.testing import CliRunner
 
 from engine.config import preset
 from engine.errors import UserError
-from sbrbench import bench
+from sbrbench import bench, bench_engine, bench_kernels
 from sbrbench.cli import app
 
 
 def test_bench_counts_and_names() -> None:
     # 180 kFLOP per token and value head at K = V = 128, C = 64
-    assert bench.gdn_flops(1, 1, 128, 128) == 2 * 64 * (3 * 128 + 2 * 128) + 6 * 128 * 128
-    assert bench.gdn_bytes(64, 16, 32, 128, 128, 4, 1) > bench.gdn_bytes(64, 16, 32, 128, 128, 4, 0)
+    assert bench_kernels.gdn_flops(1, 1, 128, 128) == 2 * 64 * (3 * 128 + 2 * 128) + 6 * 128 * 128
+    nbytes = bench_kernels.gdn_bytes
+    assert nbytes(64, 16, 32, 128, 128, 4, 1) > nbytes(64, 16, 32, 128, 128, 4, 0)
     assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
     assert bench.gpu_slug("NVIDIA H200") == "h200"
     cfg = preset("tiny")
@@ -41,7 +42,7 @@ def test_bench_kernels_cli_parses_profile_at(monkeypatch: pytest.MonkeyPatch) ->
         seen.update(kw, ts=ts)
         return out, []
 
-    monkeypatch.setattr(bench, "run_kernels", fake_run)
+    monkeypatch.setattr(bench_kernels, "run_kernels", fake_run)
     res = CliRunner().invoke(app, ["bench", "kernels", "--T", "4096", "--profile-at", "4096",
                                    "--graphs"])
     assert res.exit_code == 0, res.output
@@ -55,10 +56,10 @@ def test_bench_speedups_by_capture() -> None:
         return {"kernel": "gdn_chunk_fwd", "impl": impl, "T": 8192, "H": h, "ms": ms, **kw}
 
     rows = [row("sbrbench", 2.0, capture=True),
-            row("sbrbench", 1.6, capture=f"every {bench.ENGINE_INTERVAL}"),
+            row("sbrbench", 1.6, capture=f"every {bench_kernels.ENGINE_INTERVAL}"),
             row("sbrbench", 1.5, capture=False),
             row("fla", 1.8), row("fla", 1.0, h=32)]
-    (sp,) = bench.speedups(rows)
+    (sp,) = bench_kernels.speedups(rows)
     assert sp["ours_ms"] == 2.0 and sp["fla_over_ours"] == 0.9
     assert sp["fla_over_ours_engine_capture"] == round(1.8 / 1.6, 3)
     assert sp["fla_over_ours_no_capture"] == 1.2
@@ -69,7 +70,7 @@ def test_bench_speedups_skip_other_kernels() -> None:
             {"kernel": "gdn_chunk_fwd", "impl": "sbrbench", "T": 64, "H": 1, "ms": 1.0,
              "capture": True},
             {"kernel": "gdn_chunk_fwd", "impl": "fla", "T": 64, "H": 1, "ms": 2.0}]
-    assert [r["fla_over_ours"] for r in bench.speedups(rows)] == [2.0]
+    assert [r["fla_over_ours"] for r in bench_kernels.speedups(rows)] == [2.0]
 
 
 def test_bench_speedups_graph_column_and_eager_headline() -> None:
@@ -80,7 +81,7 @@ def test_bench_speedups_graph_column_and_eager_headline() -> None:
 
     rows = [row("sbrbench", 1.2, capture=True), row("fla", 1.0),
             row("sbrbench", 1.0, "graph", capture=True), row("fla", 0.9, "graph")]
-    (sp,) = bench.speedups(rows)
+    (sp,) = bench_kernels.speedups(rows)
     assert sp["ours_ms"] == 1.2 and sp["fla_ms"] == 1.0
     assert sp["fla_over_ours_graph"] == 0.9
 
@@ -112,7 +113,7 @@ def test_bench_graph_ms_captures_our_kernel() -> None:
 
     import engine.kernels.triton_gdn as tg
 
-    q, k, v, g, beta, s0 = bench.gdn_inputs(1024, 16, 32, 128, 128, seed=29)
+    q, k, v, g, beta, s0 = bench_kernels.gdn_inputs(1024, 16, 32, 128, 128, seed=29)
     ms = bench.graph_ms(partial(tg.gdn_chunk_fwd, q, k, v, g, beta, s0, 0, 1024, True,
                                 tg.launch_for(128, 128)))
     assert ms is not None and ms > 0
@@ -155,7 +156,7 @@ def test_bench_resume_rejects_bad_flags() -> None:
 
 def test_pass_floor_is_the_larger_of_compute_and_memory() -> None:
     cfg = preset("tiny")
-    f = bench.pass_floor(cfg, 0, 64, 1e6, 4, tflops=1.0, gbps=1.0)
+    f = bench_engine.pass_floor(cfg, 0, 64, 1e6, 4, tflops=1.0, gbps=1.0)
     assert f.flops == bench.model_flops(cfg, 0, 64)
     assert f.ms == pytest.approx(max(f.flops / 1e9, f.nbytes / 1e6))
     assert f.nbytes > 1e6  # the weights plus KV and state

@@ -41,7 +41,7 @@ def test_grouped_heads_reach_the_reference_expanded(gdn_inputs: Callable[..., An
     assert torch.equal(a, c) and torch.equal(b, d)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # ~30 s on an idle 2-core machine; the bound allows a busy one
 def test_interp_engine_warm_equals_cold(interp: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's window loop on the Triton kernels (CPU, interpreted): warm == cold bitwise,
     and the first token agrees with the reference kernels'."""

@@ -89,8 +89,8 @@ def test_window_attention_rows_do_not_depend_on_the_window_on_cpu(dtype: torch.d
 def test_flash_window_rows_do_not_depend_on_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """The single flash call (attention setting "flash") gives the queries of positions
     4096..4159 the same bits in windows of 64 to 4096 rows: its key blocks start at key 0
-    whatever the window, and keys past a query add exact zeros. (The cuDNN pieces are not window-invariant:
-    their split points follow the window's start and size.)"""
+    whatever the window, and keys past a query add exact zeros. (The cuDNN pieces are not
+    window-invariant: their split points follow the window's start and size.)"""
     monkeypatch.setattr(ops, "_DEFAULT", ops.Kernels(attention="flash"))
     cfg = preset("a3b-proxy")
     attn = at.GatedAttention(cfg, 3)
