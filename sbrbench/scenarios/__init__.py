@@ -8,6 +8,7 @@ from pathlib import Path
 from engine.errors import ConfigError, UserError
 from sbrbench.scenarios.base import (
     ENGINE_PARAMS,
+    Arrivals,
     Param,
     RunOutcome,
     Scenario,
@@ -31,6 +32,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
 
 __all__ = [
     "SCENARIOS",
+    "Arrivals",
     "ScenarioConfig",
     "Scenario",
     "Step",
