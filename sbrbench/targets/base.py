@@ -72,6 +72,10 @@ class Response(NamedTuple):
         """The measured fields of a result row (engine/record.py names them)."""
         if self.stats is not None:
             out = self.stats.row()
+            if (self.ttft_s, self.e2e_s) != (out["ttft_s"], out["e2e_s"]):
+                # a server's own record beside the client's measurement (the difference is
+                # the network, the queue, and text the server held back)
+                out["timings"].update(server_ttft_s=out["ttft_s"], server_e2e_s=out["e2e_s"])
         else:
             out = {k: None for k in CACHE_FIELDS}
             out["logits_sha256"] = None
