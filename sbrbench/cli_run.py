@@ -104,7 +104,7 @@ class Load(NamedTuple):
     concurrency: int = 1
     request_rate: float | None = None
     burstiness: float = 1.0
-    abort_after: int = 20
+    abort_after: int = 10
 
     def describe(self) -> dict[str, Any]:
         return {"max_concurrency": self.concurrency, "request_rate": self.request_rate,
@@ -252,7 +252,7 @@ def register(app: typer.Typer) -> None:
             0.0, min=0.0, max=1.0,
             help="share of failed requests a run may have and still exit 0"),
         abort_after: int = typer.Option(
-            20, min=0, help="stop a run after this many consecutive failed requests (0: never)"),
+            10, min=0, help="stop a run after this many consecutive failed requests (0: never)"),
         preset: str = typer.Option("tiny", help="engine/sim: model preset"),
         checkpoint: str | None = typer.Option(None, help="engine: checkpoint directory"),
         device: str = typer.Option("cpu", help="engine: cpu | cuda"),

@@ -395,7 +395,7 @@ def test_run_cli_open_loop_with_slo_records_load_and_goodput(invoke, tmp_path: P
     assert code == 0, text
     doc = json.loads(out.read_text())
     assert doc["load"] == {"max_concurrency": 1, "request_rate": 500.0, "burstiness": 2.0,
-                           "abort_after": 20}
+                           "abort_after": 10}
     assert doc["slo"] == {"ttft_s": 0.003, "e2e_s": 1.0}
     assert all("due_s" in r for r in doc["rows"])
     # the fake's TTFT is 1-7 ms (n % 7): only requests under 3 ms met the SLO
