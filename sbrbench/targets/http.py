@@ -269,6 +269,7 @@ class HttpTarget:
             "model": self.model,
             "concurrency": self.concurrency,
             "retries": self.retries,
+            "max_retry_wait_s": self.max_retry_wait_s,
             "timeout_s": self.timeout_s,
             "tokens": "utf-8 bytes of the streamed text",
             "dropped_fields": list(self.dropped_fields),

@@ -9,13 +9,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import engine.server
 from engine.errors import UserError
 from sbrbench import cli_serve
 
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    import engine.server  # here, not at the top: collecting this file needs no FastAPI
+
     got: dict[str, Any] = {}
 
     def fake_serve(engine: Any, **kw: Any) -> None:
