@@ -39,19 +39,22 @@ class LogitsTap:
         head = getattr(getattr(engine, "model", None), "lm_head", None)
         self.available = isinstance(head, torch.nn.Module)
         self._last: torch.Tensor | None = None
+        self._fresh = False  # the head ran since the last token was read
         if self.available:
             assert isinstance(head, torch.nn.Module)
             head.register_forward_hook(self._keep)
 
     def _keep(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
-        self._last = output
+        self._last, self._fresh = output, True
 
     def _logits(self, index: int) -> torch.Tensor:
         graphs = getattr(self.engine, "_graphs", None) if index > 0 else None
         if graphs is not None and getattr(self.engine, "cuda_graphs", False):
             return graphs.logits.reshape(-1)
-        if self._last is None:
-            raise RuntimeError("no logits seen for this token")
+        if self._last is None or not self._fresh:
+            # the head did not run for this token: never report another token's numbers
+            raise RuntimeError("the language-model head did not run for this token")
+        self._fresh = False
         return self._last.reshape(-1, self._last.shape[-1])[-1]
 
     def choice(self, index: int, token_id: int, top: int) -> TokenChoice:

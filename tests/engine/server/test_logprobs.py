@@ -25,7 +25,7 @@ def test_tap_reads_the_logits_each_token_was_sampled_from() -> None:
 
     def on_token(tok: int) -> bool:
         if not seen:  # the first token's logits are the ones the engine digests
-            digests.append(hashlib.sha256(tap._logits(0).float().cpu().numpy().tobytes())
+            digests.append(hashlib.sha256(tap._last.float().cpu().numpy().tobytes())
                            .hexdigest())
         seen.append(tap.choice(len(seen), tok, vocab))
         return True
@@ -37,6 +37,8 @@ def test_tap_reads_the_logits_each_token_was_sampled_from() -> None:
     for c in seen:  # greedy: the sampled token is the most likely one; a full distribution
         assert c.top[0] == (c.token_id, c.logprob) and c.logprob <= 0
         assert math.fsum(math.exp(lp) for _, lp in c.top) == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(RuntimeError, match="did not run for this token"):
+        tap.choice(len(seen), 0, 1)  # no new logits since the last token: refuse, never reuse
 
 
 def test_token_text_gives_bytes_of_partial_characters() -> None:
