@@ -50,6 +50,12 @@ TIMING_FIELDS: tuple[str, ...] = Timing._fields
 HEADLINE_TIMES = ("ttft_s", "e2e_s")
 
 
+def time_per_output_token(after_first_s: float, output_tokens: int) -> float | None:
+    """TPOT as vLLM, SGLang and guidellm define it: the time from the first token to the last
+    over the tokens after the first; None for a reply of fewer than two tokens."""
+    return after_first_s / (output_tokens - 1) if output_tokens >= 2 else None
+
+
 class RequestStats(NamedTuple):
     """One request: the cache's part, the reply's length, a digest of the first token's logits
     (None where no model ran), and the phase timings."""
@@ -59,15 +65,21 @@ class RequestStats(NamedTuple):
     logits_sha256: str | None
     timing: Timing
 
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first (decode_s spans first token to last)."""
+        return time_per_output_token(self.timing.decode_s, self.generated_tokens)
+
     def row(self) -> dict[str, Any]:
         """The result-row fields: cache fields, generated_tokens, logits_sha256, ttft_s, e2e_s,
-        and the other phases under "timings"."""
+        tpot_s, and the other phases under "timings"."""
         t = self.timing._asdict()
         return {
             **self.cache._asdict(),
             "generated_tokens": self.generated_tokens,
             "logits_sha256": self.logits_sha256,
             **{k: t[k] for k in HEADLINE_TIMES},
+            "tpot_s": self.tpot_s,
             "timings": {k: v for k, v in t.items() if k not in HEADLINE_TIMES},
         }
 

@@ -19,7 +19,15 @@ from sbrbench.results import (
     timestamp,
     write_json_atomic,
 )
-from sbrbench.stats import METRICS, compare_samples, comparison_dict, metric_values
+from sbrbench.stats import (
+    METRICS,
+    THROUGHPUT_KEYS,
+    compare_samples,
+    comparison_dict,
+    metric_values,
+    parse_slo,
+    run_throughput,
+)
 
 console = Console()
 
@@ -32,17 +40,21 @@ def phases_of(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def compare_result_docs(
-    a: dict[str, Any], b: dict[str, Any], *, seed: int = 0, n_resamples: int = 10_000
+    a: dict[str, Any], b: dict[str, Any], *, seed: int = 0, n_resamples: int = 10_000,
+    slo: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Per phase (present in both) and metric: summaries, ratio A/B, ci95 and p-value."""
+    """Per phase (present in both) and metric: summaries, ratio A/B, ci95 and p-value; with
+    `slo`, also the share of requests that met it (`slo_met`, 1 or 0 per request)."""
     phases: dict[str, Any] = {}
     b_phases = set(phases_of(b["rows"]))
+    metrics = (*METRICS, "slo_met") if slo else METRICS
     for phase in phases_of(a["rows"]):
         if phase not in b_phases:
             continue
         entry = {}
-        for m in METRICS:
-            xa, xb = metric_values(a["rows"], phase, m), metric_values(b["rows"], phase, m)
+        for m in metrics:
+            xa = metric_values(a["rows"], phase, m, slo)
+            xb = metric_values(b["rows"], phase, m, slo)
             if xa.size == 0 and xb.size == 0:
                 continue
             entry[m] = comparison_dict(compare_samples(xa, xb, seed=seed, n_resamples=n_resamples))
@@ -100,14 +112,56 @@ def parity_report(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) ->
     }
 
 
-def compare_results(a: dict[str, Any], b: dict[str, Any], *, seed: int = 0) -> dict[str, Any]:
+def runs_of(doc: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """The rows of each run a (possibly pooled) result holds."""
+    runs = doc.get("runs")
+    return runs if isinstance(runs, list) else [doc["rows"]]
+
+
+def compare_throughput(a: dict[str, Any], b: dict[str, Any], *, seed: int = 0,
+                       slo: dict[str, float] | None = None) -> dict[str, Any]:
+    """Run-level rates (request, output and total token throughput, goodput under `slo`) of A
+    vs B: one value per run, so ratio of means always, and ci95 and p once each side pools two
+    or more repetitions."""
+    ta = [run_throughput(rows, slo) for rows in runs_of(a)]
+    tb = [run_throughput(rows, slo) for rows in runs_of(b)]
+    out: dict[str, Any] = {}
+    for k in THROUGHPUT_KEYS:
+        if k == "goodput" and not slo:
+            continue
+        c = compare_samples([t[k] for t in ta], [t[k] for t in tb], seed=seed)
+        if c.a is not None or c.b is not None:
+            out[k] = comparison_dict(c)
+    return out
+
+
+def slo_for(a: dict[str, Any], b: dict[str, Any], given: dict[str, float] | None
+            ) -> tuple[dict[str, float] | None, str | None]:
+    """The SLO to judge both files by: the one given, else the one both runs were made with;
+    with a note when they differ."""
+    if given:
+        return given, None
+    sa, sb = a.get("slo"), b.get("slo")
+    if sa and sa == sb:
+        return dict(sa), None
+    if sa or sb:
+        return None, "the files were run with different SLOs; pass --slo to judge both by one"
+    return None, None
+
+
+def compare_results(a: dict[str, Any], b: dict[str, Any], *, seed: int = 0,
+                    slo: dict[str, float] | None = None) -> dict[str, Any]:
     """The whole comparison of two result files (same scenario), as JSON-ready dict."""
     if a["scenario"] != b["scenario"]:
         raise UserError(f"cannot compare a {a['scenario']} result with a {b['scenario']} result")
+    slo, note = slo_for(a, b, slo)
     out: dict[str, Any] = {
         "kind": "result",
         "scenario": a["scenario"],
-        "phases": compare_result_docs(a, b, seed=seed),
+        "slo": slo,
+        "slo_note": note,
+        "phases": compare_result_docs(a, b, seed=seed, slo=slo),
+        "throughput": compare_throughput(a, b, seed=seed, slo=slo),
         "parity": None,
     }
     if a["scenario"] == "parity":
@@ -161,11 +215,17 @@ def _describe(doc: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
         "label": doc.get("label"),
         "policy": policy_of(doc),
         "partial": bool(doc.get("partial")),
+        "failed": doc.get("failed"),
     }
 
 
 def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
-    from sbrbench.render import compare_table, parity_table, side_by_side_table
+    from sbrbench.render import (
+        compare_table,
+        parity_table,
+        side_by_side_table,
+        throughput_compare_table,
+    )
 
     if cmp["kind"] == "decay":
         console.print(
@@ -184,6 +244,10 @@ def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
         console.print(compare_table(cmp["phases"], label_a, label_b))
     else:
         console.print("[yellow]no phase with data in both files")
+    if cmp.get("throughput"):
+        console.print(throughput_compare_table(cmp["throughput"]))
+    if cmp.get("slo_note"):
+        console.print(f"[yellow]note: {cmp['slo_note']}")
     if cmp.get("parity"):
         console.print(parity_table(cmp["parity"]))
 
@@ -201,7 +265,9 @@ def pool_results(paths: list[Path]) -> dict[str, Any]:
     if first["scenario"] == "parity":
         raise UserError("parity results compare request by request: one file per side")
     return {**first, "rows": [r for d in docs for r in d["rows"]],
-            "partial": any(d.get("partial") for d in docs)}
+            "runs": [d["rows"] for d in docs],
+            "partial": any(d.get("partial") for d in docs),
+            "failed": sum(int(d.get("failed") or 0) for d in docs)}
 
 
 def _side(spec: str | Path) -> tuple[list[Path], dict[str, Any] | None]:
@@ -213,7 +279,8 @@ def _side(spec: str | Path) -> tuple[list[Path], dict[str, Any] | None]:
 
 
 def compare_files(
-    spec_a: str | Path, spec_b: str | Path, json_out: Path | None = None, seed: int = 0
+    spec_a: str | Path, spec_b: str | Path, json_out: Path | None = None, seed: int = 0,
+    slo: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Load, check, compare, print; write the comparison JSON when asked. Each side is one file
     or several repetitions joined by commas (results only; rows pooled)."""
@@ -231,7 +298,7 @@ def compare_files(
         if not da["rows"] or not db["rows"]:
             empty = path_a if not da["rows"] else path_b
             raise UserError(f"{empty}: result has no rows")
-        cmp = compare_results(da, db, seed=seed)
+        cmp = compare_results(da, db, seed=seed, slo=slo)
     elif ka == "decay":
         cmp = compare_decay(da, db)
     else:
@@ -245,9 +312,11 @@ def compare_files(
         "a": _describe(da, paths_a),
         "b": _describe(db, paths_b),
     }
-    for side in ("a", "b"):
+    for side, d in (("a", da), ("b", db)):
         if doc[side]["partial"]:
-            console.print(f"[yellow]note: {doc[side]['path']} is partial (interrupted run)")
+            why = d.get("stopped") or (f"{d['failed']} failed requests" if d.get("failed")
+                                       else "unfinished run")
+            console.print(f"[yellow]note: {doc[side]['path']} is partial ({why})")
     def name(paths: list[Path]) -> str:
         return paths[0].name if len(paths) == 1 else f"{paths[0].name} +{len(paths) - 1} pooled"
 
@@ -409,10 +478,13 @@ def register(app: typer.Typer) -> None:
         b: str = typer.Argument(..., help="result (or decay) JSON B (likewise)"),
         json_out: Path | None = typer.Option(None, "--json", help="write the comparison here"),
         seed: int = typer.Option(0, help="bootstrap seed"),
+        slo: str | None = typer.Option(
+            None, help="judge goodput by these SLOs (default: the runs' own, when they agree), "
+            "e.g. ttft=500ms,tpot=50ms"),
     ) -> None:
-        """Compare two result files (or pooled repetitions): ratio A/B, bootstrap ci95,
-        Mann-Whitney p; parity match."""
-        compare_files(a, b, json_out, seed)
+        """Compare two result files (or pooled repetitions): TTFT, TPOT, ITL, E2EL, replay
+        (ratio A/B, bootstrap ci95, Mann-Whitney p), throughput and goodput; parity match."""
+        compare_files(a, b, json_out, seed, parse_slo(slo) if slo else None)
 
     @app.command("report")
     def report_cmd(

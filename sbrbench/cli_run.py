@@ -22,11 +22,13 @@ from sbrbench.results import (
 )
 from sbrbench.scenarios import (
     SCENARIOS,
+    Arrivals,
     ScenarioConfig,
     load_config,
     make_scenario,
     run_scenario,
 )
+from sbrbench.stats import parse_slo
 from sbrbench.targets.base import Target
 from sbrbench.targets.engine import EngineTarget
 from sbrbench.targets.http import HttpTarget
@@ -94,11 +96,28 @@ def make_target(args: TargetArgs, cache: CacheSettings) -> Target:
     )
 
 
+class Load(NamedTuple):
+    """How requests are sent: at most `concurrency` in flight; with `request_rate`, open-loop
+    arrivals (Poisson, or gamma of shape `burstiness`); `abort_after` consecutive failures end
+    the run early (0: never)."""
+
+    concurrency: int = 1
+    request_rate: float | None = None
+    burstiness: float = 1.0
+    abort_after: int = 10
+
+    def describe(self) -> dict[str, Any]:
+        return {"max_concurrency": self.concurrency, "request_rate": self.request_rate,
+                "burstiness": self.burstiness if self.request_rate else None,
+                "abort_after": self.abort_after or None}
+
+
 class RunResult(NamedTuple):
     path: Path
     interrupted: bool
     rows: int
     errors: int
+    aborted: str | None = None
 
 
 def run_one(
@@ -112,9 +131,12 @@ def run_one(
     progress: bool,
     warmup: bool = True,
     declared_policy: str | None = None,
+    load: Load = Load(),
+    slo: dict[str, float] | None = None,
 ) -> RunResult:
-    """One scenario run into `out`; the file is partial if interrupted or on an exception."""
-    from sbrbench.render import RunProgress, summary_table
+    """One scenario run into `out`; the file is partial if a request failed, if the run was
+    interrupted or stopped early, or on an exception."""
+    from sbrbench.render import RunProgress, summary_table, throughput_table
 
     scenario = make_scenario(cfg, seed)
     scenario.prepare(target)
@@ -135,6 +157,8 @@ def run_one(
         "params": {**cfg.params, "seed": seed},
         "scenario_file": cfg.source,
         "warmup_s": warmup_s,
+        "load": load.describe(),
+        "slo": slo,
     }
     writer = ResultWriter(out, header)
     bar = RunProgress(console, f"{cfg.name} [{policy}]", scenario.expected_requests(), progress)
@@ -143,10 +167,12 @@ def run_one(
         writer.append(row)
         bar.row(row)
 
+    arrivals = Arrivals(load.request_rate, load.burstiness, seed) if load.request_rate else None
     try:
         with bar:
             outcome = run_scenario(
-                scenario, target, on_row, concurrency=getattr(target, "max_concurrency", 1)
+                scenario, target, on_row, concurrency=load.concurrency, arrivals=arrivals,
+                abort_after=load.abort_after or None,
             )
     except BaseException as e:
         writer.finish(partial=True, reason=f"{type(e).__name__}: {e}",
@@ -159,17 +185,35 @@ def run_one(
             extra["cache_stats"] = stats()
         except Exception as e:  # noqa: BLE001 - stats are a bonus; the rows are what matters
             extra["cache_stats"] = {"error": f"{type(e).__name__}: {e}"}
-    writer.finish(
-        partial=outcome.interrupted,
-        reason="interrupted" if outcome.interrupted else None,
-        extra=extra,
-    )
-    console.print(summary_table(writer.doc["summary"], f"{cfg.name} [{policy}] -> {out}"))
+    stopped = "interrupted" if outcome.interrupted else outcome.aborted
+    writer.finish(partial=stopped is not None, reason=stopped, extra=extra)
+    doc = writer.doc
+    console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] -> {out}"))
+    console.print(throughput_table(doc["throughput"]))
+    for text, count in doc["warnings"].items():
+        console.print(f"[yellow]warning: {count} of {len(doc['rows'])} rows: {text}")
+    if outcome.aborted:
+        console.print(f"[red]{outcome.aborted}")
     if outcome.errors:
         console.print(
-            f"[red]{outcome.errors} of {outcome.rows} requests failed (see 'error' in the rows)"
+            f"[red]{outcome.errors} of {outcome.rows} requests failed (see 'error' in the rows; "
+            "the file is marked partial)"
         )
-    return RunResult(out, outcome.interrupted, outcome.rows, outcome.errors)
+    return RunResult(out, outcome.interrupted, outcome.rows, outcome.errors, outcome.aborted)
+
+
+def failure_exit(results: list[RunResult], allow_failures: float) -> int:
+    """0 when every run finished with at most `allow_failures` (a share) of its requests
+    failed, else 1 (the message says which run and why)."""
+    code = 0
+    for r in results:
+        share = r.errors / r.rows if r.rows else 0.0
+        if r.aborted or share > allow_failures:
+            why = r.aborted or (f"{r.errors} of {r.rows} requests failed ({share:.0%}; "
+                                f"--allow-failures {allow_failures:g})")
+            console.print(f"[red]{r.path}: {why}")
+            code = 1
+    return code
 
 
 def register(app: typer.Typer) -> None:
@@ -190,8 +234,25 @@ def register(app: typer.Typer) -> None:
         model: str | None = typer.Option(None, help="http: model (default: first of /v1/models)"),
         api_key: str | None = typer.Option(None, envvar="SBRBENCH_API_KEY", help="http: API key"),
         timeout: float = typer.Option(300.0, help="http: seconds per request"),
-        retries: int = typer.Option(2, help="http: retries on connection errors, 429, 5xx"),
-        concurrency: int = typer.Option(1, help="http: requests in flight"),
+        retries: int = typer.Option(
+            2, help="http: retries after connection errors, timeouts and 5xx (429/503 are "
+            "retried after the server's Retry-After while --timeout allows)"),
+        concurrency: int = typer.Option(
+            1, "--max-concurrency", "--concurrency", min=1,
+            help="requests in flight at most (http; the in-process engine runs one)"),
+        request_rate: float | None = typer.Option(
+            None, "--request-rate",
+            help="open-loop arrivals: requests per second (Poisson; see --burstiness); "
+            "default: each request as soon as a slot is free"),
+        burstiness: float = typer.Option(
+            1.0, help="--request-rate gaps: gamma shape (1 Poisson, <1 burstier, >1 steadier)"),
+        slo: str | None = typer.Option(
+            None, help="goodput SLOs, e.g. ttft=500ms,tpot=50ms,e2el=2s (units required)"),
+        allow_failures: float = typer.Option(
+            0.0, min=0.0, max=1.0,
+            help="share of failed requests a run may have and still exit 0"),
+        abort_after: int = typer.Option(
+            10, min=0, help="stop a run after this many consecutive failed requests (0: never)"),
         preset: str = typer.Option("tiny", help="engine/sim: model preset"),
         checkpoint: str | None = typer.Option(None, help="engine: checkpoint directory"),
         device: str = typer.Option("cpu", help="engine: cpu | cuda"),
@@ -227,6 +288,13 @@ def register(app: typer.Typer) -> None:
         if target == "http" and not base_url:
             raise UserError("--target http needs --base-url")
         cfg = load_config(scenario, scenario_file, sets)
+        slo_limits = parse_slo(slo) if slo else None
+        if request_rate is not None:
+            Arrivals(request_rate, burstiness)  # checks both
+            if cfg.params.get("time_scale"):
+                raise UserError("--request-rate replaces the trace's own timestamps: "
+                                "pass --set time_scale=0 with it")
+        load = Load(concurrency, request_rate, burstiness, abort_after)
         aopts = parse_adaptive_opts(adaptive_opt)
         if aopts and target == "http":
             raise UserError("--adaptive-opt needs --target engine or sim (set it on the server)")
@@ -282,6 +350,8 @@ def register(app: typer.Typer) -> None:
                     progress=progress,
                     warmup=warmup,
                     declared_policy=pol if cache is None else None,
+                    load=load,
+                    slo=slo_limits,
                 )
             finally:
                 tgt.close()
@@ -298,10 +368,13 @@ def register(app: typer.Typer) -> None:
             for other in results[1:]:
                 doc = load_result(other.path)
                 print_comparison(
-                    compare_results(base, doc),
+                    compare_results(base, doc, slo=slo_limits),
                     f"{pols[0]} ({results[0].path.name})",
                     f"{doc['engine'].get('policy')} ({other.path.name})",
                 )
+        code = failure_exit(results, allow_failures)
+        if code:
+            raise typer.Exit(code)
 
 
 def split_policies_loose(text: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""`sbrbench serve`: the OpenAI-compatible HTTP server over the engine (engine/server.py)."""
+"""`sbrbench serve`: the OpenAI-compatible HTTP server over the engine (engine/server/)."""
 
 from __future__ import annotations
 
@@ -42,15 +42,28 @@ def serve(
         256, "--default-max-tokens", help="max_tokens of a chat request that sets none."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
-    model_name: str | None = typer.Option(
-        None,
-        "--model-name",
-        help="Model id in /v1/models (default: the preset or checkpoint dir name).",
+    served_model_name: list[str] = typer.Option(
+        [],
+        "--served-model-name",
+        help="Another name the model answers to (repeatable); the preset or checkpoint dir "
+        "name always does. Other names get 404 model_not_found.",
     ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="SBRBENCH_SERVE_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1 (401 otherwise)."),
+    key_exempt: str = typer.Option(
+        "health,metrics", "--key-exempt",
+        help="With --api-key: endpoints served without the key (health, metrics; 'none')."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
 ) -> None:
-    """OpenAI-compatible server (chat + completions, SSE, /metrics) over the engine."""
+    """OpenAI-compatible server (chat + completions, SSE, logprobs, /metrics) over the engine.
+
+    The engine runs one request at a time (no batching); the others wait in a queue of
+    --max-queue requests, beyond which the server answers 503 with Retry-After. /metrics shows
+    the queue depth and the time requests waited (sbr_queue_depth, sbr_queue_seconds).
+    """
     from engine.server import serve as run_server
+    from engine.server.middleware import EXEMPTABLE
     from sbrbench.cache_options import cache_settings, parse_adaptive_opts
     from sbrbench.targets.engine import EngineTarget
 
@@ -60,6 +73,14 @@ def serve(
         raise UserError(f"--default-max-tokens must be >= 1, got {default_max_tokens}")
     if not 0 <= port <= 65535:
         raise UserError(f"--port must lie in [0, 65535], got {port}")
+    exempt = [] if key_exempt.strip().lower() == "none" else [
+        e.strip() for e in key_exempt.split(",") if e.strip()]
+    bad = sorted(set(exempt) - set(EXEMPTABLE))
+    if bad:
+        raise UserError(f"--key-exempt: unknown endpoint {bad[0]!r} "
+                        f"(choose from {', '.join(EXEMPTABLE)}, or none)")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key must not be empty")
     if checkpoint is not None and not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint}: not a directory")
     cache = cache_settings(
@@ -78,14 +99,20 @@ def serve(
         dtype=dtype,
         seed=seed,
     )
-    name = model_name or (checkpoint.resolve().name if checkpoint else preset)
-    typer.secho(f"sbrbench serve: {name} on http://{host}:{port}/v1 (policy {policy})", err=True)
+    name = checkpoint.resolve().name if checkpoint else preset
+    names = ", ".join(dict.fromkeys([name, *served_model_name]))
+    auth = "; API key required" if api_key else ""
+    typer.secho(f"sbrbench serve: {names} on http://{host}:{port}/v1 (policy {policy}; one "
+                f"request at a time, queue {max_queue}{auth})", err=True)
     run_server(
         target.engine,
         model_name=name,
+        aliases=served_model_name,
         host=host,
         port=port,
         max_queue=max_queue,
         default_max_tokens=default_max_tokens,
+        api_keys=[api_key] if api_key else [],
+        key_exempt=exempt,
         log_level=log_level,
     )

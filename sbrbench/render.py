@@ -16,14 +16,25 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sbrbench.stats import METRICS
+from sbrbench.stats import LATENCY_METRICS, METRICS
+
+# names as vLLM's and SGLang's benchmarks print them; latencies shown in milliseconds
+_METRIC_NAMES = {"ttft_s": "TTFT ms", "tpot_s": "TPOT ms", "itl_s": "ITL ms",
+                 "e2e_s": "E2EL ms", "replay_tokens": "replay tok", "slo_met": "SLO met"}
+_THROUGHPUT_NAMES = {"request_throughput": "requests/s", "output_throughput": "output tok/s",
+                     "total_token_throughput": "total tok/s", "goodput": "goodput req/s"}
 
 
 def _fmt(v: Any, metric: str = "") -> str:
     if v is None:
         return "-"
+    if metric in LATENCY_METRICS and isinstance(v, (int, float)):
+        ms = 1000.0 * v
+        return f"{ms:.2f}" if abs(ms) < 10 else f"{ms:.1f}" if abs(ms) < 1000 else f"{ms:.0f}"
     if isinstance(v, float):
-        if metric == "ttft_s" or metric.endswith("_s"):
+        if metric == "slo_met":
+            return f"{100 * v:.1f}%"
+        if metric.endswith("_s"):
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
         if abs(v) >= 1000:
             return f"{v:.0f}"
@@ -92,19 +103,18 @@ class RunProgress:
         )
 
 
-_METRIC_NAMES = {"ttft_s": "ttft s", "replay_tokens": "replay"}
-
-
 def summary_table(summary: dict[str, Any], title: str) -> Table:
-    """Per phase: n, mean, median, p90, p99 of TTFT and replay tokens."""
+    """Per phase: n, mean, p50, p90, p99, max of TTFT, TPOT, ITL, E2EL and replay tokens
+    (metrics the target does not report are left out; ITL's n counts gaps)."""
     t = Table(title=title, title_justify="left")
     t.add_column("phase")
     t.add_column("metric", no_wrap=True)
-    for col in ("n", "mean", "median", "p90", "p99", "max"):
+    for col in ("n", "mean", "p50", "p90", "p99", "max"):
         t.add_column(col, justify="right")
     t.add_column("err", justify="right")
     for phase, entry in summary.items():
-        for k, m in enumerate(METRICS):
+        shown = [m for m in METRICS if entry.get(m)] or [METRICS[0]]
+        for k, m in enumerate(shown):
             s = entry.get(m)
             err = str(entry.get("errors", 0)) if k == 0 and entry.get("errors") else ""
             name = _METRIC_NAMES.get(m, m)
@@ -118,6 +128,55 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
                 *(_fmt(s[c], m) for c in ("mean", "median", "p90", "p99", "max")),
                 err,
             )
+    return t
+
+
+def throughput_table(tp: dict[str, Any]) -> Table:
+    """The run's requests, tokens, wall time and rates (goodput under its SLO)."""
+    t = Table(title="throughput", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    failed = f", [red]{tp['failed']} failed[/]" if tp.get("failed") else ""
+    t.add_row("requests", f"{tp.get('completed', 0)} completed{failed}")
+    t.add_row("duration s", _fmt(tp.get("duration_s"), "duration_s"))
+    t.add_row("tokens in / out", f"{tp.get('input_tokens', 0)} / {tp.get('output_tokens', 0)}")
+    for k, name in _THROUGHPUT_NAMES.items():
+        if k == "goodput" and not tp.get("slo"):
+            continue
+        t.add_row(name, _fmt_rate(tp.get(k)))
+    if tp.get("slo"):
+        limits = ", ".join(f"{k.removesuffix('_s')} {_fmt(v, 'ttft_s')} ms"
+                           for k, v in tp["slo"].items())
+        share = tp.get("slo_attainment")
+        t.add_row("SLO met", f"{tp.get('slo_met')} ({'-' if share is None else f'{share:.0%}'}"
+                  f"; {limits})")
+    return t
+
+
+def _fmt_rate(v: Any) -> str:
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def throughput_compare_table(cmp: dict[str, Any]) -> Table:
+    """Run-level rates of A and B, ratio A/B, and ci95 / p where repetitions were pooled."""
+    t = Table(title="throughput (per run; ci95 needs 2+ pooled runs a side)",
+              title_justify="left")
+    for col in ("metric", "runs", "A", "B", "A/B", "ci95", "p"):
+        t.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
+    for k, c in cmp.items():
+        a, b = c["a"] or {}, c["b"] or {}
+        ci = c["ci95"]
+        t.add_row(
+            _THROUGHPUT_NAMES.get(k, k),
+            f"{a.get('n', 0)}/{b.get('n', 0)}",
+            _fmt_rate(a.get("mean")),
+            _fmt_rate(b.get("mean")),
+            fmt_ratio(c["ratio"]),
+            f"{_ci(ci[0])}-{_ci(ci[1])}" if ci else "-",
+            "-" if c["p_value"] is None or not ci else f"{c['p_value']:.2g}",
+        )
     return t
 
 

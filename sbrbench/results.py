@@ -119,8 +119,11 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 class ResultWriter:
     """One run's result file: rows appended, the whole file rewritten atomically as it goes.
 
-    The file says `"partial": true` until `finish()`; an interrupted or crashed run calls
-    `finish(partial=True, reason=...)` and keeps every row appended so far.
+    Every write refreshes the counts (`requests`, `failed`), the per-phase `summary`, the run's
+    `throughput` (goodput under the header's `slo`, when it has one) and `warnings` (how many
+    rows carry each). The file says `"partial": true` until `finish()`, and after it too when a
+    request failed or the run stopped early (`stopped` says why); every row appended so far is
+    kept whatever happens.
     """
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
@@ -138,6 +141,10 @@ class ResultWriter:
     def rows(self) -> list[dict[str, Any]]:
         return self.doc["rows"]
 
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.rows if r.get("error"))
+
     def append(self, row: dict[str, Any]) -> None:
         """Add one finished request's row and persist it."""
         self.rows.append(row)
@@ -152,25 +159,40 @@ class ResultWriter:
         reason: str | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Final rewrite: summary, `partial` flag, why it stopped early (if it did)."""
+        """Final rewrite: summary, `partial` flag (also set by any failed request), why it
+        stopped early (if it did)."""
         if extra:
             self.doc.update(extra)
-        self.doc["partial"] = partial
+        self.doc["partial"] = partial or self.failed > 0
         if reason:
             self.doc["stopped"] = reason
         self.doc["finished"] = now_iso()
         self._write()
 
     def _write(self) -> None:
-        from sbrbench.stats import summarize_rows
+        from sbrbench.stats import run_throughput, summarize_rows
 
-        self.doc["summary"] = summarize_rows(self.rows)
+        rows = self.rows
+        self.doc["requests"] = len(rows)
+        self.doc["failed"] = self.failed
+        self.doc["summary"] = summarize_rows(rows)
+        self.doc["throughput"] = run_throughput(rows, self.doc.get("slo"))
+        self.doc["warnings"] = warning_counts(rows)
         write_json_atomic(self.path, self.doc)
         self._last_write = time.monotonic()
         try:
             self._last_size = self.path.stat().st_size
         except OSError:
             self._last_size = 0
+
+
+def warning_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rows carry each warning."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for w in r.get("warnings") or ():
+            counts[str(w)] = counts.get(str(w), 0) + 1
+    return counts
 
 
 def load_json(path: Path) -> dict[str, Any]:

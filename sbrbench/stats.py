@@ -1,14 +1,32 @@
-"""Statistics for result rows: summaries, bootstrap CI of a ratio of means, Mann-Whitney U."""
+"""Statistics for result rows: summaries, run throughput and goodput under SLOs, bootstrap CI
+of a ratio of means, Mann-Whitney U.
+
+The latency metrics are the ones vLLM's `bench serve`, SGLang's `bench_serving`, guidellm and
+AIPerf report, per request: TTFT (`ttft_s`), TPOT (`tpot_s`, time per output token after the
+first), ITL (`itl_s`, every gap between successive tokens; summarised over all gaps of all
+requests, as those tools pool them) and the end-to-end latency (`e2e_s`, their "e2el").
+Throughput is per run: requests, output tokens and all tokens per second of wall time from the
+first request sent to the last one finished; goodput is the requests per second that met every
+SLO (vLLM's `--goodput`; a failed request meets none).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-METRICS = ("ttft_s", "replay_tokens")
+from engine.errors import UserError
+
+LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+METRICS = (*LATENCY_METRICS, "replay_tokens")
+# --slo names (vLLM's --goodput names) -> row fields
+SLO_NAMES = {"ttft": "ttft_s", "tpot": "tpot_s", "e2el": "e2e_s"}
+THROUGHPUT_KEYS = ("request_throughput", "output_throughput", "total_token_throughput",
+                   "goodput")
 
 
 class Summary(NamedTuple):
@@ -31,17 +49,27 @@ class Comparison(NamedTuple):
     p_value: float | None
 
 
+def _numbers(values: Iterable[Any]) -> Iterable[Any]:
+    """The values, with lists (a row's ITL gaps) flattened into their elements."""
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            yield from v
+        else:
+            yield v
+
+
 def _finite(values: Iterable[Any]) -> np.ndarray:
     out = [
         float(v)
-        for v in values
+        for v in _numbers(values)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     ]
     return np.asarray(out, dtype=np.float64)
 
 
 def summarize(values: Iterable[Any]) -> Summary | None:
-    """n, mean, median, p90, p99, min, max of the numeric values (None and NaN skipped)."""
+    """n, mean, median, p90, p99, min, max of the numeric values (None and NaN skipped; list
+    values contribute each element)."""
     x = _finite(values)
     if x.size == 0:
         return None
@@ -60,7 +88,8 @@ def summarize(values: Iterable[Any]) -> Summary | None:
 def summarize_rows(
     rows: Sequence[dict[str, Any]], metrics: Sequence[str] = METRICS
 ) -> dict[str, Any]:
-    """Per phase: row and error counts, and a Summary dict (or None) per metric.
+    """Per phase: row and error counts, and a Summary dict (or None) per metric (ITL over every
+    gap of the phase's requests).
 
     Rows that carry an error are counted but kept out of the metric summaries.
     """
@@ -78,11 +107,95 @@ def summarize_rows(
     return out
 
 
-def metric_values(rows: Sequence[dict[str, Any]], phase: str, metric: str) -> np.ndarray:
-    """The finite values of `metric` over error-free rows of `phase`."""
-    return _finite(
-        r.get(metric) for r in rows if str(r.get("phase")) == phase and not r.get("error")
-    )
+def metric_values(rows: Sequence[dict[str, Any]], phase: str, metric: str,
+                  slo: Mapping[str, float] | None = None) -> np.ndarray:
+    """The finite values of `metric` over error-free rows of `phase`; `slo_met` is 1 or 0 per
+    row (failed rows included: they met no SLO), given `slo`."""
+    prs = [r for r in rows if str(r.get("phase")) == phase]
+    if metric == "slo_met":
+        return np.asarray([float(slo_met(r, slo or {})) for r in prs], dtype=np.float64)
+    return _finite(r.get(metric) for r in prs if not r.get("error"))
+
+
+# ----------------------------------------------------------------------------- SLOs, throughput
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|s)\s*$")
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """`ttft=500ms,tpot=50ms,e2el=2s` -> {"ttft_s": 0.5, "tpot_s": 0.05, "e2e_s": 2.0}; each
+    limit needs its unit (ms or s)."""
+    out: dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in SLO_NAMES:
+            raise UserError(f"--slo {item.strip()!r}: expected NAME=LIMIT with NAME one of "
+                            f"{', '.join(SLO_NAMES)} (e.g. ttft=500ms,tpot=50ms)")
+        m = _DURATION.match(value)
+        if not m:
+            raise UserError(f"--slo {name}={value.strip()}: give the limit with its unit, "
+                            "e.g. 500ms or 0.5s")
+        seconds = float(m.group(1)) / (1000.0 if m.group(2) == "ms" else 1.0)
+        if not seconds > 0:
+            raise UserError(f"--slo {name}: the limit must be > 0")
+        out[SLO_NAMES[name]] = seconds
+    if not out:
+        raise UserError("--slo: no limit given (e.g. ttft=500ms,tpot=50ms)")
+    return out
+
+
+def slo_met(row: Mapping[str, Any], slo: Mapping[str, float]) -> bool:
+    """The request succeeded and met every limit of `slo` (a reply of one token has no TPOT to
+    miss; any other unknown value misses)."""
+    if row.get("error"):
+        return False
+    for metric, limit in slo.items():
+        v = row.get(metric)
+        if v is None and metric == "tpot_s" and (row.get("generated_tokens") or 0) <= 1:
+            continue
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v <= limit:
+            return False
+    return True
+
+
+def run_throughput(rows: Sequence[Mapping[str, Any]],
+                   slo: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The run's requests (completed, failed), tokens and wall time (first request sent to the
+    last finished), and per second of it: request_throughput, output_throughput,
+    total_token_throughput and, given `slo`, goodput (requests that met it) with the share of
+    requests that did (slo_attainment). Rates are None without timestamps."""
+    ok = [r for r in rows if not r.get("error")]
+    starts = _finite(r.get("t_s") for r in rows)
+    ends = _finite(r.get("done_s") for r in rows)
+    duration = float(ends.max() - starts.min()) if starts.size and ends.size else None
+    tokens_in = int(sum(_finite(r.get("prompt_tokens") for r in ok)))
+    tokens_out = int(sum(_finite(r.get("generated_tokens") for r in ok)))
+
+    def rate(x: float) -> float | None:
+        return x / duration if duration else None
+
+    out: dict[str, Any] = {
+        "completed": len(ok),
+        "failed": len(rows) - len(ok),
+        "duration_s": duration,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "request_throughput": rate(len(ok)),
+        "output_throughput": rate(tokens_out),
+        "total_token_throughput": rate(tokens_in + tokens_out),
+        "slo": dict(slo) if slo else None,
+        "slo_met": None,
+        "slo_attainment": None,
+        "goodput": None,
+    }
+    if slo:
+        met = sum(slo_met(r, slo) for r in rows)
+        out.update(slo_met=met, slo_attainment=met / len(rows) if rows else None,
+                   goodput=rate(met))
+    return out
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -9,7 +9,6 @@ from engine.errors import ConfigError, UserError
 from sbrbench.scenarios.base import (
     ENGINE_PARAMS,
     Param,
-    RunOutcome,
     Scenario,
     ScenarioConfig,
     Step,
@@ -17,12 +16,12 @@ from sbrbench.scenarios.base import (
     check_value,
     load_toml,
     parse_set_value,
-    run_scenario,
     scenario_dirs,
 )
 from sbrbench.scenarios.deep_resume import DeepResume
 from sbrbench.scenarios.parity import Parity
 from sbrbench.scenarios.round_robin import RoundRobin
+from sbrbench.scenarios.runner import Arrivals, RunOutcome, run_scenario
 from sbrbench.scenarios.trace import Trace
 
 SCENARIOS: dict[str, type[Scenario]] = {
@@ -31,6 +30,7 @@ SCENARIOS: dict[str, type[Scenario]] = {
 
 __all__ = [
     "SCENARIOS",
+    "Arrivals",
     "ScenarioConfig",
     "Scenario",
     "Step",

@@ -1,19 +1,17 @@
-"""Scenario plumbing: TOML definitions and their checks, token-level conversations, the runner.
+"""Scenario plumbing: TOML definitions and their checks, token-level conversations, Steps.
 
-A scenario is a generator of *waves*: lists of independent requests (Steps). The runner sends a
-wave (concurrently when the target allows), turns each Response into a result row, and calls the
-step's `on_done` so the scenario can grow its conversations before it yields the next wave.
+A scenario is a generator of *waves*: lists of independent requests (Steps). The runner
+(runner.py) sends a wave, turns each Response into a result row, and calls the step's `on_done`
+so the scenario can grow its conversations before it yields the next wave.
 """
 
 from __future__ import annotations
 
 import random
-import time
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -322,131 +320,6 @@ class Scenario(ABC):
     def expected_requests(self) -> int | None:
         """How many requests the run will send (an estimate is fine; None if unknown)."""
         return None
-
-
-# ----------------------------------------------------------------------------- runner
-
-
-class RunOutcome(NamedTuple):
-    rows: int
-    errors: int
-    interrupted: bool
-
-
-@dataclass
-class _Clock:
-    t0: float = field(default_factory=time.perf_counter)
-
-    def now(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def wait_until(self, at_s: float | None) -> None:
-        if at_s is not None:
-            delay = at_s - self.now()
-            if delay > 0:
-                time.sleep(delay)
-
-
-def _safe_send(target: Target, req: Request) -> Response:
-    """target.send, with any exception of the target turned into a row error."""
-    try:
-        return target.send(req)
-    except Exception as e:  # noqa: BLE001 - a failing request is data, the run goes on
-        return Response(prompt_tokens=len(req.prompt_ids), error=f"{type(e).__name__}: {e}")
-
-
-def make_row(i: int, step: Step, resp: Response, started_s: float) -> dict[str, Any]:
-    """A result row: the step's fields, then what the target measured (Response.row)."""
-    req = step.request
-    row: dict[str, Any] = {"i": i, **step.row}
-    row.setdefault("depth", len(req.prompt_ids))
-    row["session"] = req.session
-    row["t_s"] = round(started_s, 6)
-    row.update(resp.row())
-    if row.get("prompt_tokens") is None:
-        row["prompt_tokens"] = len(req.prompt_ids)
-    return row
-
-
-def run_scenario(
-    scenario: Scenario,
-    target: Target,
-    on_row: Callable[[dict[str, Any]], None],
-    concurrency: int = 1,
-) -> RunOutcome:
-    """Send every wave of `scenario` to `target` (after `scenario.prepare(target)`, which is
-    idempotent), calling `on_row` with each finished row.
-
-    KeyboardInterrupt stops the run: rows already passed to `on_row` stay, and the outcome says
-    it was interrupted. A row whose request failed carries `error`; the run goes on.
-    """
-    scenario.prepare(target)
-    clock = _Clock()
-    conc = max(1, min(concurrency, getattr(target, "max_concurrency", 1)))
-    n = errors = 0
-    pool = ThreadPoolExecutor(conc, thread_name_prefix="sbr-send") if conc > 1 else None
-
-    def finish(step: Step, resp: Response, i: int, started: float) -> None:
-        nonlocal errors
-        row = make_row(i, step, resp, started)
-        errors += bool(resp.error)
-        on_row(row)
-        if step.on_done:
-            step.on_done(resp)
-
-    try:
-        for wave in scenario.waves():
-            if pool is None:
-                for step in wave:
-                    clock.wait_until(step.at_s)
-                    started = clock.now()
-                    resp = _safe_send(target, step.request)
-                    finish(step, resp, n, started)
-                    n += 1
-            else:
-                n = _run_wave_concurrent(pool, wave, target, clock, n, conc, finish)
-    except KeyboardInterrupt:
-        return RunOutcome(n, errors, True)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-    return RunOutcome(n, errors, False)
-
-
-def _run_wave_concurrent(
-    pool: ThreadPoolExecutor,
-    wave: Sequence[Step],
-    target: Target,
-    clock: _Clock,
-    n: int,
-    conc: int,
-    finish: Callable[[Step, Response, int, float], None],
-) -> int:
-    """At most `conc` requests in flight; rows are recorded as requests complete."""
-
-    def job(step: Step) -> tuple[float, Response]:
-        clock.wait_until(step.at_s)
-        started = clock.now()
-        return started, _safe_send(target, step.request)
-
-    pending: dict[Future, tuple[int, Step]] = {}
-    queue = iter(wave)
-    exhausted = False
-    while True:
-        while not exhausted and len(pending) < conc:
-            step = next(queue, None)
-            if step is None:
-                exhausted = True
-                break
-            pending[pool.submit(job, step)] = (n, step)
-            n += 1
-        if not pending:
-            return n
-        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-        for fut in done:
-            i, step = pending.pop(fut)
-            started, resp = fut.result()
-            finish(step, resp, i, started)
 
 
 def load_toml(path: Path) -> dict[str, Any]:

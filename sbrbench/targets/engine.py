@@ -47,12 +47,19 @@ class EngineTarget:
         params = self._params_cls(
             temperature=0.0, max_tokens=req.max_tokens, ignore_eos=req.ignore_eos
         )
+        times: list[float] = []
+
+        def on_token(token_id: int) -> bool:  # when each token was sampled: the ITL
+            times.append(time.perf_counter())
+            return True
+
         try:
-            res = self.engine.generate(list(req.prompt_ids), params, session=req.session)
+            res = self.engine.generate(list(req.prompt_ids), params, session=req.session,
+                                       on_token=on_token)
         except UserError as e:  # budget errors: the engine stays usable, the row records it
             return Response(prompt_tokens=len(req.prompt_ids), error=f"{type(e).__name__}: {e}")
         tokens = list(res.tokens)
-        return Response.of(res.stats, tokens, self.engine.tokenizer.decode(tokens))
+        return Response.of(res.stats, tokens, self.engine.tokenizer.decode(tokens), times)
 
     def warmup(self) -> float | None:
         """One uncached request before the run (kernel compilation, allocator) so the first row

@@ -1,10 +1,12 @@
 """Fixtures of the toolkit's tests: a deterministic fake target, a cache-only target (the
-simulator's target with a microsecond cost model), and the CLI invoked as `sbrbench.cli.main`
-invokes it."""
+simulator's target with a microsecond cost model), our own server in this process, and the CLI
+invoked as `sbrbench.cli.main` invokes it."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -87,6 +89,18 @@ def cache_only_target(policy: str, *, slots: int = 16, k: int = 8) -> Any:
     return SimTarget(cache, model_config("tiny"), CostModel(a=1e-6, b=0.0, c=0.0, restore=0.0))
 
 
+@contextmanager
+def our_server(**app_options: Any) -> Iterator[str]:
+    """`sbrbench serve` as a library: the tiny preset's engine behind engine.server's app on a
+    free loopback port of this process; yields its base URL."""
+    from engine.runtime import Engine
+    from engine.server import create_app, serve_in_background
+
+    app = create_app(Engine.from_preset("tiny"), **{"model_name": "tiny", **app_options})
+    with serve_in_background(app) as url:
+        yield url
+
+
 def cli_app() -> typer.Typer:
     """A Typer app with this issue's verbs (sbrbench.cli also imports verbs of other issues)."""
     from sbrbench import cli_compare, cli_run
@@ -129,6 +143,12 @@ def cache_only_target_fixture() -> Any:
 @pytest.fixture(name="fake_reply", scope="session")
 def fake_reply_fixture() -> Any:
     return reply_tokens
+
+
+@pytest.fixture(name="our_server", scope="session")
+def our_server_fixture() -> Any:
+    """our_server: `with our_server(max_queue=1) as url: ...`."""
+    return our_server
 
 
 @pytest.fixture(name="invoke", scope="session")

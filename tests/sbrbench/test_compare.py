@@ -123,6 +123,64 @@ def test_compare_pools_repetitions(invoke, tmp_path: Path) -> None:
     assert code == 2 and "request by request" in text
 
 
+def _served_rows(ttft: float, tpot: float, n: int, span: float) -> list[dict]:
+    """n requests of 8 output tokens, ITL gaps all `tpot`, spread evenly over `span` seconds."""
+    step = span / n
+    return [{"i": k, "phase": "round", "round": k, "ttft_s": ttft * (1 + 0.01 * k),
+             "tpot_s": tpot, "itl_s": [tpot] * 7, "e2e_s": ttft + 7 * tpot,
+             "replay_tokens": 0, "t_s": k * step, "done_s": (k + 1) * step,
+             "prompt_tokens": 100, "generated_tokens": 8, "error": None} for k in range(n)]
+
+
+def test_compare_latency_metrics_throughput_and_goodput(invoke, tmp_path: Path) -> None:
+    slo = {"ttft_s": 0.3}
+    a1 = _result(tmp_path / "a1.json", "round-robin", _served_rows(0.2, 0.02, 10, 5.0),
+                 "adaptive", slo=slo)
+    a2 = _result(tmp_path / "a2.json", "round-robin", _served_rows(0.2, 0.02, 10, 4.0),
+                 "adaptive", slo=slo)
+    b1 = _result(tmp_path / "b1.json", "round-robin", _served_rows(0.4, 0.04, 10, 10.0),
+                 "forecast", slo=slo)
+    b2 = _result(tmp_path / "b2.json", "round-robin", _served_rows(0.4, 0.04, 10, 8.0),
+                 "forecast", slo=slo)
+    out = tmp_path / "cmp.json"
+    code, text = invoke(["compare", str(a1), str(b1), "--json", str(out)])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    ph = doc["phases"]["round"]
+    assert ph["tpot_s"]["ratio"] == pytest.approx(0.5) and ph["itl_s"]["a"]["n"] == 70
+    assert ph["e2e_s"]["ratio"] == pytest.approx(0.34 / 0.68)
+    assert ph["slo_met"]["a"]["mean"] == 1.0 and ph["slo_met"]["b"]["mean"] == 0.0
+    assert doc["slo"] == slo and doc["slo_note"] is None
+    tp = doc["throughput"]
+    assert tp["request_throughput"]["ratio"] == pytest.approx(2.0)
+    assert tp["output_throughput"]["ratio"] == pytest.approx(2.0)
+    assert tp["goodput"]["a"]["mean"] == pytest.approx(2.0) and tp["goodput"]["ratio"] is None
+    assert tp["request_throughput"]["ci95"] is None  # one run a side
+    for name in ("TTFT ms", "TPOT ms", "ITL ms", "E2EL ms", "SLO met", "requests/s"):
+        assert name in text
+    # repetitions pooled: one throughput per run, so a ci95 of the ratio of means
+    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out),
+                         "--slo", "ttft=500ms"])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    tp = doc["throughput"]["request_throughput"]
+    assert tp["a"]["n"] == 2 and tp["ratio"] == pytest.approx(2.25 / 1.125)
+    assert tp["ci95"] is not None and tp["ci95"][0] <= tp["ratio"] <= tp["ci95"][1]
+    assert doc["slo"] == {"ttft_s": 0.5} and doc["phases"]["round"]["slo_met"]["ratio"] == 1.0
+
+
+def test_compare_notes_different_slos_and_failed_requests(invoke, tmp_path: Path) -> None:
+    rows = _served_rows(0.2, 0.02, 4, 2.0)
+    rows[1] = {**rows[1], "error": "HTTP 503"}
+    a = _result(tmp_path / "a.json", "round-robin", rows, slo={"ttft_s": 0.3}, partial=True,
+                failed=1)
+    b = _result(tmp_path / "b.json", "round-robin", _served_rows(0.2, 0.02, 4, 2.0),
+                slo={"ttft_s": 0.1})
+    code, text = invoke(["compare", str(a), str(b)])
+    assert code == 0, text
+    assert "different SLOs" in text and "partial (1 failed requests)" in " ".join(text.split())
+
+
 def _parity_rows(tokens: list[list[int]], digests: list[str], replays: list[int]) -> list[dict]:
     return [
         {

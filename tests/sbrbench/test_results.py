@@ -43,6 +43,26 @@ def test_writer_finish_partial_keeps_rows_and_reason(tmp_path: Path) -> None:
     assert doc["partial"] is True and doc["stopped"] == "interrupted" and len(doc["rows"]) == 1
 
 
+def test_failed_requests_are_counted_and_make_the_file_partial(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    w = ResultWriter(out, {"scenario": "round-robin", "slo": {"ttft_s": 0.25}})
+    w.append(_row(0, "round", t_s=0.0, done_s=0.5, generated_tokens=4, prompt_tokens=10))
+    w.append(_row(1, "round", t_s=0.5, done_s=1.0, error="HTTP 503: busy",
+                  warnings=["whole reply in one chunk"]))
+    w.append(_row(2, "round", t_s=1.0, done_s=2.0, generated_tokens=4, prompt_tokens=10,
+                  warnings=["whole reply in one chunk"]))
+    doc = json.loads(out.read_text())  # while running: counts are there already
+    assert doc["requests"] == 3 and doc["failed"] == 1 and doc["partial"] is True
+    w.finish()
+    doc = load_result(out)
+    assert doc["partial"] is True and "stopped" not in doc and doc["failed"] == 1
+    assert doc["warnings"] == {"whole reply in one chunk": 2}
+    assert [r.get("error") for r in doc["rows"]] == [None, "HTTP 503: busy", None]
+    tp = doc["throughput"]
+    assert tp["completed"] == 2 and tp["failed"] == 1 and tp["duration_s"] == 2.0
+    assert tp["slo"] == {"ttft_s": 0.25} and tp["slo_met"] == 1  # row 2: ttft 0.3 s
+
+
 def test_nan_and_inf_become_null(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     w = ResultWriter(out, {"scenario": "trace"})
@@ -116,6 +136,6 @@ def test_file_kind_and_paths() -> None:
     assert file_kind({}) == "unknown"
     assert (
         results.default_out("deep-resume", "tail-pin", "T").as_posix()
-        == "results/deep-resume-tail-pin-T.json"
+        == "sbr-results/deep-resume-tail-pin-T.json"
     )
     assert results.sibling_out(Path("a/x.json"), "lru").as_posix() == "a/x-lru.json"

@@ -7,12 +7,14 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.errors import ConfigError, UserError
 from sbrbench import cli_run
 from sbrbench.scenarios import (
     SCENARIOS,
+    Arrivals,
     apply_sets,
     load_config,
     make_scenario,
@@ -207,6 +209,61 @@ def test_concurrent_waves_record_every_row(fake_target) -> None:
     assert all(by[(c, 2)] > by[(c, 0)] for c in range(5))
 
 
+def test_rows_say_when_each_request_was_sent_and_finished(fake_target) -> None:
+    cfg = load_config("round-robin", sets=SMALL["round-robin"])
+    rows: list[dict] = []
+    run_scenario(make_scenario(cfg, 0), fake_target(), rows.append)
+    assert all(0 <= r["t_s"] <= r["done_s"] for r in rows) and "due_s" not in rows[0]
+    assert all(a["done_s"] <= b["t_s"] for a, b in zip(rows, rows[1:], strict=False))
+    assert all(r["tpot_s"] is None and r["itl_s"] is None for r in rows)  # the fake has neither
+
+
+def test_arrivals_are_poisson_or_gamma_at_the_rate() -> None:
+    """Deterministic draws (seeded): mean gap 1/rate; coefficient of variation 1/sqrt(shape)
+    (1 for Poisson), each within 5% over 4000 gaps (about 3 standard errors)."""
+    for burstiness in (1.0, 0.25, 4.0):
+        arr = Arrivals(8.0, burstiness, seed=3)
+        times = [arr.next_at() for _ in range(4001)]
+        assert times[0] == 0.0
+        gaps = np.diff(times)
+        assert gaps.mean() == pytest.approx(1 / 8.0, rel=0.05)
+        assert gaps.std() / gaps.mean() == pytest.approx(burstiness ** -0.5, rel=0.05)
+    assert [Arrivals(float("inf")).next_at() for _ in range(3)] == [0.0, 0.0, 0.0]
+    a, b = Arrivals(2.0, seed=1), Arrivals(2.0, seed=1)
+    assert [a.next_at() for _ in range(5)] == [b.next_at() for _ in range(5)]
+    for bad in ((0.0, 1.0), (-1.0, 1.0), (1.0, 0.0), (1.0, float("inf"))):
+        with pytest.raises(UserError):
+            Arrivals(*bad)
+
+
+@pytest.mark.parametrize("conc", [1, 3])
+def test_open_loop_requests_go_no_earlier_than_they_are_due(fake_target, conc: int) -> None:
+    cfg = load_config("round-robin", sets=["convs=4", "rounds=2", "first_tokens=30"])
+    rows: list[dict] = []
+    out = run_scenario(make_scenario(cfg, 0), fake_target(concurrency=conc), rows.append,
+                       concurrency=conc, arrivals=Arrivals(400.0, seed=0))
+    assert out.rows == 8
+    rows.sort(key=lambda r: r["i"])
+    due = [r["due_s"] for r in rows]
+    assert due == sorted(due) and due[0] == 0.0 and len(set(due)) == 8
+    assert all(r["t_s"] >= r["due_s"] for r in rows)
+
+
+@pytest.mark.parametrize("conc", [1, 3])
+def test_consecutive_failures_stop_the_run_keeping_every_row(fake_target, conc: int) -> None:
+    cfg = load_config("round-robin", sets=["convs=4", "rounds=3", "first_tokens=30"])
+    rows: list[dict] = []
+    target = fake_target(fail=set(range(2, 100)), concurrency=conc)
+    out = run_scenario(make_scenario(cfg, 0), target, rows.append, concurrency=conc,
+                       abort_after=3)
+    assert out.aborted is not None and "3 consecutive failed requests" in out.aborted
+    assert "fake failure at request" in out.aborted and not out.interrupted
+    # what was in flight when the third failure came back finishes and is recorded too
+    assert out.rows == len(rows) == len(target.sent) and 5 <= out.rows < 12
+    rows.sort(key=lambda r: r["i"])
+    assert [r["error"] is None for r in rows[:3]] == [True, True, False]
+
+
 def test_deep_resume_headline_forecast_strands_tail_pin_does_not(cache_only_target) -> None:
     """The CPU default on engine.cache decisions: resume replay >= 5x lower with tail-pin."""
     cfg = load_config("deep-resume")
@@ -316,10 +373,51 @@ def test_run_cli_user_errors(invoke, tmp_path: Path, fake_targets) -> None:
             "needs --target engine or sim",
         ),
         (["run", "trace", "--set", "trace=/nonexistent.jsonl"], "no such file"),
+        (["run", "parity", "--slo", "ttft=5"], "give the limit with its unit"),
+        (["run", "parity", "--slo", "latency=5ms"], "NAME one of ttft, tpot, e2el"),
+        (["run", "parity", "--request-rate", "0"], "--request-rate must be > 0"),
+        (["run", "parity", "--request-rate", "2", "--burstiness", "0"], "--burstiness must be"),
+        (["run", "trace", "--set", f"trace={_TRACE}", "--set", "time_scale=1",
+          "--request-rate", "5"], "replaces the trace's own timestamps"),
     ]
     for args, msg in cases:
         code, text = invoke([*args, "--out", str(tmp_path / "x.json"), "--no-progress"])
         assert code == 2 and msg in text, (args, text)
+
+
+def test_run_cli_open_loop_with_slo_records_load_and_goodput(invoke, tmp_path: Path,
+                                                            fake_targets) -> None:
+    out = tmp_path / "rr.json"
+    code, text = invoke(["run", "round-robin", "--policy", "lru", "--out", str(out),
+                         "--no-progress", "--request-rate", "500", "--burstiness", "2",
+                         "--slo", "ttft=3ms,e2el=1s",
+                         *sum((["--set", s] for s in SMALL["round-robin"]), [])])
+    assert code == 0, text
+    doc = json.loads(out.read_text())
+    assert doc["load"] == {"max_concurrency": 1, "request_rate": 500.0, "burstiness": 2.0,
+                           "abort_after": 10}
+    assert doc["slo"] == {"ttft_s": 0.003, "e2e_s": 1.0}
+    assert all("due_s" in r for r in doc["rows"])
+    # the fake's TTFT is 1-7 ms (n % 7): only requests under 3 ms met the SLO
+    met = sum(r["ttft_s"] <= 0.003 for r in doc["rows"])
+    assert doc["throughput"]["slo_met"] == met and 0 < met < 6
+    assert doc["throughput"]["goodput"] == pytest.approx(
+        met / doc["throughput"]["duration_s"])
+    assert "goodput req/s" in text and "SLO met" in text
+
+
+def test_run_cli_failures_exit_1_unless_allowed(invoke, tmp_path: Path, fake_targets) -> None:
+    _, opts = fake_targets
+    opts["fail"] = {2}
+    base = ["run", "round-robin", "--policy", "lru", "--no-progress",
+            *sum((["--set", s] for s in SMALL["round-robin"]), [])]
+    code, text = invoke([*base, "--out", str(tmp_path / "a.json")])
+    assert code == 1 and "1 of 6 requests failed" in text
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["partial"] is True and doc["failed"] == 1 and len(doc["rows"]) == 6
+    assert doc["rows"][2]["error"] == "fake failure at request 2"
+    code, text = invoke([*base, "--out", str(tmp_path / "b.json"), "--allow-failures", "0.2"])
+    assert code == 0, text
 
 
 def test_error_mid_run_keeps_rows_and_says_why(invoke, tmp_path: Path, fake_targets) -> None:

@@ -10,10 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import mannwhitneyu
 
+from engine.errors import UserError
 from sbrbench.stats import (
     bootstrap_ratio_ci,
     compare_samples,
     mann_whitney_p,
+    metric_values,
+    parse_slo,
+    run_throughput,
+    slo_met,
     summarize,
     summarize_rows,
 )
@@ -103,3 +108,60 @@ def test_scaling_a_scales_ratio_and_ci(a: list[float], b: list[float], k: float)
     assert c1.ci95[0] <= c1.ci95[1]
     # Mann-Whitney is rank-based: the same as scipy's
     assert c1.p_value is not None and math.isfinite(c1.p_value)
+
+
+# ----------------------------------------------------------------------------- SLOs, throughput
+
+
+def test_parse_slo_needs_names_and_units() -> None:
+    assert parse_slo("ttft=500ms, tpot=0.05s,e2el=2s") == {"ttft_s": 0.5, "tpot_s": 0.05,
+                                                         "e2e_s": 2.0}
+    assert parse_slo("TTFT=1e3ms") == {"ttft_s": 1.0}
+    for bad, msg in (("ttft=500", "with its unit"), ("itl=5ms", "NAME one of"),
+                     ("ttft", "NAME one of"), ("ttft=0ms", "must be > 0"), (",", "no limit")):
+        with pytest.raises(UserError, match=msg):
+            parse_slo(bad)
+
+
+def test_slo_met_per_request() -> None:
+    slo = {"ttft_s": 0.5, "tpot_s": 0.05}
+    assert slo_met({"ttft_s": 0.4, "tpot_s": 0.05, "generated_tokens": 9}, slo)
+    assert not slo_met({"ttft_s": 0.6, "tpot_s": 0.01, "generated_tokens": 9}, slo)
+    assert not slo_met({"ttft_s": 0.1, "tpot_s": 0.01, "error": "boom"}, slo)
+    # a one-token reply has no TPOT to miss; an unknown TPOT of a longer one misses
+    assert slo_met({"ttft_s": 0.1, "tpot_s": None, "generated_tokens": 1}, slo)
+    assert not slo_met({"ttft_s": 0.1, "tpot_s": None, "generated_tokens": 5}, slo)
+
+
+def test_run_throughput_and_goodput() -> None:
+    rows = [
+        {"t_s": 0.0, "done_s": 1.0, "prompt_tokens": 100, "generated_tokens": 10,
+         "ttft_s": 0.2, "tpot_s": 0.01},
+        {"t_s": 0.5, "done_s": 2.0, "prompt_tokens": 50, "generated_tokens": 20,
+         "ttft_s": 0.9, "tpot_s": 0.01},
+        {"t_s": 1.0, "done_s": 4.0, "prompt_tokens": 70, "generated_tokens": 0,
+         "ttft_s": None, "error": "HTTP 503"},
+    ]
+    tp = run_throughput(rows, {"ttft_s": 0.5})
+    assert tp["duration_s"] == 4.0 and (tp["completed"], tp["failed"]) == (2, 1)
+    assert (tp["input_tokens"], tp["output_tokens"]) == (150, 30)
+    assert tp["request_throughput"] == 0.5 and tp["output_throughput"] == 7.5
+    assert tp["total_token_throughput"] == 45.0
+    assert tp["slo_met"] == 1 and tp["goodput"] == 0.25 and tp["slo_attainment"] == 1 / 3
+    plain = run_throughput(rows)
+    assert plain["goodput"] is None and plain["slo"] is None
+    old = run_throughput([{"ttft_s": 1.0}])  # rows without timestamps: no rates
+    assert old["duration_s"] is None and old["request_throughput"] is None
+
+
+def test_itl_summaries_pool_every_gap() -> None:
+    rows = [{"phase": "p", "ttft_s": 1.0, "itl_s": [0.1, 0.3]},
+            {"phase": "p", "ttft_s": 2.0, "itl_s": [0.2]},
+            {"phase": "p", "ttft_s": 3.0, "itl_s": None},
+            {"phase": "p", "ttft_s": 9.0, "itl_s": [5.0], "error": "x"}]
+    s = summarize_rows(rows)["p"]
+    assert s["itl_s"]["n"] == 3 and s["itl_s"]["mean"] == pytest.approx(0.2)
+    assert s["ttft_s"]["n"] == 3 and s["tpot_s"] is None
+    assert list(metric_values(rows, "p", "itl_s")) == [0.1, 0.3, 0.2]
+    met = metric_values(rows, "p", "slo_met", {"ttft_s": 1.5})
+    assert list(met) == [1.0, 0.0, 0.0, 0.0]

@@ -1,31 +1,20 @@
-"""`sbrbench serve` end to end: a real server (tiny preset, CPU) in a subprocess on loopback.
-
-One server process serves the whole module (engine start-up costs seconds); it runs with
-`--max-queue 1` so the 503 path can be reached with three requests, and with
-`--default-max-tokens 2` so that requests without max_tokens (schemathesis sends some) stay
-short. Every test ends by checking that the server still answers /health.
-"""
+"""The server's routes end to end over loopback: chat and completions (streamed and not),
+stops, refusals with OpenAI-style errors, model names, disconnects, the queue, /metrics."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
-from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+from engine.record import TIMING_FIELDS
+
+ALIAS = "tiny-alias"  # conftest: the module server's alias
+
 SBR_KEYS = {
     "prompt_tokens",
     "cached_tokens",
@@ -35,124 +24,47 @@ SBR_KEYS = {
     "generated_tokens",
     "logits_sha256",
     "session",
+    "seed",
     "timing",
 }
-TIMING_KEYS = {
-    "queue_s",
-    "match_s",
-    "restore_s",
-    "replay_s",
-    "prefill_s",
-    "ttft_s",
-    "decode_s",
-    "finalize_s",
-    "e2e_s",
-}
-
-pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sbrbench.cli",
-        "serve",
-        "--preset",
-        "tiny",
-        "--port",
-        str(port),
-        "--max-queue",
-        "1",
-        "--default-max-tokens",
-        "2",
-        "--log-level",
-        "warning",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not come up in 180 s:\n{log.read_text()}")
-            time.sleep(0.25)
-        yield base
-        assert proc.poll() is None, f"the server died:\n{log.read_text()}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def client(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=300) as c:
-        yield c
-        assert c.get("/health").json()["status"] == "ok"
-
-
-def _sse(lines: Iterator[str]) -> list[Any]:
-    """The `data:` payloads of an SSE stream: parsed JSON chunks, then the string "[DONE]"."""
-    out: list[Any] = []
-    for line in lines:
-        if line.startswith("data: "):
-            payload = line[len("data: ") :]
-            out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
-def _metrics(c: httpx.Client) -> dict[tuple[str, tuple], float]:
-    text = c.get("/metrics").text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-
-
-def _assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
-
-
+TIMING_KEYS = {"queue_s", *TIMING_FIELDS}
 SYSTEM = "You are a terse assistant. Answer in one short line."
 
 
-def test_models_and_health(client: httpx.Client) -> None:
+def test_models_aliases_and_health(client: httpx.Client, api_error: Any) -> None:
     models = client.get("/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
-    assert models["data"][0]["max_model_len"] > 0
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == ["tiny", ALIAS]
+    assert all(m["root"] == "tiny" and m["max_model_len"] > 0 for m in models["data"])
+    assert client.get(f"/v1/models/{ALIAS}").json()["id"] == ALIAS
+    api_error(client.get("/v1/models/gpt-4o"), 404, "model_not_found")
     health = client.get("/health").json()
     assert health == {"status": "ok", "model": "tiny", "queue_depth": 0, "busy": False}
 
 
-def test_streamed_turn_then_second_turn_hits_the_cache(client: httpx.Client) -> None:
+def test_requests_name_a_served_model_or_get_404(client: httpx.Client, api_error: Any) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    r = client.post("/v1/chat/completions", json={**body, "model": ALIAS})
+    assert r.status_code == 200 and r.json()["model"] == ALIAS
+    assert client.post("/v1/chat/completions", json=body).json()["model"] == "tiny"
+    err = api_error(client.post("/v1/chat/completions", json={**body, "model": "other"}), 404,
+                    "model_not_found")
+    assert err["param"] == "model" and "other" in err["message"]
+    api_error(client.post("/v1/completions", json={"prompt": "x", "model": "other"}), 404,
+              "model_not_found")
+
+
+def test_unseeded_sampling_draws_a_seed_that_replays_the_reply(client: httpx.Client) -> None:
+    body = {"prompt": "Sample me", "max_tokens": 8, "temperature": 1.0, "ignore_eos": True}
+    a, b = (client.post("/v1/completions", json=body).json() for _ in range(2))
+    assert a["sbr"]["seed"] != b["sbr"]["seed"]
+    assert a["choices"][0]["text"] != b["choices"][0]["text"]
+    again = client.post("/v1/completions", json={**body, "seed": a["sbr"]["seed"]}).json()
+    assert again["choices"][0]["text"] == a["choices"][0]["text"]
+    assert again["sbr"]["seed"] == a["sbr"]["seed"]
+
+
+def test_streamed_turn_then_second_turn_hits_the_cache(client: httpx.Client, sse: Any) -> None:
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello!"}]
     body = {
         "messages": messages,
@@ -166,7 +78,7 @@ def test_streamed_turn_then_second_turn_hits_the_cache(client: httpx.Client) -> 
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = _sse(r.iter_lines())
+        events = sse(r.iter_lines())
 
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
@@ -202,7 +114,7 @@ def test_streamed_turn_then_second_turn_hits_the_cache(client: httpx.Client) -> 
     assert sbr["new_tokens"] == out["usage"]["prompt_tokens"] - cached
 
 
-def test_completions_text_token_ids_echo_and_stream(client: httpx.Client) -> None:
+def test_completions_text_token_ids_echo_and_stream(client: httpx.Client, sse: Any) -> None:
     r = client.post(
         "/v1/completions",
         json={"prompt": "Once upon a time", "max_tokens": 3, "ignore_eos": True, "echo": True},
@@ -216,7 +128,7 @@ def test_completions_text_token_ids_echo_and_stream(client: httpx.Client) -> Non
     body = {"prompt": [79, 110, 99, 101], "max_tokens": 3, "ignore_eos": True, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
-        events = _sse(r.iter_lines())
+        events = sse(r.iter_lines())
     assert events[-1] == "[DONE]"
     assert all(c["object"] == "text_completion" for c in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "length"
@@ -292,39 +204,41 @@ def test_stop_string_ends_the_reply_before_it(client: httpx.Client) -> None:
     ],
 )
 def test_bad_requests_get_an_openai_error(
-    client: httpx.Client, path: str, payload: dict | bytes, param: str | None
+    client: httpx.Client, api_error: Any, path: str, payload: dict | bytes, param: str | None
 ) -> None:
     if isinstance(payload, bytes):
         r = client.post(path, content=payload, headers={"content-type": "application/json"})
     else:
         r = client.post(path, json=payload)
-    err = _assert_error(r, 400)
+    err = api_error(r, 400)
     assert err["type"] == "invalid_request_error"
     if param is not None:
         assert err["param"] == param
 
 
-def test_semantic_rejections_name_the_reason(client: httpx.Client) -> None:
-    err = _assert_error(client.post("/v1/completions", json={"prompt": [1, 10**6]}), 400)
+def test_semantic_rejections_name_the_reason(client: httpx.Client, api_error: Any) -> None:
+    err = api_error(client.post("/v1/completions", json={"prompt": [1, 10**6]}), 400)
     assert "vocabulary" in err["message"] or "token ids" in err["message"]
-    err = _assert_error(client.get("/v1/nothing"), 404)
+    err = api_error(client.get("/v1/nothing"), 404)
     assert err["type"] == "invalid_request_error"
-    _assert_error(client.get("/v1/chat/completions"), 405)
+    api_error(client.get("/v1/chat/completions"), 405)
 
 
-def test_prompt_over_the_context_is_rejected_with_the_reason(client: httpx.Client) -> None:
-    huge = "a" * (3 * 1024 * 1024)
+def test_prompt_over_the_context_is_rejected_with_the_reason(
+    client: httpx.Client, api_error: Any
+) -> None:
+    max_len = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    huge = "a" * (max_len + 1)
     r = client.post(
         "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": huge}], "max_tokens": 1},
     )
-    err = _assert_error(r, 400, "context_length_exceeded")
+    err = api_error(r, 400, "context_length_exceeded")
     assert "context length" in err["message"]
     r = client.post("/v1/completions", json={"prompt": huge, "stream": True})
-    _assert_error(r, 400, "context_length_exceeded")
-    max_len = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    api_error(r, 400, "context_length_exceeded")
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": max_len})
-    _assert_error(r, 400, "context_length_exceeded")
+    api_error(r, 400, "context_length_exceeded")
 
 
 @pytest.mark.parametrize(
@@ -366,14 +280,41 @@ def test_edge_values_are_served(client: httpx.Client, extra: dict) -> None:
     assert r.json()["usage"]["completion_tokens"] == 1
 
 
-def test_lone_surrogates_are_rejected_not_crashed_on(client: httpx.Client) -> None:
-    # Valid JSON escapes, but not Unicode text: a 400, never a 500 from encoding them back.
+def test_max_tokens_over_the_context_is_refused_whichever_field_wins(
+    client: httpx.Client, api_error: Any
+) -> None:
+    # max_completion_tokens takes precedence, but max_tokens must still obey its schema maximum
+    max_len = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    body = {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1}
+    err = api_error(client.post("/v1/chat/completions", json={**body, "max_tokens": max_len + 1}),
+                    400, "invalid_value")
+    assert err["param"] == "max_tokens"
+    r = client.post("/v1/chat/completions", json={**body, "max_tokens": 5})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+
+
+def test_lone_surrogates_read_as_replacement_characters_on_both_paths(
+    client: httpx.Client,
+) -> None:
+    # Valid JSON escapes, but not Unicode text: every text field reads them as U+FFFD, so chat
+    # content, completion prompts and the `user` hint are treated alike (never a 500).
+    headers = {"content-type": "application/json"}
     body = b'{"prompt": "a\\ud800b", "max_tokens": 1, "echo": true, "user": "\\udfff"}'
-    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
-    _assert_error(r, 400)
+    r = client.post("/v1/completions", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["text"].startswith("a\ufffdb") and out["sbr"]["session"] == "\ufffd"
+    clean = client.post("/v1/completions", json={"prompt": "a\ufffdb", "max_tokens": 1}).json()
+    assert out["usage"]["prompt_tokens"] == clean["usage"]["prompt_tokens"]
+    chat = b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}'
+    r = client.post("/v1/chat/completions", content=chat, headers=headers)
+    assert r.status_code == 200, r.text
+    same = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "a\ufffdb"}], "max_tokens": 1}).json()
+    assert r.json()["usage"]["prompt_tokens"] == same["usage"]["prompt_tokens"]
 
 
-def test_oversized_body_gets_413_or_400_not_a_crash() -> None:
+def test_oversized_body_gets_413_or_400_not_a_crash(api_error: Any) -> None:
     # In process (same app, real engine) with a small limit: the server's is 64 MiB.
     from fastapi.testclient import TestClient
 
@@ -382,7 +323,7 @@ def test_oversized_body_gets_413_or_400_not_a_crash() -> None:
 
     app = create_app(Engine.from_preset("tiny"), model_name="tiny", max_body_bytes=1000)
     with TestClient(app) as c:
-        err = _assert_error(c.post("/v1/completions", json={"prompt": "x" * 5000}), 413)
+        err = api_error(c.post("/v1/completions", json={"prompt": "x" * 5000}), 413)
         assert err["code"] == "body_too_large"
 
         def chunked() -> Iterator[bytes]:  # no Content-Length: caught while reading
@@ -391,7 +332,7 @@ def test_oversized_body_gets_413_or_400_not_a_crash() -> None:
         r = c.post(
             "/v1/completions", content=chunked(), headers={"content-type": "application/json"}
         )
-        _assert_error(r, 400)
+        api_error(r, 400)
         assert c.get("/health").status_code == 200
 
 
@@ -411,10 +352,10 @@ def _wait_for(pred: Any, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def test_disconnect_mid_stream_cancels_the_generation(client: httpx.Client) -> None:
+def test_disconnect_mid_stream_cancels_the_generation(client: httpx.Client, metrics: Any) -> None:
     key = ("sbr_requests_total", (("endpoint", "chat"), ("outcome", "cancelled")))
     gen_key = ("sbr_tokens_total", (("kind", "generated"),))
-    before = _metrics(client)
+    before = metrics(client)
     with httpx.Client(base_url=str(client.base_url), timeout=300) as own:
         with own.stream("POST", "/v1/chat/completions", json=_long_stream_body()) as r:
             assert r.status_code == 200
@@ -424,9 +365,9 @@ def test_disconnect_mid_stream_cancels_the_generation(client: httpx.Client) -> N
                     seen += 1
                 if seen >= 3:
                     break  # leaving both blocks closes the connection mid-stream
-    _wait_for(lambda: _metrics(client).get(key, 0) > before.get(key, 0))
+    _wait_for(lambda: metrics(client).get(key, 0) > before.get(key, 0))
     _wait_for(lambda: not client.get("/health").json()["busy"])
-    generated = _metrics(client)[gen_key] - before.get(gen_key, 0)
+    generated = metrics(client)[gen_key] - before.get(gen_key, 0)
     assert generated < 4000, "the engine kept generating after the client left"
     r = client.post(
         "/v1/chat/completions",
@@ -435,7 +376,7 @@ def test_disconnect_mid_stream_cancels_the_generation(client: httpx.Client) -> N
     assert r.status_code == 200
 
 
-def test_full_queue_answers_503_with_retry_after(client: httpx.Client) -> None:
+def test_full_queue_answers_503_with_retry_after(client: httpx.Client, api_error: Any) -> None:
     base = str(client.base_url)
     small = {"messages": [{"role": "user", "content": "queued"}], "max_tokens": 2}
     second: dict[str, httpx.Response] = {}
@@ -451,17 +392,19 @@ def test_full_queue_answers_503_with_retry_after(client: httpx.Client) -> None:
             t.start()
             _wait_for(lambda: client.get("/health").json()["queue_depth"] == 1, 30)
             third = client.post("/v1/chat/completions", json=small)
-            err = _assert_error(third, 503, "queue_full")
+            err = api_error(third, 503, "queue_full")
             assert err["type"] == "server_overloaded"
             assert int(third.headers["retry-after"]) >= 1
     t.join(timeout=300)
     assert second["r"].status_code == 200, second["r"].text
 
 
-def test_metrics_exposes_requests_latency_and_cache(client: httpx.Client) -> None:
+def test_metrics_exposes_requests_latency_queue_and_cache(
+    client: httpx.Client, metrics: Any
+) -> None:
     body = {"messages": [{"role": "user", "content": "metrics please"}], "max_tokens": 2}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
-    m = _metrics(client)
+    m = metrics(client)
     names = {name for name, _ in m}
     for want in (
         "sbr_requests_total",
@@ -475,6 +418,8 @@ def test_metrics_exposes_requests_latency_and_cache(client: httpx.Client) -> Non
         "sbr_cache_kv_pool_bytes",
         "sbr_queue_depth",
         "sbr_busy",
+        "sbr_concurrency_limit",
+        "sbr_max_queue",
     ):
         assert want in names, want
     assert m[("sbr_tokens_total", (("kind", "replay"),))] >= 0
@@ -483,6 +428,7 @@ def test_metrics_exposes_requests_latency_and_cache(client: httpx.Client) -> Non
     }
     assert {"policy", "kv"} <= reasons
     assert m[("sbr_ttft_seconds_count", ())] >= 1
+    assert m[("sbr_concurrency_limit", ())] == 1 and m[("sbr_max_queue", ())] == 1
 
 
 def test_openapi_documents_openai_errors(client: httpx.Client) -> None:
@@ -490,81 +436,3 @@ def test_openapi_documents_openai_errors(client: httpx.Client) -> None:
     chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "422" not in chat and {"200", "400", "503"} <= set(chat)
     assert "text/event-stream" in chat["200"]["content"]
-
-
-def test_round_robin_scenario_over_http(server: str, tmp_path: Path) -> None:
-    out = tmp_path / "rr.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sbrbench.cli",
-        "run",
-        "round-robin",
-        "--target",
-        "http",
-        "--base-url",
-        server,
-        "--set",
-        "convs=2",
-        "--set",
-        "rounds=2",
-        "--out",
-        str(out),
-    ]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    result = json.loads(out.read_text())
-    rows = result["rows"]
-    assert len(rows) == 4 and not any(row.get("error") for row in rows)
-    assert all(row["cached_tokens"] > 0 for row in rows if row["round"] == 1)
-    assert httpx.get(f"{server}/health").status_code == 200
-
-
-# ----------------------------------------------------------------------------- schemathesis
-
-
-def _tiny_context() -> int:
-    from engine.config import preset
-
-    return int(preset("tiny").max_position_embeddings)
-
-
-TINY_CONTEXT = _tiny_context()
-
-
-def map_body(ctx: Any, body: Any) -> Any:
-    """Schemathesis hook: bounded examples, every request decodes at most 2 tokens on the CPU.
-
-    Only valid values are lowered (invalid ones stay invalid for the negative-data checks: a
-    max_tokens above the context bound must still be refused)."""
-    if isinstance(body, dict):
-        for key in ("max_tokens", "max_completion_tokens"):
-            n = body.get(key)
-            integral = isinstance(n, int) or (isinstance(n, float) and n.is_integer())
-            if integral and not isinstance(n, bool) and 2 < n <= TINY_CONTEXT:
-                body[key] = 2
-        if "max_tokens" not in body:
-            body["max_tokens"] = 2
-    return body
-
-
-@pytest.fixture(scope="module")
-def api_schema(server: str) -> Any:
-    # The coverage phase sends hundreds of boundary cases per operation, each a real CPU
-    # generation: too slow for CI. Its finds live on as explicit tests (tiny top_p, seeds, ...).
-    config = schemathesis.config.SchemathesisConfig.from_dict(
-        {"phases": {"coverage": {"enabled": False}}}
-    )
-    schema = schemathesis.openapi.from_url(f"{server}/openapi.json", config=config)
-    schema.hook(map_body)
-    return schema
-
-
-fuzz = schemathesis.pytest.from_fixture("api_schema")
-
-
-@fuzz.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-def test_schemathesis_finds_no_server_error(case: Any, server: str) -> None:
-    case.call_and_validate(timeout=120)
-    assert httpx.get(f"{server}/health").status_code == 200
