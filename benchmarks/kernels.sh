@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kernel comparison on one GPU: the chunked GDN kernels (split2, every 64-token grid state
+# The kernel comparison on one GPU: the chunked GDN kernel (every 64-token grid state
 # captured) against fla and the torch reference at Qwen3-Next shapes, and the engine's prefill
 # at a3b-proxy shapes (MFU of the 989 TFLOP/s dense bf16 peak).
 #

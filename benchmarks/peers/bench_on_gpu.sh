@@ -23,7 +23,7 @@ fi
 if [ "$step" = kernels ] || [ "$step" = all ]; then
   ts=${TS:-4096,8192,16384,32768,65536}
   python3 -m sbrbench.cli bench kernels --T "$ts" --graphs --torch-max-t 8192 \
-      --out "$dest/bench-kernels-${ts//,/-}.json"
+      --out "$dest/bench-kernels-peers.json"
 fi
 if [ "$step" = resume ] || [ "$step" = all ]; then
   python3 -m sbrbench.cli bench resume --preset a3b-proxy --depth 24576 --new 27 --reps 3 \

@@ -83,26 +83,3 @@ def test_window_attention_rows_do_not_depend_on_the_window_on_cpu(dtype: torch.d
     want = window(1024, 64)
     for e0, t in ((1024, 128), (960, 128), (512, 1024), (0, 2048)):
         assert torch.equal(window(e0, t)[1024 - e0:1088 - e0], want), (e0, t)
-
-
-@pytest.mark.gpu
-def test_flash_window_rows_do_not_depend_on_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The single flash call (attention setting "flash") gives the queries of positions
-    4096..4159 the same bits in windows of 64 to 4096 rows: its key blocks start at key 0
-    whatever the window, and keys past a query add exact zeros. (The cuDNN pieces are not
-    window-invariant: their split points follow the window's start and size.)"""
-    monkeypatch.setattr(ops, "_DEFAULT", ops.Kernels(attention="flash"))
-    cfg = preset("a3b-proxy")
-    attn = at.GatedAttention(cfg, 3)
-    gen = torch.Generator().manual_seed(4)
-    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = torch.randn(8192, hq, d, generator=gen).bfloat16().cuda()
-    keys = torch.randn(8192, hkv, d, generator=gen).bfloat16().cuda()
-    vals = torch.randn(8192, hkv, d, generator=gen).bfloat16().cuda()
-
-    def window(e0: int, t: int) -> torch.Tensor:
-        return attn._attend(q[e0:e0 + t], keys[:e0 + t], vals[:e0 + t], causal=True)
-
-    want = window(4096, 64)
-    for e0, t in ((4096, 128), (4032, 128), (2048, 4096), (4096, 4096)):
-        assert torch.equal(window(e0, t)[4096 - e0:4160 - e0], want), (e0, t)
