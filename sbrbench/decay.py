@@ -1,5 +1,8 @@
 """GDN decay forensics: per-head decay horizons and window fidelity of the gated delta rule.
 
+One file over 500 lines on purpose: it is one pipeline (read the decay tensors -> horizons ->
+fidelity -> the report and its JSON), each step a few small functions the next one consumes.
+
 Decay of head h at token t: alpha_t = exp(g_t), g_t = -exp(A_log) * softplus(a_t + dt_bias).
 
 - static mode takes a_t = 0, so g is a constant per head and the horizon (tokens until the

@@ -1,7 +1,9 @@
 """Triton kernels of the GDN layer (CUDA): chunked gated delta rule on the absolute grid, the
 single-token recurrent step, causal conv1d and gated RMSNorm, with reference.py's contracts.
 
-Imported lazily by engine.kernels.ops, on CUDA only.
+Imported lazily by engine.kernels.ops, on CUDA only. One file over 500 lines on purpose: the
+four chunk kernels share their jit helpers (tiles, gates, the unit-lower inverse) and one launch
+contract, and reading them side by side is how their exactness is checked.
 
 The chunked rule (gdn_chunk_fwd) is four launches, fla's structure on our contract:
 1. `_solve_kernel`, parallel over (chunk, value head): X = (I + L)^-1 in 16x16 blocks (forward
