@@ -159,7 +159,7 @@ def test_compare_latency_metrics_throughput_and_goodput(invoke, tmp_path: Path) 
     for name in ("TTFT ms", "TPOT ms", "ITL ms", "E2EL ms", "SLO met", "requests/s"):
         assert name in text
     # repetitions pooled: one throughput per run, so a ci95 of the ratio of means
-    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out),
+    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out), "--force",
                          "--slo", "ttft=500ms"])
     assert code == 0, text
     doc = json.loads(out.read_text())
