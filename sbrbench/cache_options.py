@@ -37,7 +37,7 @@ def split_policies(text: str, *, offline: bool = False) -> list[str]:
 def positive(value: float | None) -> float | None:
     """Typer callback of a flag that must be > 0 (seconds, rates, shapes); None passes."""
     if value is not None and not value > 0:
-        raise typer.BadParameter(f"{value:g} is not > 0")
+        raise typer.BadParameter(f"Input should be greater than 0, got {value:g}")
     return value
 
 

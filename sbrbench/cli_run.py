@@ -252,11 +252,11 @@ def register(app: typer.Typer) -> None:
             1, "--max-concurrency", "--concurrency", min=1,
             help="requests in flight at most (http; the in-process engine runs one)"),
         request_rate: float | None = typer.Option(
-            None, "--request-rate", callback=positive,
+            None, "--request-rate",
             help="open-loop arrivals: requests per second (Poisson; see --burstiness); "
             "default: each request as soon as a slot is free"),
         burstiness: float = typer.Option(
-            1.0, callback=positive,
+            1.0,
             help="--request-rate gaps: gamma shape (1 Poisson, <1 burstier, >1 steadier)"),
         slo: str | None = typer.Option(
             None, help="goodput SLOs, e.g. ttft=500ms,tpot=50ms,e2el=2s (units required)"),
@@ -307,7 +307,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(scenario, scenario_file, sets)
         slo_limits = parse_slo(slo) if slo else None
         if request_rate is not None:
-            Arrivals(request_rate, burstiness)  # checks both
+            Arrivals(request_rate, burstiness)  # checks both (> 0), naming the flag
             if cfg.params.get("time_scale"):
                 raise UserError("--request-rate replaces the trace's own timestamps: "
                                 "pass --set time_scale=0 with it")
