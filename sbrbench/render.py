@@ -348,18 +348,6 @@ def side_by_side_table(
 # ----------------------------------------------------------------------------- plots
 
 
-def fmt_count(v: float | None) -> str:
-    """A count readable at any scale: 512, 9,870, 16.2k, 27.7M."""
-    if v is None:
-        return "-"
-    x = abs(v)
-    if x >= 1e6:
-        return f"{v / 1e6:.3g}M"
-    if x >= 1e4:
-        return f"{v / 1e3:.3g}k"
-    return f"{v:,.0f}" if x >= 100 or v == int(v) else f"{v:.3g}"
-
-
 def _label(doc: dict[str, Any]) -> str:
     from sbrbench.results import policy_of
 

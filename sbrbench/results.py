@@ -374,7 +374,8 @@ def _check_place(path: Path, flag: str) -> None:
     while not (here.exists() or here.is_symlink()) and here != here.parent:
         here = here.parent
     if not here.is_dir():
-        raise UserError(f"{flag} {path}: cannot create the folder {folder} ({here} is not a "
+        raise UserError(f"{flag} {path}: {here} is not a directory" if here == folder else
+                        f"{flag} {path}: cannot create the folder {folder} ({here} is not a "
                         "directory)")
     try:
         fd, probe = tempfile.mkstemp(prefix=".sbrbench-probe-", dir=here)
