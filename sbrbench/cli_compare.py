@@ -239,7 +239,10 @@ def _describe(doc: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
     }
 
 
-def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
+def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str, *,
+                     explained: bool = True) -> None:
+    """The comparison's tables; `explained`: with the captions that say what phases and
+    metrics are (a run that printed them above passes False)."""
     from sbrbench.render import (
         compare_table,
         parity_table,
@@ -265,7 +268,8 @@ def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
     if cmp["phases"]:
         lat = cmp.get("latency") or {}
         console.print(compare_table(cmp["phases"], label_a, label_b, scenario=cmp.get("scenario"),
-                                    basis=(lat.get("a", "measured"), lat.get("b", "measured"))))
+                                    basis=(lat.get("a", "measured"), lat.get("b", "measured")),
+                                    explained=explained))
     else:
         console.print("no phase with data in both files", style="yellow")
     if cmp.get("throughput"):

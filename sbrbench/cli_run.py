@@ -141,9 +141,11 @@ def run_one(
     declared_policy: str | None = None,
     load: Load = Load(),
     slo: dict[str, float] | None = None,
+    explained: bool = True,
 ) -> RunResult:
     """One scenario run into `out`; the file is partial if a request failed, if the run was
-    interrupted or stopped early, or on an exception."""
+    interrupted or stopped early, or on an exception. `explained`: the summary table says what
+    its phases and metrics are (the first run of several does)."""
     from sbrbench.render import RunProgress, summary_table, throughput_table
 
     scenario = make_scenario(cfg, seed)
@@ -198,7 +200,8 @@ def run_one(
     doc = writer.doc
     basis = latency_basis(doc)
     console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] on {target.kind}, "
-                                f"per request -> {out}", scenario=cfg.name, basis=basis))
+                                f"per request -> {out}", scenario=cfg.name, basis=basis,
+                                explained=explained))
     console.print(throughput_table(doc["throughput"], basis))
     for text, count in doc["warnings"].items():
         console.print(f"warning: {count} of {len(doc['rows'])} rows: {text}", style="yellow")
@@ -363,6 +366,7 @@ def register(app: typer.Typer) -> None:
                     declared_policy=pol if cache is None else None,
                     load=load,
                     slo=slo_limits,
+                    explained=not results,
                 )
             finally:
                 tgt.close()
@@ -383,6 +387,7 @@ def register(app: typer.Typer) -> None:
                     compare_results(base, doc, slo=slo_limits),
                     f"{pols[0]} ({results[0].path.name})",
                     f"{doc['engine'].get('policy')} ({other.path.name})",
+                    explained=False,
                 )
         code = failure_exit(results, allow_failures)
         if code:

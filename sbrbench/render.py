@@ -49,11 +49,11 @@ PHASES: dict[str, dict[str, str]] = {
 
 METRIC_NOTES = {
     "ttft_s": "TTFT: time to first token",
-    "tpot_s": "TPOT: time per output token after the first",
-    "itl_s": "ITL: each gap between two tokens (its n counts gaps)",
-    "e2e_s": "E2EL: a request's end-to-end latency",
+    "tpot_s": "TPOT: per output token after the first",
+    "itl_s": "ITL: between two tokens (n counts gaps)",
+    "e2e_s": "E2EL: end to end",
     "replay_tokens": "replay tok: tokens recomputed to rebuild the recurrent state, from the "
-    "deepest surviving snapshot up to the cached prefix (0: cold, or no replay needed)",
+    "deepest surviving snapshot to the cached prefix (0: cold, or nothing to replay)",
     "slo_met": "SLO met: share of requests within every SLO",
 }
 
@@ -84,12 +84,14 @@ def phase_notes(scenario: str | None, phases: Iterable[str]) -> str:
 
 def explain(scenario: str | None, phases: Iterable[str], metrics: Iterable[str],
             basis: str) -> Text:
-    """The caption under a table of per-request figures: phases, metrics, measured/modelled."""
+    """The caption under a table of per-request figures: what the phases and metrics are and
+    whether the latencies were measured or modelled."""
     shown = [m for m in dict.fromkeys(metrics) if m in METRIC_NOTES]
+    lat = [METRIC_NOTES[m] for m in shown if m in LATENCY_METRICS]
     lines = [phase_notes(scenario, phases)]
-    if any(m in LATENCY_METRICS for m in shown):
-        lines.append(f"latencies in ms, {BASIS_NOTES.get(basis, basis)}")
-    lines += [METRIC_NOTES[m] for m in shown]
+    if lat:
+        lines.append("; ".join(lat) + f"; in ms, {BASIS_NOTES.get(basis, basis)}")
+    lines += [METRIC_NOTES[m] for m in shown if m not in LATENCY_METRICS]
     return Text("\n".join(x for x in lines if x), style="dim")
 
 
@@ -176,10 +178,11 @@ def _row(*cells: Any) -> list[Text]:
 
 
 def summary_table(summary: dict[str, Any], title: str, *, scenario: str | None = None,
-                  basis: str = "measured") -> Table:
+                  basis: str = "measured", explained: bool = True) -> Table:
     """Per phase: n, mean, p50, p90, p99, max of TTFT, TPOT, ITL, E2EL and replay tokens
-    (metrics the target does not report are left out; ITL's n counts gaps), with a caption
-    saying what the phases and metrics are and whether the latencies were measured."""
+    (metrics the target does not report are left out; ITL's n counts gaps); `explained`, a
+    caption saying what the phases and metrics are and whether the latencies were measured
+    (the title says it in short either way)."""
     t = Table(title=Text(title), title_justify="left", caption_justify="left")
     t.add_column("phase")
     t.add_column("metric", no_wrap=True)
@@ -204,16 +207,15 @@ def summary_table(summary: dict[str, Any], title: str, *, scenario: str | None =
                 *(_fmt(s[c], m) for c in ("mean", "median", "p90", "p99", "max")),
                 err,
             ))
-    t.caption = explain(scenario, summary, used, basis)
+    if explained:
+        t.caption = explain(scenario, summary, used, basis)
     return t
 
 
 def throughput_table(tp: dict[str, Any], basis: str = "measured") -> Table:
     """The run's requests, tokens, wall time and rates (goodput under its SLO)."""
-    clock = "wall clock of the run" if basis == "measured" else \
-        "wall clock of the simulation, not modelled time"
-    t = Table(title=Text(f"throughput (per run; {clock})"), title_justify="left",
-              show_header=False)
+    clock = "wall clock" if basis == "measured" else "the simulator's wall clock, not modelled"
+    t = Table(title=Text(f"throughput ({clock})"), title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
     done = Text(f"{tp.get('completed', 0)} completed")
@@ -249,9 +251,10 @@ RATIO_NOTE = ("A/B: mean of A over mean of B (above 1: A is slower, or replays m
 
 def throughput_compare_table(cmp: dict[str, Any]) -> Table:
     """Run-level rates of A and B, ratio A/B, and ci95 / p where repetitions were pooled."""
-    t = Table(title=Text("throughput per run, A vs B (ci95 and p need 2+ pooled runs a side)"),
-              title_justify="left", caption_justify="left",
-              caption=Text("A/B above 1: A served more per second", style="dim"))
+    t = Table(title=Text("throughput per run, A vs B"), title_justify="left",
+              caption_justify="left",
+              caption=Text("A/B above 1: A served more per second; ci95 and p need 2+ "
+                           "pooled runs a side", style="dim"))
     for col in ("metric", "runs", "A", "B", "A/B", "ci95", "p"):
         t.add_column(col, justify="left" if col == "metric" else "right", no_wrap=True)
     for k, c in cmp.items():
@@ -270,10 +273,11 @@ def throughput_compare_table(cmp: dict[str, Any]) -> Table:
 
 
 def compare_table(cmp: dict[str, Any], label_a: str, label_b: str, *,
-                  scenario: str | None = None, basis: tuple[str, str] = ("measured", "measured")
-                  ) -> Table:
+                  scenario: str | None = None, basis: tuple[str, str] = ("measured", "measured"),
+                  explained: bool = True) -> Table:
     """Per phase and metric: A and B means, ratio A/B, ci95, Mann-Whitney p (80 columns), with
-    a caption saying how to read the ratio, what the phases are, what was measured."""
+    a caption saying how to read the ratio and (`explained`) what the phases and metrics are
+    and whether they were measured."""
     t = Table(title=Text(f"A = {label_a}\nB = {label_b}"), title_justify="left",
               caption_justify="left")
     for col in ("phase", "metric", "n", "mean A", "mean B", "A/B", "ci95", "p"):
@@ -302,8 +306,8 @@ def compare_table(cmp: dict[str, Any], label_a: str, label_b: str, *,
                 "-" if c["p_value"] is None else f"{c['p_value']:.2g}",
             ))
     same = basis[0] if basis[0] == basis[1] else f"A {basis[0]}, B {basis[1]}"
-    caption = explain(scenario, cmp, used, same)
-    caption.append_text(Text("\n" + RATIO_NOTE, style="dim"))
+    caption = explain(scenario, cmp, used, same) if explained else Text(style="dim")
+    caption.append_text(Text(("\n" if explained else "") + RATIO_NOTE, style="dim"))
     t.caption = caption
     return t
 
