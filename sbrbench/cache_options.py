@@ -1,5 +1,6 @@
-"""The prefix-cache options the verbs share (`run`, `serve`, `sim`): policy, its options, budgets;
-and the one way they become `engine.cache.settings.CacheSettings`.
+"""The options the verbs share: the model flags' checks (`--preset`, `--device`, `--dtype`), the
+prefix-cache options (`run`, `serve`, `sim`: policy, its options, budgets) and the one way they
+become `engine.cache.settings.CacheSettings`.
 
 A scenario's `[engine]` table sets the same names; a flag given on the command line wins, and a
 name set nowhere takes the `CacheSettings` default.
@@ -17,6 +18,20 @@ import typer
 from engine.cache.policies import POLICIES, make_policy
 from engine.cache.settings import CacheSettings, parse_bytes
 from engine.errors import ConfigError, UserError
+
+
+def check_model_flags(*, preset: str | None = None, device: str | None = None,
+                      dtype: str | None = None) -> None:
+    """--preset, --device and --dtype checked before any work: each error names its flag and
+    the values it accepts."""
+    from engine.config import DTYPE_BYTES, PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: unknown preset (choose from {', '.join(PRESETS)})")
+    if device is not None and not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device!r}: unknown device (cpu, cuda or cuda:N)")
+    if dtype is not None and dtype not in DTYPE_BYTES:
+        raise UserError(f"--dtype {dtype!r}: unknown dtype (float32, bfloat16 or float16)")
 
 
 def split_policies(text: str, *, offline: bool = False) -> list[str]:

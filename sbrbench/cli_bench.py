@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.errors import UserError
+from sbrbench.cache_options import check_model_flags
 from sbrbench.render import make_console
 from sbrbench.results import FORCE_HELP, OUTPUT_DIR, output_path, timestamp
 
@@ -119,6 +120,7 @@ def prefill(
     """Engine cold prefill tokens/s and MFU per exec window, replay and snapshot costs."""
     from sbrbench import bench_engine
 
+    check_model_flags(preset=preset, dtype=dtype)
     lens, wins = parse_ints(lengths, "--lengths"), parse_ints(windows, "--windows")
     dest = bench_out(out, "prefill", force)
     path, rows = bench_engine.run_prefill(preset, lens, wins, dtype, reps, dest, log=console.print)
@@ -154,6 +156,7 @@ def resume(
 
     if device not in ("cuda", "cpu"):
         raise UserError(f"--device is cpu or cuda, got {device!r}")
+    check_model_flags(preset=preset, dtype=dtype)
     dest = bench_out(out, "resume", force, device)
     path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, dest,
                                   log=console.print)

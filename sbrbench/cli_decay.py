@@ -14,6 +14,7 @@ from rich.text import Text
 
 from engine.errors import UserError
 from sbrbench import decay
+from sbrbench.cache_options import check_model_flags
 from sbrbench.decay import LONG_HORIZON, DecayReport, GDNLayerParams
 from sbrbench.render import make_console
 from sbrbench.results import (
@@ -87,6 +88,7 @@ def analyze(
         raise UserError("give exactly one of --checkpoint DIR or --preset NAME")
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_model_flags(preset=preset, device=device)
     if mode == "static" and (corpus or trace):
         raise UserError("--corpus/--trace need --mode activations")
     if mode == "activations" and (corpus is None) == (trace is None):

@@ -9,7 +9,7 @@ import typer
 from rich.text import Text
 
 from engine.errors import UserError
-from sbrbench.cache_options import positive
+from sbrbench.cache_options import check_model_flags, positive
 
 
 def parse_ids(text: str) -> list[int]:
@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
 
         if (prompt is None) == (prompt_ids is None):
             raise UserError("give exactly one of --prompt or --prompt-ids")
+        check_model_flags(preset=preset, device=device, dtype=dtype)
         eng = load_engine(preset, checkpoint, device, dtype, seed)
         ids = parse_ids(prompt_ids) if prompt_ids is not None else eng.tokenizer.encode(prompt)
         res = eng.generate(ids, SamplingParams(temperature=temperature, top_p=top_p, seed=seed,

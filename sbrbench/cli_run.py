@@ -12,6 +12,7 @@ from engine.errors import UserError
 from sbrbench.cache_options import (
     ADAPTIVE_OPT_HELP,
     cache_settings,
+    check_model_flags,
     parse_adaptive_opts,
     positive,
     split_policies,
@@ -307,6 +308,8 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "http" and not base_url:
             raise UserError("--target http needs --base-url")
+        if target != "http":
+            check_model_flags(preset=None if checkpoint else preset, device=device, dtype=dtype)
         cfg = load_config(scenario, scenario_file, sets)
         slo_limits = parse_slo(slo) if slo else None
         if request_rate is not None:

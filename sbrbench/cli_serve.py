@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from engine.errors import UserError
-from sbrbench.cache_options import ADAPTIVE_OPT_HELP
+from sbrbench.cache_options import ADAPTIVE_OPT_HELP, check_model_flags
 
 
 def register(app: typer.Typer) -> None:
@@ -79,6 +79,7 @@ def serve(
         raise UserError("--api-key must not be empty")
     if checkpoint is not None and not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint}: not a directory")
+    check_model_flags(preset=None if checkpoint else preset, device=device, dtype=dtype)
     cache = cache_settings(
         policy,
         tail_pin_k=tail_pin_k,

@@ -161,5 +161,14 @@ def test_option_errors_name_the_option_and_the_accepted_values(
                         ("--retries", "-1")):
         code, out, err = _main(["run", "parity", flag, value], capsys)
         assert code == 2 and f"Invalid value for '{flag}'" in _flat(err), (flag, err)
+    for args, msg in ((["run", "parity", "--dtype", "fp64"], "--dtype 'fp64': unknown dtype"),
+                      (["run", "parity", "--device", "tpu"], "--device 'tpu': unknown device"),
+                      (["run", "parity", "--preset", "big"], "--preset 'big': unknown preset"),
+                      (["serve", "--preset", "big"], "(choose from tiny, "),
+                      (["decay", "analyze", "--preset", "big"], "--preset 'big'")):
+        code, out, err = _main(args, capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, out, err = _main(["generate", "--prompt", "x", "--top-p", "0"], capsys)
+    assert code == 2 and "Invalid value for '--top-p'" in _flat(err)
     code, out, err = _main(["run", "parity", "--scenario", "x.toml"], capsys)
     assert code == 2 and "--scenario-file" in _flat(err)  # click suggests the file flag
