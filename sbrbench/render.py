@@ -419,6 +419,9 @@ def plot_results(docs: Sequence[dict[str, Any]], out: Path) -> Path:
             ax1.set_xlabel("round (request index where rows have no round)")
             ax1.set_title("mean TTFT per round")
         ax2.scatter([r.get("depth", 0) for r in rows], [r["ttft_s"] for r in rows], s=10, label=lab)
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))  # cycles and rounds are counts
     ax1.set_ylabel(f"TTFT (s, {basis})")
     ax2.set_xlabel("depth (prompt tokens of the request)")
     ax2.set_ylabel(f"TTFT (s, {basis})")
@@ -471,6 +474,9 @@ def plot_parity(docs: Sequence[dict[str, Any]], out: Path) -> Path:
                       key=lambda r: r.get("i", 0))
         ax2.plot([r.get("i") for r in rows], [r["replay_tokens"] for r in rows], marker=".",
                  label=_label(doc))
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_xlabel("request index")
     ax2.set_ylabel("replay (tokens recomputed)")
     ax2.set_title("what each policy replayed for the same request")
