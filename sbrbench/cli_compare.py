@@ -402,16 +402,16 @@ def headline(doc: dict[str, Any]) -> str:
     summ = doc.get("summary")
     pols = summ.get("policies") if isinstance(summ, dict) else None
     if isinstance(pols, dict) and pols:  # sim: replay per policy, relative to Belady if known
-        parts = []
+        parts = ["replay tokens (modelled) per policy as a multiple of classic Belady's:"]
         for name, p in list(pols.items())[:6]:
             p = p if isinstance(p, dict) else {}
             vb = p.get("replay_vs_belady")
             parts.append(
-                f"{name} {_fnum(vb)}x Belady"
+                f"{name} {_fnum(vb)}x"
                 if isinstance(vb, (int, float))
                 else f"{name} replay {_fnum(p.get('replay_tokens'), ' tok', 4)}"
             )
-        return ", ".join(parts)
+        return parts[0] + " " + ", ".join(parts[1:])
     s = _numbers(summ)
     return ", ".join(f"{k} {_fnum(v)}" for k, v in list(s.items())[:4]) or "-"
 

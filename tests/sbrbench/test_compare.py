@@ -348,7 +348,7 @@ def test_report_indexes_every_kind(invoke, tmp_path: Path) -> None:
     assert "resume: TTFT mean 2 s" in md and "replay mean 400 tok" in md
     assert "[gpu/deep/rr.json](gpu/deep/rr.json) (partial)" in md and "round: TTFT" in md
     assert "median horizon 163 tok" in md and "share > 8192: 0.12" in md
-    assert "replay_vs_belady 1.7" in md and "lru 3x Belady, belady 1x Belady" in md
+    assert "replay_vs_belady 1.7" in md and "multiple of classic Belady's: lru 3x, belady 1x" in md
     assert "junk.json" in md.split("Not indexed")[1] and "notours.json" in md
     text, count, skipped = build_report(tmp_path)
     assert count == 5 and len(skipped) == 2
