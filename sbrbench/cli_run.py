@@ -200,8 +200,9 @@ def run_one(
     writer.finish(partial=stopped is not None, reason=stopped, extra=extra)
     doc = writer.doc
     basis = latency_basis(doc)
-    console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] on {target.kind}, "
-                                f"per request -> {out}", scenario=cfg.name, basis=basis,
+    console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] on {target.kind}: "
+                                f"per-request figures, {basis} -> {out}", scenario=cfg.name,
+                                basis=basis,
                                 explained=explained))
     console.print(throughput_table(doc["throughput"], basis))
     for text, count in doc["warnings"].items():

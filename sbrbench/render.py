@@ -214,7 +214,8 @@ def summary_table(summary: dict[str, Any], title: str, *, scenario: str | None =
 
 def throughput_table(tp: dict[str, Any], basis: str = "measured") -> Table:
     """The run's requests, tokens, wall time and rates (goodput under its SLO)."""
-    clock = "wall clock" if basis == "measured" else "the simulator's wall clock, not modelled"
+    clock = "measured, wall clock" if basis == "measured" else \
+        "the simulator's wall clock, not modelled"
     t = Table(title=Text(f"throughput ({clock})"), title_justify="left", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
@@ -251,7 +252,7 @@ RATIO_NOTE = ("A/B: mean of A over mean of B (above 1: A is slower, or replays m
 
 def throughput_compare_table(cmp: dict[str, Any]) -> Table:
     """Run-level rates of A and B, ratio A/B, and ci95 / p where repetitions were pooled."""
-    t = Table(title=Text("throughput per run, A vs B"), title_justify="left",
+    t = Table(title=Text("throughput per run (wall clock), A vs B"), title_justify="left",
               caption_justify="left",
               caption=Text("A/B above 1: A served more per second; ci95 and p need 2+ "
                            "pooled runs a side", style="dim"))
@@ -278,8 +279,9 @@ def compare_table(cmp: dict[str, Any], label_a: str, label_b: str, *,
     """Per phase and metric: A and B means, ratio A/B, ci95, Mann-Whitney p (80 columns), with
     a caption saying how to read the ratio and (`explained`) what the phases and metrics are
     and whether they were measured."""
-    t = Table(title=Text(f"A = {label_a}\nB = {label_b}"), title_justify="left",
-              caption_justify="left")
+    same = basis[0] if basis[0] == basis[1] else f"A {basis[0]}, B {basis[1]}"
+    t = Table(title=Text(f"A = {label_a}\nB = {label_b}\nper phase, {same}: mean of A and of "
+                         "B, their ratio A/B"), title_justify="left", caption_justify="left")
     for col in ("phase", "metric", "n", "mean A", "mean B", "A/B", "ci95", "p"):
         t.add_column(
             col,
@@ -305,7 +307,6 @@ def compare_table(cmp: dict[str, Any], label_a: str, label_b: str, *,
                 f"{_ci(ci[0])}-{_ci(ci[1])}" if ci else "-",
                 "-" if c["p_value"] is None else f"{c['p_value']:.2g}",
             ))
-    same = basis[0] if basis[0] == basis[1] else f"A {basis[0]}, B {basis[1]}"
     caption = explain(scenario, cmp, used, same) if explained else Text(style="dim")
     caption.append_text(Text(("\n" if explained else "") + RATIO_NOTE, style="dim"))
     t.caption = caption

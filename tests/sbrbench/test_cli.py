@@ -129,7 +129,7 @@ def test_run_titles_and_progress_keep_the_policy_in_brackets(
     assert code == 0, err
     assert any("parity [lru]" in line and "━" in line for line in text.splitlines()), text
     flat = _flat(text)  # the table title wraps at the table's width
-    assert f"parity [lru] on sim, per request -> {out}" in flat, text
+    assert f"parity [lru] on sim: per-request figures, modelled -> {out}" in flat, text
     assert "in ms, modelled (the simulator's cost model" in flat  # the sim target models TTFT
     assert "phases: prompt: the conversations' turns" in flat and "replay tok:" in flat
 
