@@ -273,8 +273,6 @@ def policy_of(doc: dict[str, Any]) -> str:
     return str(tgt.get("kind", "?")) if isinstance(tgt, dict) else "?"
 
 
-# ----------------------------------------------------------------------------- output paths
-
 def latency_basis(doc: dict[str, Any]) -> str:
     """'modelled' when a result's latencies come from the simulator's cost model (`--target
     sim`), else 'measured'."""
@@ -284,9 +282,11 @@ def latency_basis(doc: dict[str, Any]) -> str:
     return "measured"
 
 
+# ----------------------------------------------------------------------------- output paths
+
 OUTPUT_DIR = Path("sbr-results")  # where results go unless --out says otherwise (cwd-relative)
 
-# What every writing verb's --out/--force help says (one behaviour for all of them).
+# The --force help of every verb that writes: one behaviour for all of them.
 FORCE_HELP = "overwrite an existing output file (without it an existing file is never replaced)"
 
 
@@ -339,7 +339,7 @@ def output_path(
     read-only or missing place). Creates nothing but a probe file, removed at once."""
     if out is None:
         path = _fresh(default)
-        _check_place(path, flag)
+        _check_place(path, f"{path} (the default; {flag} FILE writes elsewhere)")
         return path
     text = str(out)
     path = Path(text).expanduser()
@@ -352,7 +352,7 @@ def output_path(
         if not force and not (rewritable is not None and rewritable(path)):
             raise UserError(f"{flag} {text}: the file exists; pass --force to overwrite it, "
                             "or give another name")
-    _check_place(path, flag)
+    _check_place(path, f"{flag} {text}")
     return path
 
 
@@ -366,23 +366,23 @@ def _fresh(path: Path) -> Path:
     return fresh
 
 
-def _check_place(path: Path, flag: str) -> None:
+def _check_place(path: Path, what: str) -> None:
     """The nearest existing folder above `path` must be a folder that accepts a new file
-    (probed by creating one: permission bits say nothing to root or on a read-only mount)."""
+    (probed by creating one: permission bits say nothing to root or on a read-only mount);
+    errors start with `what`."""
     folder = path.absolute().parent
     here = folder
     while not (here.exists() or here.is_symlink()) and here != here.parent:
         here = here.parent
     if not here.is_dir():
-        raise UserError(f"{flag} {path}: {here} is not a directory" if here == folder else
-                        f"{flag} {path}: cannot create the folder {folder} ({here} is not a "
-                        "directory)")
+        raise UserError(f"{what}: {here} is not a directory" if here == folder else
+                        f"{what}: cannot create the folder {folder} ({here} is not a directory)")
     try:
         fd, probe = tempfile.mkstemp(prefix=".sbrbench-probe-", dir=here)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {path}: cannot write in {here} ({e.strerror or e})") from None
+        raise UserError(f"{what}: cannot write in {here} ({e.strerror or e})") from None
 
 
 def timestamp() -> str:

@@ -231,3 +231,9 @@ def test_a_write_the_place_refuses_is_a_user_error(tmp_path: Path, unwritable: P
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(UserError, match="cannot write there"):
         results.write_text_atomic(tmp_path / "f.txt" / "x.md", "text")
+
+
+def test_a_default_place_that_refuses_files_says_how_to_write_elsewhere(unwritable: Path) -> None:
+    with pytest.raises(UserError, match=r"\(the default; --out FILE writes elsewhere\): cannot "
+                                        r"write in"):
+        results.output_path(None, unwritable / "sbr-results" / "d.json")
