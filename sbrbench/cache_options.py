@@ -1,5 +1,6 @@
-"""The prefix-cache options the verbs share (`run`, `serve`, `sim`): policy, its options, budgets;
-and the one way they become `engine.cache.settings.CacheSettings`.
+"""The options the verbs share: the model flags' checks (`--preset`, `--device`, `--dtype`), the
+prefix-cache options (`run`, `serve`, `sim`: policy, its options, budgets) and the one way they
+become `engine.cache.settings.CacheSettings`.
 
 A scenario's `[engine]` table sets the same names; a flag given on the command line wins, and a
 name set nowhere takes the `CacheSettings` default.
@@ -7,13 +8,30 @@ name set nowhere takes the `CacheSettings` default.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import typer
+
 from engine.cache.policies import POLICIES, make_policy
 from engine.cache.settings import CacheSettings, parse_bytes
 from engine.errors import ConfigError, UserError
+
+
+def check_model_flags(*, preset: str | None = None, device: str | None = None,
+                      dtype: str | None = None) -> None:
+    """--preset, --device and --dtype checked before any work: each error names its flag and
+    the values it accepts."""
+    from engine.config import DTYPE_BYTES, PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"--preset {preset!r}: unknown preset (choose from {', '.join(PRESETS)})")
+    if device is not None and not (device == "cpu" or device.startswith("cuda")):
+        raise UserError(f"--device {device!r}: unknown device (cpu, cuda or cuda:N)")
+    if dtype is not None and dtype not in DTYPE_BYTES:
+        raise UserError(f"--dtype {dtype!r}: unknown dtype (float32, bfloat16 or float16)")
 
 
 def split_policies(text: str, *, offline: bool = False) -> list[str]:
@@ -31,18 +49,76 @@ def split_policies(text: str, *, offline: bool = False) -> list[str]:
     return pols
 
 
+def positive(value: float | None) -> float | None:
+    """Typer callback of a flag that must be > 0 (seconds, rates, shapes); None passes."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"Input should be greater than 0, got {value:g}")
+    return value
+
+
+ADAPTIVE_OPT_HELP = ("adaptive: a policy option KEY=VALUE, repeatable, e.g. delta=0.1 or "
+                     "admit_control=false (an unknown KEY lists the accepted ones)")
+
+
+def policy_options(policy: str) -> dict[str, Any]:
+    """The options `policy`'s constructor accepts, with their defaults (what --adaptive-opt may
+    set)."""
+    cls = POLICIES[policy]
+    return {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _accepted(options: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                     for k, v in options.items())
+
+
+def _typed(key: str, raw: str, default: Any) -> Any:
+    """VALUE of KEY=VALUE as the type of the option's default (JSON for numbers and booleans,
+    the text itself for strings); a value of another type is a UserError naming the option."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    kinds: tuple[type, ...] | None = None
+    if isinstance(default, bool):
+        if value in (0, 1) and not isinstance(value, float):
+            return bool(value)
+        kinds, what = (bool,), "true or false"
+    elif isinstance(default, int):
+        kinds, what = (int,), "an integer"
+    elif isinstance(default, float):
+        kinds, what = (int, float), "a number"
+    elif isinstance(default, str):
+        return raw
+    else:  # no default to type it by: the JSON value, or the text
+        return value
+    if kinds is not None and (not isinstance(value, kinds)
+                              or (bool not in kinds and isinstance(value, bool))):
+        raise UserError(f"--adaptive-opt {key}: expected {what} (default {json.dumps(default)}), "
+                        f"got {raw!r}")
+    return float(value) if isinstance(default, float) else value
+
+
 def parse_adaptive_opts(items: Sequence[str]) -> dict[str, Any]:
-    """--adaptive-opt KEY=VALUE items -> options of the adaptive policy (VALUE as JSON if it
-    parses, else a string). Unknown or bad options are a one-line error here, before any work."""
+    """--adaptive-opt KEY=VALUE items -> options of the adaptive policy, each VALUE of its
+    option's type. Unknown keys, bad values and out-of-range options are a one-line error here,
+    naming the option and what it accepts, before any work."""
+    accepted = policy_options("adaptive")
     opts: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--adaptive-opt: expected KEY=VALUE, got {item!r}")
-        try:
-            opts[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            opts[key.strip()] = raw
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--adaptive-opt: expected KEY=VALUE, got {item!r} "
+                            f"(accepted, with defaults: {_accepted(accepted)})")
+        if key not in accepted:
+            raise UserError(f"--adaptive-opt {key}: not an option of the adaptive policy "
+                            f"(accepted, with defaults: {_accepted(accepted)})")
+        opts[key] = _typed(key, raw.strip(), accepted[key])
     if opts:
         try:
             make_policy("adaptive", **opts)

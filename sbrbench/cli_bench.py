@@ -6,12 +6,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.errors import UserError
+from sbrbench.cache_options import check_model_flags
+from sbrbench.render import make_console
+from sbrbench.results import FORCE_HELP, OUTPUT_DIR, output_path, timestamp
 
-console = Console()
+console = make_console()
+OUT_HELP = (f"JSON to write (default: {OUTPUT_DIR}/<gpu>/bench-{{}}-<time>.json); an existing "
+            "FILE is kept unless --force")
+
+
+def bench_out(out: str | None, bench: str, force: bool, device: str = "cuda") -> Path:
+    """The bench file's path, checked before any timing: --out, else
+    sbr-results/<gpu>/bench-<bench>-<time>.json (sbr-results/cpu/... for a CPU smoke run;
+    without a GPU the bench itself says it needs one)."""
+    slug = "cpu"
+    if device == "cuda":
+        import torch
+
+        from sbrbench.bench import gpu_slug
+
+        slug = gpu_slug(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    default = OUTPUT_DIR / slug / f"bench-{bench}-{timestamp()}.json"
+    return output_path(out, default, force=force)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,14 +60,15 @@ def parse_ints(text: str, flag: str) -> list[int]:
 
 def kernels(
     t: str = typer.Option("4096,8192,16384,32768,65536", "--T", help="Sequence lengths (x64)."),
-    out: Path | None = typer.Option(
-        None, "--out", help="JSON path [results/<gpu>/bench-kernels.json]."
-    ),
+    out: str | None = typer.Option(None, "--out", metavar="FILE",
+                                   help=OUT_HELP.format("kernels")),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     fla: bool = typer.Option(True, "--fla/--no-fla", help="Also time fla (when importable)."),
     flashinfer: bool = typer.Option(
         True, "--flashinfer/--no-flashinfer",
         help="Also time FlashInfer's GDN prefill (when importable; benchmarks/peers)."),
-    torch_max_t: int = typer.Option(16384, "--torch-max-t", help="Torch reference up to this T."),
+    torch_max_t: int = typer.Option(16384, "--torch-max-t", min=0,
+                                    help="Torch reference up to this T."),
     graphs: bool = typer.Option(
         False, "--graphs/--no-graphs",
         help="Also time ours and fla replayed from CUDA graphs (kernels without launch gaps)."),
@@ -61,10 +82,12 @@ def kernels(
 
     ts = parse_ints(t, "--T")
     prof = parse_ints(profile_at, "--profile-at") if profile_at.strip() else []
-    path, rows = bench_kernels.run_kernels(ts, out, fla=fla, flashinfer=flashinfer,
+    dest = bench_out(out, "kernels", force)
+    path, rows = bench_kernels.run_kernels(ts, dest, fla=fla, flashinfer=flashinfer,
                                    torch_max_t=torch_max_t, graphs=graphs, profile_at=prof,
                                    log=console.print)
-    table = Table(title="gdn_chunk_fwd: peer ms / ours ms (above 1: ours faster)")
+    table = Table(title=Text("gdn_chunk_fwd, measured: median device ms per call, and peer ms / "
+                             "ours ms (above 1: ours faster)"), title_justify="left")
     for col in ("T", "H", "ours ms (all states)", "fla ms", "fla / ours", "fla / ours (none)",
                 "FI ms", "FI / ours", "FI+ckpt / ours", "FI / ours (none)", "ours capture cost",
                 "graphs fla / FI"):
@@ -89,20 +112,20 @@ def prefill(
     lengths: str = typer.Option("4096,8192,16384,32768", "--lengths", help="Prompt lengths."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype."),
     windows: str = typer.Option("256,512,1024,2048", "--windows", help="Exec windows to try."),
-    reps: int = typer.Option(2, "--reps", help="Timed requests per (window, length)."),
-    out: Path | None = typer.Option(
-        None, "--out", help="JSON path [results/<gpu>/bench-prefill.json]."
-    ),
+    reps: int = typer.Option(2, "--reps", min=1, help="Timed requests per (window, length)."),
+    out: str | None = typer.Option(None, "--out", metavar="FILE",
+                                   help=OUT_HELP.format("prefill")),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Engine cold prefill tokens/s and MFU per exec window, replay and snapshot costs."""
     from sbrbench import bench_engine
 
-    if reps < 1:
-        raise UserError(f"--reps must be >= 1, got {reps}")
-    path, rows = bench_engine.run_prefill(preset, parse_ints(lengths, "--lengths"),
-                                   parse_ints(windows, "--windows"), dtype, reps, out,
-                                   log=console.print)
-    table = Table(title=f"cold prefill, {preset} {dtype}")
+    check_model_flags(preset=preset, dtype=dtype)
+    lens, wins = parse_ints(lengths, "--lengths"), parse_ints(windows, "--windows")
+    dest = bench_out(out, "prefill", force)
+    path, rows = bench_engine.run_prefill(preset, lens, wins, dtype, reps, dest, log=console.print)
+    table = Table(title=Text(f"cold prefill, {preset} {dtype}, measured: median of {reps} "
+                             "requests; MFU against the bf16 dense peak"), title_justify="left")
     for col in ("window", "tokens", "ms", "tok/s", "TFLOP/s", "MFU"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -115,25 +138,34 @@ def prefill(
 
 def resume(
     preset: str = typer.Option("a3b-proxy", "--preset", help="Engine preset (random weights)."),
-    depth: int = typer.Option(24576, "--depth", help="Conversation depth before the resumes."),
-    new: int = typer.Option(27, "--new", help="Fresh tokens sent by each resumed turn."),
-    reps: int = typer.Option(3, "--reps", help="Resumed turns."),
+    depth: int = typer.Option(24576, "--depth", min=1,
+                              help="Conversation depth before the resumes."),
+    new: int = typer.Option(27, "--new", min=1, help="Fresh tokens sent by each resumed turn."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Resumed turns."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype."),
-    window: int | None = typer.Option(None, "--window", help="Exec window [engine default]."),
+    window: int | None = typer.Option(
+        None, "--window", min=64, help="Exec window, a multiple of 64 (default: the engine's)."),
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a smoke run."),
-    out: Path | None = typer.Option(
-        None, "--out", help="JSON path [results/<gpu>/bench-resume.json]."
-    ),
+    out: str | None = typer.Option(None, "--out", metavar="FILE",
+                                   help=OUT_HELP.format("resume")),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ) -> None:
     """Warm-resume TTFT split into window host time, window GPU time and the rest, beside the
     GPU floor of the work (FLOPs at the bf16 rate, bytes at the memory bandwidth)."""
     from sbrbench import bench_engine
 
-    path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, out,
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device is cpu or cuda, got {device!r}")
+    check_model_flags(preset=preset, dtype=dtype)
+    dest = bench_out(out, "resume", force, device)
+    path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, dest,
                                   log=console.print)
-    table = Table(title=f"warm resume, {preset} {dtype} at depth {depth}")
-    for col in ("turn", "replay+new", "TTFT ms", "windows host", "windows GPU", "other",
-                "floor ms", "TTFT / floor"):
+    table = Table(title=Text(f"warm resume, {preset} {dtype} at depth {depth}: TTFT measured "
+                             "(ms), split into the windows' host and GPU time and the rest; "
+                             "floor modelled (FLOPs at the measured matmul rate, bytes at the "
+                             "measured copy rate)"), title_justify="left")
+    for col in ("turn", "replay+new tok", "TTFT ms", "windows host ms", "windows GPU ms",
+                "other ms", "floor ms", "TTFT / floor"):
         table.add_column(col, justify="right")
     for r in rows:
         gpu = r["windows_gpu_ms"]

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import typer
-from rich.console import Console
 
 from engine.errors import UserError
+from sbrbench.render import make_console
 from sbrbench.results import (
     COMPARE_SCHEMA,
+    FORCE_HELP,
+    OUTPUT_DIR,
     file_kind,
+    latency_basis,
     load_json,
     load_result,
     now_iso,
+    output_path,
     policy_of,
     timestamp,
     write_json_atomic,
+    write_text_atomic,
 )
 from sbrbench.stats import (
     METRICS,
@@ -29,7 +34,7 @@ from sbrbench.stats import (
     run_throughput,
 )
 
-console = Console()
+console = make_console()
 
 
 # ----------------------------------------------------------------------------- result files
@@ -70,45 +75,59 @@ def _first_diff(x: list[Any], y: list[Any]) -> int | None:
     return None if len(x) == len(y) else min(len(x), len(y))
 
 
-def parity_report(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Exact-match rates of generated tokens and logits digests, request by request (by `i`)."""
+class ParityRow(NamedTuple):
+    """One request of a parity comparison. match: tokens equal and the logits digests too
+    (where both files have them); None when either row failed. first_token: the first
+    generated token that differs (None when the tokens match)."""
+
+    request: Any
+    match: bool | None
+    tokens_match: bool
+    first_token: int | None
+    digest_match: bool | None
+    replay_a: Any
+    replay_b: Any
+
+
+def parity_rows(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> list[ParityRow]:
+    """The requests both files have (by `i`), in order, compared token by token."""
     ai = {r.get("i", k): r for k, r in enumerate(a_rows)}
     bi = {r.get("i", k): r for k, r in enumerate(b_rows)}
     common = sorted(set(ai) & set(bi), key=lambda k: (isinstance(k, str), k))
-    errors = sum(1 for k in common if ai[k].get("error") or bi[k].get("error"))
-    tok_match = dig_match = dig_known = replay_diff = 0
-    first: dict[str, Any] | None = None
-    first_digest: Any = None
+    out = []
     for k in common:
         ra, rb = ai[k], bi[k]
-        if ra.get("error") or rb.get("error"):
-            continue
-        ta, tb = list(ra.get("tokens") or []), list(rb.get("tokens") or [])
-        pos = _first_diff(ta, tb)
-        if pos is None:
-            tok_match += 1
-        elif first is None:
-            first = {"request": k, "token": pos}
+        pos = _first_diff(list(ra.get("tokens") or []), list(rb.get("tokens") or []))
         da, db = ra.get("logits_sha256"), rb.get("logits_sha256")
-        if da is not None and db is not None:
-            dig_known += 1
-            if da == db:
-                dig_match += 1
-            elif first_digest is None:
-                first_digest = k
-        if ra.get("replay_tokens") != rb.get("replay_tokens"):
-            replay_diff += 1
-    ok = len(common) - errors
+        dig = None if da is None or db is None else da == db
+        failed = bool(ra.get("error") or rb.get("error"))
+        match = None if failed else (pos is None and dig is not False)
+        out.append(ParityRow(k, match, pos is None, pos, dig, ra.get("replay_tokens"),
+                             rb.get("replay_tokens")))
+    return out
+
+
+def parity_report(a_rows: list[dict[str, Any]], b_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Exact-match rates of generated tokens and logits digests, request by request (by `i`)."""
+    rows = parity_rows(a_rows, b_rows)
+    ok = [r for r in rows if r.match is not None]
+    first = next(({"request": r.request, "token": r.first_token} for r in ok
+                  if not r.tokens_match), None)
+    digests = [r for r in ok if r.digest_match is not None]
+    a_ids = {r.get("i", k) for k, r in enumerate(a_rows)}
+    b_ids = {r.get("i", k) for k, r in enumerate(b_rows)}
     return {
-        "requests": len(common),
-        "only_in_a": len(set(ai) - set(bi)),
-        "only_in_b": len(set(bi) - set(ai)),
-        "errors": errors,
-        "token_match_rate": tok_match / ok if ok else 0.0,
-        "digest_match_rate": dig_match / dig_known if dig_known else None,
+        "requests": len(rows),
+        "only_in_a": len(a_ids - b_ids),
+        "only_in_b": len(b_ids - a_ids),
+        "errors": len(rows) - len(ok),
+        "token_match_rate": sum(r.tokens_match for r in ok) / len(ok) if ok else 0.0,
+        "digest_match_rate": (sum(bool(r.digest_match) for r in digests) / len(digests)
+                              if digests else None),
         "first_divergence": first,
-        "first_digest_divergence": first_digest,
-        "replay_differs": replay_diff,
+        "first_digest_divergence": next((r.request for r in digests if not r.digest_match),
+                                        None),
+        "replay_differs": sum(r.replay_a != r.replay_b for r in ok),
     }
 
 
@@ -158,6 +177,7 @@ def compare_results(a: dict[str, Any], b: dict[str, Any], *, seed: int = 0,
     out: dict[str, Any] = {
         "kind": "result",
         "scenario": a["scenario"],
+        "latency": {"a": latency_basis(a), "b": latency_basis(b)},
         "slo": slo,
         "slo_note": note,
         "phases": compare_result_docs(a, b, seed=seed, slo=slo),
@@ -219,7 +239,10 @@ def _describe(doc: dict[str, Any], paths: list[Path]) -> dict[str, Any]:
     }
 
 
-def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
+def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str, *,
+                     explained: bool = True) -> None:
+    """The comparison's tables; `explained`: with the captions that say what phases and
+    metrics are (a run that printed them above passes False)."""
     from sbrbench.render import (
         compare_table,
         parity_table,
@@ -230,7 +253,7 @@ def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
     if cmp["kind"] == "decay":
         console.print(
             side_by_side_table(
-                "decay summary",
+                "decay summary, A vs B (horizons in tokens; shares of heads)",
                 {k: v["a"] for k, v in cmp["summary"].items()},
                 {k: v["b"] for k, v in cmp["summary"].items()},
                 label_a,
@@ -238,16 +261,21 @@ def print_comparison(cmp: dict[str, Any], label_a: str, label_b: str) -> None:
             )
         )
         for tau, v in cmp["window"].items():
-            console.print(side_by_side_table(f"window tau={tau}", v["a"], v["b"], label_a, label_b))
+            console.print(side_by_side_table(
+                f"window tau={tau}: cos(state rebuilt from the last {tau} tokens, full state)",
+                v["a"], v["b"], label_a, label_b))
         return
     if cmp["phases"]:
-        console.print(compare_table(cmp["phases"], label_a, label_b))
+        lat = cmp.get("latency") or {}
+        console.print(compare_table(cmp["phases"], label_a, label_b, scenario=cmp.get("scenario"),
+                                    basis=(lat.get("a", "measured"), lat.get("b", "measured")),
+                                    explained=explained))
     else:
-        console.print("[yellow]no phase with data in both files")
+        console.print("no phase with data in both files", style="yellow")
     if cmp.get("throughput"):
         console.print(throughput_compare_table(cmp["throughput"]))
     if cmp.get("slo_note"):
-        console.print(f"[yellow]note: {cmp['slo_note']}")
+        console.print(f"note: {cmp['slo_note']}", style="yellow")
     if cmp.get("parity"):
         console.print(parity_table(cmp["parity"]))
 
@@ -279,11 +307,14 @@ def _side(spec: str | Path) -> tuple[list[Path], dict[str, Any] | None]:
 
 
 def compare_files(
-    spec_a: str | Path, spec_b: str | Path, json_out: Path | None = None, seed: int = 0,
-    slo: dict[str, float] | None = None,
+    spec_a: str | Path, spec_b: str | Path, json_out: str | Path | None = None, seed: int = 0,
+    slo: dict[str, float] | None = None, force: bool = False,
 ) -> dict[str, Any]:
-    """Load, check, compare, print; write the comparison JSON when asked. Each side is one file
-    or several repetitions joined by commas (results only; rows pooled)."""
+    """Load, check, compare, print; write the comparison JSON when asked (its path checked
+    first). Each side is one file or several repetitions joined by commas (results only; rows
+    pooled)."""
+    dest = (output_path(json_out, OUTPUT_DIR / "compare.json", force=force, flag="--json")
+            if json_out is not None else None)
     paths_a, pooled_a = _side(spec_a)
     paths_b, pooled_b = _side(spec_b)
     path_a, path_b = paths_a[0], paths_b[0]
@@ -316,16 +347,16 @@ def compare_files(
         if doc[side]["partial"]:
             why = d.get("stopped") or (f"{d['failed']} failed requests" if d.get("failed")
                                        else "unfinished run")
-            console.print(f"[yellow]note: {doc[side]['path']} is partial ({why})")
+            console.print(f"note: {doc[side]['path']} is partial ({why})", style="yellow")
     def name(paths: list[Path]) -> str:
         return paths[0].name if len(paths) == 1 else f"{paths[0].name} +{len(paths) - 1} pooled"
 
     print_comparison(
         cmp, f"{doc['a']['policy']} ({name(paths_a)})", f"{doc['b']['policy']} ({name(paths_b)})"
     )
-    if json_out:
-        write_json_atomic(json_out, doc)
-        console.print(f"comparison written to {json_out}")
+    if dest is not None:
+        write_json_atomic(dest, doc)
+        console.print(f"comparison written to {dest}")
     return doc
 
 
@@ -371,16 +402,16 @@ def headline(doc: dict[str, Any]) -> str:
     summ = doc.get("summary")
     pols = summ.get("policies") if isinstance(summ, dict) else None
     if isinstance(pols, dict) and pols:  # sim: replay per policy, relative to Belady if known
-        parts = []
+        parts = ["replay tokens (modelled) per policy as a multiple of classic Belady's:"]
         for name, p in list(pols.items())[:6]:
             p = p if isinstance(p, dict) else {}
             vb = p.get("replay_vs_belady")
             parts.append(
-                f"{name} {_fnum(vb)}x Belady"
+                f"{name} {_fnum(vb)}x"
                 if isinstance(vb, (int, float))
                 else f"{name} replay {_fnum(p.get('replay_tokens'), ' tok', 4)}"
             )
-        return ", ".join(parts)
+        return parts[0] + " " + ", ".join(parts[1:])
     s = _numbers(summ)
     return ", ".join(f"{k} {_fnum(v)}" for k, v in list(s.items())[:4]) or "-"
 
@@ -412,15 +443,30 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+REPORT_TITLE = "# Results index"
+REPORT_STAMP = "Generated by `sbrbench report`"
+
+
+def is_report_index(path: Path) -> bool:
+    """Whether `path` is an index `sbrbench report` wrote (its title and stamp open it), which
+    report may refresh; any other file is never replaced without --force."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(len(REPORT_TITLE) + len(REPORT_STAMP) + 8)
+    except OSError:
+        return False
+    return head.startswith(f"{REPORT_TITLE}\n\n{REPORT_STAMP}")
+
+
 def build_report(root: Path) -> tuple[str, int, list[str]]:
     """Markdown index of every sbrbench JSON under `root`; returns (text, files, skipped)."""
     if not root.is_dir():
         raise UserError(f"{root}: not a directory")
     lines = [
-        "# Results index",
+        REPORT_TITLE,
         "",
-        f"Generated by `sbrbench report` on {now_iso()}. One line per sbrbench JSON file under "
-        "this directory.",
+        f"{REPORT_STAMP} on {now_iso()}. One line per sbrbench JSON file under this directory; "
+        "TTFT figures are measured unless the target is `sim` (modelled).",
         "",
         "| file | kind | scenario | target | policy | preset | GPU | headline |",
         "|---|---|---|---|---|---|---|---|",
@@ -476,39 +522,64 @@ def register(app: typer.Typer) -> None:
         a: str = typer.Argument(..., help="result (or decay) JSON A; repetitions of one run "
                                 "joined by commas are pooled (a1.json,a2.json)"),
         b: str = typer.Argument(..., help="result (or decay) JSON B (likewise)"),
-        json_out: Path | None = typer.Option(None, "--json", help="write the comparison here"),
-        seed: int = typer.Option(0, help="bootstrap seed"),
+        json_out: str | None = typer.Option(
+            None, "--json", metavar="FILE",
+            help="also write the comparison JSON to FILE (an existing FILE is kept unless "
+            "--force)"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+        seed: int = typer.Option(0, min=0, help="bootstrap seed"),
         slo: str | None = typer.Option(
             None, help="judge goodput by these SLOs (default: the runs' own, when they agree), "
             "e.g. ttft=500ms,tpot=50ms"),
     ) -> None:
-        """Compare two result files (or pooled repetitions): TTFT, TPOT, ITL, E2EL, replay
-        (ratio A/B, bootstrap ci95, Mann-Whitney p), throughput and goodput; parity match."""
-        compare_files(a, b, json_out, seed, parse_slo(slo) if slo else None)
+        """Compare two result files (or pooled repetitions) phase by phase: TTFT, TPOT, ITL,
+        E2EL, replay tokens, as A/B = mean of A over mean of B (above 1: A is slower or replays
+        more), with a bootstrap ci95 of that ratio and a Mann-Whitney p; throughput and goodput;
+        for parity files, whether every request matched bitwise."""
+        compare_files(a, b, json_out, seed, parse_slo(slo) if slo else None, force)
 
     @app.command("report")
     def report_cmd(
-        root: Path = typer.Argument(Path("results"), help="directory of result files"),
-        out: Path | None = typer.Option(None, help="markdown file (default: ROOT/README.md)"),
+        root: Path = typer.Argument(
+            OUTPUT_DIR, help="directory of result files (searched recursively)"),
+        out: str | None = typer.Option(
+            None, metavar="FILE",
+            help="markdown index to write (default: ROOT/README.md). A file report wrote itself "
+            "is refreshed; any other existing file is kept unless --force"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     ) -> None:
         """Write a markdown index of every result, bench, decay and sim JSON under ROOT."""
+        if not root.is_dir():
+            raise UserError(f"{root}: not a directory")
+        default = root / "README.md"
+        if out is None and default.exists() and not (force or is_report_index(default)):
+            raise UserError(f"{default}: exists and was not written by sbrbench report (pass "
+                            "--out FILE to index elsewhere, or --force to replace it)")
+        dest = output_path(out if out is not None else default, default, force=force,
+                           rewritable=is_report_index)
         text, count, _ = build_report(root)
-        dest = out or root / "README.md"
-        dest.write_text(text, encoding="utf-8")
+        write_text_atomic(dest, text)
         console.print(f"indexed {count} files in {dest}")
 
     @app.command("plot")
     def plot_cmd(
         files: list[Path] = typer.Argument(..., help="result files (one line per file)"),
-        out: Path | None = typer.Option(None, help="PNG path (default results/plot-*.png)"),
+        out: str | None = typer.Option(
+            None, metavar="FILE",
+            help=f"PNG to write (default: {OUTPUT_DIR}/plot-<scenario>-<time>.png; an existing "
+            "FILE is kept unless --force)"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     ) -> None:
-        """PNG of per-cycle resume TTFT (one line per policy) and TTFT vs depth."""
+        """PNG of per-cycle resume TTFT (one line per file) and TTFT vs depth; for two or more
+        parity files, match or divergence per request against the first, and each policy's
+        replay."""
         from sbrbench.render import plot_results
 
         docs = [load_result(f) for f in files]
         for f, d in zip(files, docs, strict=False):
             if not d["rows"]:
                 raise UserError(f"{f}: result has no rows")
-        dest = out or Path("results") / f"plot-{docs[0]['scenario']}-{timestamp()}.png"
+        default = OUTPUT_DIR / f"plot-{docs[0]['scenario']}-{timestamp()}.png"
+        dest = output_path(out, default, force=force)
         plot_results(docs, dest)
         console.print(f"plot written to {dest}")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +10,24 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.errors import UserError
 from sbrbench import decay
+from sbrbench.cache_options import check_model_flags
 from sbrbench.decay import LONG_HORIZON, DecayReport, GDNLayerParams
-from sbrbench.results import argv, capture_env, default_out, timestamp, write_json_atomic
+from sbrbench.render import make_console
+from sbrbench.results import (
+    FORCE_HELP,
+    OUTPUT_DIR,
+    argv,
+    capture_env,
+    default_out,
+    output_path,
+    replacing,
+    timestamp,
+    write_json_atomic,
+)
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
@@ -24,7 +35,12 @@ if TYPE_CHECKING:
 MODES = ("static", "activations")
 BAR_WIDTH = 40
 
-console = Console()
+console = make_console()
+# How the figures were obtained, per --mode (computed, not timed: there is nothing measured).
+MODE_NOTES = {
+    "static": "computed from the weights alone (A_log, dt_bias; input gate a_t = 0)",
+    "activations": "computed from the gates the model produced on the input",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -48,33 +64,43 @@ def analyze(
     ),
     corpus: Path | None = typer.Option(None, "--corpus", help="activations: a text file."),
     trace: Path | None = typer.Option(None, "--trace", help="activations: a Mooncake JSONL trace."),
-    trace_request: int = typer.Option(0, "--trace-request", help="Which request of --trace."),
-    max_tokens: int = typer.Option(2048, "--max-tokens", help="activations: sequence length cap."),
+    trace_request: int = typer.Option(0, "--trace-request", min=0,
+                                      help="Which request of --trace."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", min=2,
+                                   help="activations: sequence length cap."),
     taus: str = typer.Option(
         ",".join(map(str, decay.DEFAULT_TAUS)), "--taus", help="Window lengths (tokens)."
     ),
-    out: Path | None = typer.Option(
-        None, "--out", help="JSON path [results/decay-<source>-<time>.json]."
-    ),
-    plot: Path | None = typer.Option(None, "--plot", help="PNG histogram of horizons (log-x)."),
-    top: int = typer.Option(10, "--top", help="How many slowest heads to list."),
+    out: str | None = typer.Option(
+        None, "--out", metavar="FILE",
+        help=f"JSON to write (default: {OUTPUT_DIR}/decay-<source>-<mode>-<time>.json); an "
+        "existing FILE is kept unless --force"),
+    plot: str | None = typer.Option(
+        None, "--plot", metavar="FILE",
+        help="Also write a PNG histogram of the horizons (log-x) to FILE (kept unless --force)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    top: int = typer.Option(10, "--top", min=0, help="How many slowest heads to list."),
     device: str = typer.Option("cpu", "--device", help="activations: engine device."),
-    seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of a preset's random weights."),
 ) -> None:
     """Per-head decay horizons, their heavy tail, and window fidelity (docs/DECAY.md)."""
     if (checkpoint is None) == (preset is None):
         raise UserError("give exactly one of --checkpoint DIR or --preset NAME")
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_model_flags(preset=preset, device=device)
     if mode == "static" and (corpus or trace):
         raise UserError("--corpus/--trace need --mode activations")
     if mode == "activations" and (corpus is None) == (trace is None):
         raise UserError("--mode activations needs exactly one of --corpus FILE or --trace FILE")
-    if max_tokens < 2:
-        raise UserError(f"--max-tokens must be at least 2, got {max_tokens}")
     eps_values = decay.validate_eps(parse_floats(eps, "--eps") if eps else decay.DEFAULT_EPS)
     tau_values = decay.validate_taus(parse_ints(taus, "--taus"))
     source = str(checkpoint) if checkpoint is not None else f"preset:{preset}"
+    name = checkpoint.name if checkpoint is not None else str(preset)
+    stamp = timestamp()
+    path = output_path(out, default_out("decay", f"{name}-{mode}", stamp), force=force)
+    plot_path = (output_path(plot, OUTPUT_DIR / f"decay-{name}-{mode}-{stamp}.png", force=force,
+                             flag="--plot") if plot is not None else None)
 
     if mode == "static":
         params = static_params(checkpoint, preset, seed)
@@ -96,13 +122,11 @@ def analyze(
         report = analyze_engine(engine, ids, source, eps_values, tau_values, input_desc)
 
     doc = decay.report_to_json(report, argv=argv(), env=capture_env(), top=top)
-    name = checkpoint.name if checkpoint is not None else str(preset)
-    path = out or default_out("decay", f"{name}-{mode}", timestamp())
     write_json_atomic(path, doc)
     render(console, report, doc)
-    if plot is not None:
-        write_plot(plot, report)
-        console.print(f"plot: {plot}")
+    if plot_path is not None:
+        write_plot(plot_path, report)
+        console.print(f"plot: {plot_path}")
     console.print(f"wrote {path}")
 
 
@@ -187,11 +211,14 @@ def _fmt_horizon(x: float | None, report: DecayReport) -> str:
 
 def render(con: Console, report: DecayReport, doc: dict[str, Any]) -> None:
     """Summary per eps, window fidelity per tau, slowest heads, log-binned histogram."""
-    con.print(
-        f"[bold]decay[/] {report.source}  mode={report.mode}  heads={len(report.heads)}"
-        + (f"  tokens={report.seq_len}" if report.seq_len else "")
-    )
-    t = Table(title="horizon over heads (tokens)", caption=doc["summary"]["basis"])
+    con.print(Text.assemble(
+        ("decay ", "bold"),
+        f"{report.source}  mode={report.mode}  heads={len(report.heads)}"
+        + (f"  tokens={report.seq_len}" if report.seq_len else ""),
+        f"\nevery figure below is {MODE_NOTES.get(report.mode, report.mode)}",
+    ))
+    t = Table(title=Text("horizon over heads: tokens until a head's cumulative decay falls "
+                         "below eps"), caption=Text(str(doc["summary"]["basis"])))
     for col in ("eps", "median", "p90", f"> {LONG_HORIZON}", "unresolved", "tail (KS ln/pa)"):
         t.add_column(col, justify="right")
     for s in doc["by_eps"].values():
@@ -211,14 +238,16 @@ def render(con: Console, report: DecayReport, doc: dict[str, Any]) -> None:
         )
     con.print(t)
 
-    w = Table(title="window fidelity: cos(last-tau state, true state)", caption=report.window_model)
+    w = Table(title=Text("window fidelity: cos(state rebuilt from the last tau tokens, true "
+                         "state)"), caption=Text(str(report.window_model)))
     for col in ("tau", "mean cos", "p10 cos", "min cos"):
         w.add_column(col, justify="right")
     for tau, row in doc["window"].items():
         w.add_row(tau, _fmt(row["mean_cos"], 4), _fmt(row["p10_cos"], 4), _fmt(row["min_cos"], 4))
     con.print(w)
 
-    s = Table(title=f"slowest heads (lowest cos at tau={decay.ranking_tau(report)})")
+    s = Table(title=Text(f"slowest heads (lowest cos at tau={decay.ranking_tau(report)}; "
+                         "horizon in tokens)"))
     for col in ("layer", "head", "cos", "horizon"):
         s.add_column(col, justify="right")
     for h in doc["slowest_heads"]:
@@ -236,7 +265,7 @@ def histogram_table(horizons: np.ndarray, eps: float) -> Table:
     """Terminal histogram: heads per power-of-two horizon bin, with bars."""
     bins, unresolved = decay.log2_histogram(horizons)
     peak = max([b.heads for b in bins] + [unresolved, 1])
-    t = Table(title=f"heads by horizon (eps={eps:g}, log2 bins)", show_edge=False)
+    t = Table(title=Text(f"heads by horizon in tokens (eps={eps:g}, log2 bins)"), show_edge=False)
     t.add_column("tokens", justify="right")
     t.add_column("heads", justify="right")
     t.add_column("", justify="left")
@@ -266,19 +295,15 @@ def write_plot(path: Path, report: DecayReport) -> None:
     median = decay.quantile_or_none(h, 0.5)
     if median is not None:
         ax.axvline(median, color="black", linestyle=":", label=f"median {median:,.0f}")
-    ax.set_xlabel(f"horizon (tokens until decay < {eps:g})")
-    ax.set_ylabel("heads")
+    ax.set_xlabel(f"horizon (tokens until the cumulative decay < {eps:g})")
+    ax.set_ylabel("GDN heads (count)")
     extra = f", {unresolved} unresolved" if unresolved else ""
-    ax.set_title(f"{report.source} ({report.mode}, {h.size} heads{extra})", fontsize=9)
+    ax.set_title(f"{report.source} ({report.mode}, {h.size} heads{extra})\n"
+                 f"{MODE_NOTES.get(report.mode, '')}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with replacing(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
 from engine.errors import UserError
+from sbrbench.cache_options import check_model_flags, positive
 
 
 def parse_ids(text: str) -> list[int]:
@@ -48,10 +49,13 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(16, "--max-tokens", min=1),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
         dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16"),
-        seed: int = typer.Option(0, "--seed", help="Weight seed for presets; sampling seed."),
+        seed: int = typer.Option(0, "--seed", min=0,
+                                 help="Weight seed for presets; sampling seed."),
         temperature: float = typer.Option(0.0, "--temperature", min=0.0,
                                           help="0 = greedy."),
-        top_p: float = typer.Option(1.0, "--top-p"),
+        top_p: float = typer.Option(1.0, "--top-p", max=1.0, callback=positive,
+                                    help="Nucleus sampling: keep the top tokens of this "
+                                    "probability mass, in (0, 1]."),
         ignore_eos: bool = typer.Option(False, "--ignore-eos"),
         as_json: bool = typer.Option(False, "--json", help="Print JSON: tokens, text, timings."),
     ) -> None:
@@ -60,6 +64,7 @@ def register(app: typer.Typer) -> None:
 
         if (prompt is None) == (prompt_ids is None):
             raise UserError("give exactly one of --prompt or --prompt-ids")
+        check_model_flags(preset=preset, device=device, dtype=dtype)
         eng = load_engine(preset, checkpoint, device, dtype, seed)
         ids = parse_ids(prompt_ids) if prompt_ids is not None else eng.tokenizer.encode(prompt)
         res = eng.generate(ids, SamplingParams(temperature=temperature, top_p=top_p, seed=seed,
@@ -76,8 +81,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(out))
             return
-        con = Console()
-        con.print(f"[bold]tokens[/] {res.tokens}")
-        con.print(f"[bold]text[/] {out['text']!r}")
-        con.print(f"[dim]prompt {len(ids)} tok, TTFT {t.ttft_s * 1e3:.1f} ms, "
-                  f"e2e {t.e2e_s * 1e3:.1f} ms, finish {res.finish_reason}[/]")
+        from sbrbench.render import make_console
+
+        con = make_console()
+        con.print(Text.assemble(("tokens ", "bold"), str(res.tokens)))
+        con.print(Text.assemble(("text ", "bold"), repr(out["text"])))
+        con.print(f"prompt {len(ids)} tok, TTFT {t.ttft_s * 1e3:.1f} ms (measured, cold: no "
+                  f"prefix cache), e2e {t.e2e_s * 1e3:.1f} ms, finish {res.finish_reason}",
+                  style="dim")

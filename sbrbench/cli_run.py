@@ -6,18 +6,27 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import typer
-from rich.console import Console
 
 from engine.cache.settings import CacheSettings
 from engine.errors import UserError
-from sbrbench.cache_options import cache_settings, parse_adaptive_opts, split_policies
+from sbrbench.cache_options import (
+    ADAPTIVE_OPT_HELP,
+    cache_settings,
+    check_model_flags,
+    parse_adaptive_opts,
+    positive,
+    split_policies,
+)
+from sbrbench.render import make_console
 from sbrbench.results import (
+    FORCE_HELP,
+    OUTPUT_DIR,
     ResultWriter,
     argv,
     capture_env,
-    default_out,
+    latency_basis,
     load_result,
-    sibling_out,
+    run_outputs,
     timestamp,
 )
 from sbrbench.scenarios import (
@@ -33,7 +42,7 @@ from sbrbench.targets.base import Target
 from sbrbench.targets.engine import EngineTarget
 from sbrbench.targets.http import HttpTarget
 
-console = Console()
+console = make_console()
 TARGETS = ("engine", "http", "sim")
 
 
@@ -133,9 +142,11 @@ def run_one(
     declared_policy: str | None = None,
     load: Load = Load(),
     slo: dict[str, float] | None = None,
+    explained: bool = True,
 ) -> RunResult:
     """One scenario run into `out`; the file is partial if a request failed, if the run was
-    interrupted or stopped early, or on an exception."""
+    interrupted or stopped early, or on an exception. `explained`: the summary table says what
+    its phases and metrics are (the first run of several does)."""
     from sbrbench.render import RunProgress, summary_table, throughput_table
 
     scenario = make_scenario(cfg, seed)
@@ -188,16 +199,20 @@ def run_one(
     stopped = "interrupted" if outcome.interrupted else outcome.aborted
     writer.finish(partial=stopped is not None, reason=stopped, extra=extra)
     doc = writer.doc
-    console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] -> {out}"))
-    console.print(throughput_table(doc["throughput"]))
+    basis = latency_basis(doc)
+    console.print(summary_table(doc["summary"], f"{cfg.name} [{policy}] on {target.kind}: "
+                                f"per-request figures, {basis} -> {out}", scenario=cfg.name,
+                                basis=basis,
+                                explained=explained))
+    console.print(throughput_table(doc["throughput"], basis))
     for text, count in doc["warnings"].items():
-        console.print(f"[yellow]warning: {count} of {len(doc['rows'])} rows: {text}")
+        console.print(f"warning: {count} of {len(doc['rows'])} rows: {text}", style="yellow")
     if outcome.aborted:
-        console.print(f"[red]{outcome.aborted}")
+        console.print(outcome.aborted, style="red")
     if outcome.errors:
         console.print(
-            f"[red]{outcome.errors} of {outcome.rows} requests failed (see 'error' in the rows; "
-            "the file is marked partial)"
+            f"{outcome.errors} of {outcome.rows} requests failed (see 'error' in the rows; "
+            "the file is marked partial)", style="red"
         )
     return RunResult(out, outcome.interrupted, outcome.rows, outcome.errors, outcome.aborted)
 
@@ -211,7 +226,7 @@ def failure_exit(results: list[RunResult], allow_failures: float) -> int:
         if r.aborted or share > allow_failures:
             why = r.aborted or (f"{r.errors} of {r.rows} requests failed ({share:.0%}; "
                                 f"--allow-failures {allow_failures:g})")
-            console.print(f"[red]{r.path}: {why}")
+            console.print(f"{r.path}: {why}", style="red")
             code = 1
     return code
 
@@ -219,10 +234,10 @@ def failure_exit(results: list[RunResult], allow_failures: float) -> int:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
-        scenario: str = typer.Argument(..., help=f"one of: {', '.join(SCENARIOS)}"),
+        scenario: str = typer.Argument(..., help=f"scenario name, one of: {', '.join(SCENARIOS)}"),
         scenario_file: Path | None = typer.Option(
-            None, "--scenario", help="scenario TOML (default: the shipped one)"
-        ),
+            None, "--scenario-file", metavar="FILE",
+            help="scenario TOML defining SCENARIO (default: the shipped one)"),
         sets: list[str] = typer.Option(
             [],
             "--set",
@@ -233,9 +248,10 @@ def register(app: typer.Typer) -> None:
         base_url: str | None = typer.Option(None, help="http: server URL (with or without /v1)"),
         model: str | None = typer.Option(None, help="http: model (default: first of /v1/models)"),
         api_key: str | None = typer.Option(None, envvar="SBRBENCH_API_KEY", help="http: API key"),
-        timeout: float = typer.Option(300.0, help="http: seconds per request"),
+        timeout: float = typer.Option(300.0, callback=positive,
+                                      help="http: seconds per request"),
         retries: int = typer.Option(
-            2, help="http: retries after connection errors, timeouts and 5xx (429/503 are "
+            2, min=0, help="http: retries after connection errors, timeouts and 5xx (429/503 are "
             "retried after the server's Retry-After while --timeout allows)"),
         concurrency: int = typer.Option(
             1, "--max-concurrency", "--concurrency", min=1,
@@ -245,7 +261,8 @@ def register(app: typer.Typer) -> None:
             help="open-loop arrivals: requests per second (Poisson; see --burstiness); "
             "default: each request as soon as a slot is free"),
         burstiness: float = typer.Option(
-            1.0, help="--request-rate gaps: gamma shape (1 Poisson, <1 burstier, >1 steadier)"),
+            1.0,
+            help="--request-rate gaps: gamma shape (1 Poisson, <1 burstier, >1 steadier)"),
         slo: str | None = typer.Option(
             None, help="goodput SLOs, e.g. ttft=500ms,tpot=50ms,e2el=2s (units required)"),
         allow_failures: float = typer.Option(
@@ -253,7 +270,10 @@ def register(app: typer.Typer) -> None:
             help="share of failed requests a run may have and still exit 0"),
         abort_after: int = typer.Option(
             10, min=0, help="stop a run after this many consecutive failed requests (0: never)"),
-        preset: str = typer.Option("tiny", help="engine/sim: model preset"),
+        preset: str = typer.Option(
+            "tiny", help="engine/sim: model preset. tiny (random weights, real Qwen3-Next "
+            "structure) keeps a run a CPU-minute job; `sbrbench sim` defaults to a3b-proxy, the "
+            "shapes its packaged H200 cost model was fitted on, because it runs no model"),
         checkpoint: str | None = typer.Option(None, help="engine: checkpoint directory"),
         device: str = typer.Option("cpu", help="engine: cpu | cuda"),
         dtype: str = typer.Option("float32", help="engine: float32 | bfloat16"),
@@ -261,20 +281,22 @@ def register(app: typer.Typer) -> None:
             None, help="eviction policy, or a,b to run both and compare (default: scenario's)"
         ),
         tail_pin_k: int | None = typer.Option(None, min=1, help="tail-pin: K deepest pinned"),
-        marconi_alpha: float | None = typer.Option(None, help="marconi: FLOP-saving weight"),
+        marconi_alpha: float | None = typer.Option(
+            None, min=0.0, help="marconi: FLOP-saving weight"),
         snapshot_slots: int | None = typer.Option(None, min=1, help="snapshot pool slots"),
         snapshot_budget: str | None = typer.Option(None, help="snapshot pool bytes, e.g. 2GiB"),
         snapshot_interval: int | None = typer.Option(
             None, min=0, help="tokens between snapshots"),
         kv_budget_tokens: int | None = typer.Option(None, min=1, help="KV pool size in tokens"),
-        adaptive_opt: list[str] = typer.Option(
-            [], "--adaptive-opt",
-            help="adaptive: policy option KEY=VALUE, repeatable (duel=1000, hazard=empirical)"),
-        seed: int = typer.Option(0, help="weights and workload seed"),
+        adaptive_opt: list[str] = typer.Option([], "--adaptive-opt", help=ADAPTIVE_OPT_HELP),
+        seed: int = typer.Option(0, min=0, help="weights and workload seed"),
         label: str | None = typer.Option(None, help="label stored in the result"),
-        out: Path | None = typer.Option(
-            None, help="result JSON (default sbr-results/<scenario>-<policy>-<time>.json)"
+        out: str | None = typer.Option(
+            None, metavar="FILE",
+            help=f"result JSON (default: {OUTPUT_DIR}/<scenario>-<policy>-<time>.json; with "
+            "several policies FILE-<policy>.json each); an existing FILE is kept unless --force"
         ),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
         warmup: bool = typer.Option(
             True,
@@ -287,10 +309,12 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
         if target == "http" and not base_url:
             raise UserError("--target http needs --base-url")
+        if target != "http":
+            check_model_flags(preset=None if checkpoint else preset, device=device, dtype=dtype)
         cfg = load_config(scenario, scenario_file, sets)
         slo_limits = parse_slo(slo) if slo else None
         if request_rate is not None:
-            Arrivals(request_rate, burstiness)  # checks both
+            Arrivals(request_rate, burstiness)  # checks both (> 0), naming the flag
             if cfg.params.get("time_scale"):
                 raise UserError("--request-rate replaces the trace's own timestamps: "
                                 "pass --set time_scale=0 with it")
@@ -326,18 +350,12 @@ def register(app: typer.Typer) -> None:
                 pols = [policy]
         else:
             pols = list(split_policies(policy or cfg.engine.get("policy", "adaptive")))
-        stamp = timestamp()
+        caches = [make_settings(cfg, str(pol), flags) if target != "http" else None
+                  for pol in pols]
+        names = [pol or "http" for pol in pols]
+        paths = run_outputs(out, names, cfg.name, timestamp(), force=force)
         results: list[RunResult] = []
-        for pol in pols:
-            cache = None
-            if target != "http":
-                cache = make_settings(cfg, str(pol), flags)
-            name = pol or "http"
-            path = (
-                (out if len(pols) == 1 else sibling_out(out, name))
-                if out
-                else default_out(cfg.name, name, stamp)
-            )
+        for pol, name, cache, path in zip(pols, names, caches, paths, strict=True):
             tgt = make_target(targs, cache or CacheSettings())
             try:
                 res = run_one(
@@ -352,13 +370,15 @@ def register(app: typer.Typer) -> None:
                     declared_policy=pol if cache is None else None,
                     load=load,
                     slo=slo_limits,
+                    explained=not results,
                 )
             finally:
                 tgt.close()
             results.append(res)
             if res.interrupted:
                 console.print(
-                    f"[yellow]interrupted: {res.rows} finished rows kept in {res.path} (partial)"
+                    f"interrupted: {res.rows} finished rows kept in {res.path} (partial)",
+                    style="yellow",
                 )
                 raise typer.Exit(130)
         if len(results) > 1:
@@ -371,6 +391,7 @@ def register(app: typer.Typer) -> None:
                     compare_results(base, doc, slo=slo_limits),
                     f"{pols[0]} ({results[0].path.name})",
                     f"{doc['engine'].get('policy')} ({other.path.name})",
+                    explained=False,
                 )
         code = failure_exit(results, allow_failures)
         if code:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from engine.errors import UserError
+from sbrbench.cache_options import ADAPTIVE_OPT_HELP, check_model_flags
 
 
 def register(app: typer.Typer) -> None:
@@ -20,12 +21,11 @@ def serve(
     ),
     policy: str = typer.Option("adaptive", "--policy", help="Snapshot eviction policy."),
     tail_pin_k: int = typer.Option(
-        8, "--tail-pin-k", help="tail-pin: snapshots pinned per session."
+        8, "--tail-pin-k", min=1, help="tail-pin: snapshots pinned per session."
     ),
-    adaptive_opt: list[str] = typer.Option(
-        [], "--adaptive-opt",
-        help="adaptive: policy option KEY=VALUE, repeatable (duel=1000, hazard=empirical)."),
-    snapshot_slots: int = typer.Option(16, "--snapshot-slots", help="Snapshot pool slots."),
+    adaptive_opt: list[str] = typer.Option([], "--adaptive-opt", help=ADAPTIVE_OPT_HELP),
+    snapshot_slots: int = typer.Option(16, "--snapshot-slots", min=1,
+                                       help="Snapshot pool slots."),
     snapshot_budget: str | None = typer.Option(
         None, "--snapshot-budget", help="Snapshot pool bytes (2GiB, 512MB; default: slots decide)."
     ),
@@ -34,14 +34,16 @@ def serve(
         help="Also admit a snapshot every this many tokens of a prefill (0: off)."
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind."),
-    port: int = typer.Option(8000, "--port", help="Port to bind (0: any free port)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535,
+                             help="Port to bind (0: any free port)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Requests waiting before 503."),
+    max_queue: int = typer.Option(64, "--max-queue", min=1,
+                                  help="Requests waiting before 503."),
     default_max_tokens: int = typer.Option(
-        256, "--default-max-tokens", help="max_tokens of a chat request that sets none."
+        256, "--default-max-tokens", min=1, help="max_tokens of a chat request that sets none."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of a preset's random weights."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of a preset's random weights."),
     served_model_name: list[str] = typer.Option(
         [],
         "--served-model-name",
@@ -67,12 +69,6 @@ def serve(
     from sbrbench.cache_options import cache_settings, parse_adaptive_opts
     from sbrbench.targets.engine import EngineTarget
 
-    if max_queue < 1:
-        raise UserError(f"--max-queue must be >= 1, got {max_queue}")
-    if default_max_tokens < 1:
-        raise UserError(f"--default-max-tokens must be >= 1, got {default_max_tokens}")
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port must lie in [0, 65535], got {port}")
     exempt = [] if key_exempt.strip().lower() == "none" else [
         e.strip() for e in key_exempt.split(",") if e.strip()]
     bad = sorted(set(exempt) - set(EXEMPTABLE))
@@ -83,6 +79,7 @@ def serve(
         raise UserError("--api-key must not be empty")
     if checkpoint is not None and not checkpoint.is_dir():
         raise UserError(f"--checkpoint {checkpoint}: not a directory")
+    check_model_flags(preset=None if checkpoint else preset, device=device, dtype=dtype)
     cache = cache_settings(
         policy,
         tail_pin_k=tail_pin_k,

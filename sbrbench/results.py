@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,18 +104,39 @@ def _clean(value: Any) -> Any:
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     """Write `doc` to `path` via a temp file in the same directory and os.replace (never torn)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with replacing(Path(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(_clean(doc), f, indent=1, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, as write_json_atomic does."""
+    with replacing(Path(path)) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temp file beside `path` for the block to fill; it replaces `path` when the block ends
+    (a reader never sees a torn file) and is removed if the block fails. A place that refuses
+    the write is a UserError naming `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror or e})") from None
+    tmp = Path(name)
+    try:
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ResultWriter:
@@ -250,19 +273,116 @@ def policy_of(doc: dict[str, Any]) -> str:
     return str(tgt.get("kind", "?")) if isinstance(tgt, dict) else "?"
 
 
+def latency_basis(doc: dict[str, Any]) -> str:
+    """'modelled' when a result's latencies come from the simulator's cost model (`--target
+    sim`), else 'measured'."""
+    tgt = doc.get("target")
+    if isinstance(tgt, dict) and (tgt.get("ttft") == "modelled" or tgt.get("kind") == "sim"):
+        return "modelled"
+    return "measured"
+
+
+# ----------------------------------------------------------------------------- output paths
+
 OUTPUT_DIR = Path("sbr-results")  # where results go unless --out says otherwise (cwd-relative)
+
+# The --force help of every verb that writes: one behaviour for all of them.
+FORCE_HELP = "overwrite an existing output file (without it an existing file is never replaced)"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def default_out(scenario: str, policy: str, stamp: str, root: Path = OUTPUT_DIR) -> Path:
     """`sbr-results/<scenario>-<policy>-<timestamp>.json`."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in policy)
-    return root / f"{scenario}-{safe}-{stamp}.json"
+    return root / f"{scenario}-{_safe(policy)}-{stamp}.json"
 
 
 def sibling_out(out: Path, policy: str) -> Path:
     """`x.json` -> `x-<policy>.json`, for runs of several policies from one `--out`."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in policy)
-    return out.with_name(f"{out.stem}-{safe}{out.suffix or '.json'}")
+    return out.with_name(f"{out.stem}-{_safe(policy)}{out.suffix or '.json'}")
+
+
+def _is_dir_name(text: str) -> bool:
+    return text.endswith(("/", os.sep)) or Path(text).expanduser().is_dir()
+
+
+def run_outputs(out: str | Path | None, names: list[str], scenario: str, stamp: str, *,
+                force: bool = False) -> list[Path]:
+    """The result file of each policy run of one `sbrbench run`, all checked before the first
+    request: `--out x.json` for one policy, `x-<policy>.json` for several, else the defaults
+    (`sbr-results/<scenario>-<policy>-<time>.json`)."""
+    defaults = [default_out(scenario, n, stamp) for n in names]
+    if out is None or len(names) == 1:
+        return [output_path(out, d, force=force) for d in defaults]
+    if _is_dir_name(str(out)):
+        raise UserError(f"--out {out}: is a directory; give a file name (each policy writes "
+                        f"NAME-<policy>.json beside it)")
+    return [output_path(sibling_out(Path(out), n), d, force=force)
+            for n, d in zip(names, defaults, strict=True)]
+
+
+def output_path(
+    out: str | Path | None,
+    default: Path,
+    *,
+    force: bool = False,
+    flag: str = "--out",
+    rewritable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Where a verb will write, checked before it does any work: `out` as given, else `default`
+    (a default name already taken gets a fresh `-2`, `-3`... suffix: defaults never replace a
+    file). One-line UserErrors, naming `flag`: `out` is a directory (or ends in a slash), is
+    not a regular file, exists without `force` (unless `rewritable(path)` says the verb made it
+    and may refresh it), or lies where no file can be created (a parent that is a file, a
+    read-only or missing place). Creates nothing but a probe file, removed at once."""
+    if out is None:
+        path = _fresh(default)
+        _check_place(path, f"{path} (the default; {flag} FILE writes elsewhere)")
+        return path
+    text = str(out)
+    path = Path(text).expanduser()
+    if _is_dir_name(text):
+        raise UserError(f"{flag} {text}: is a directory; give a file name "
+                        f"(e.g. {path / default.name})")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise UserError(f"{flag} {text}: exists and is not a regular file")
+        if not force and not (rewritable is not None and rewritable(path)):
+            raise UserError(f"{flag} {text}: the file exists; pass --force to overwrite it, "
+                            "or give another name")
+    _check_place(path, f"{flag} {text}")
+    return path
+
+
+def _fresh(path: Path) -> Path:
+    """`path`, or the first of `stem-2.ext`, `stem-3.ext`... that does not exist."""
+    k = 2
+    fresh = path
+    while fresh.exists() or fresh.is_symlink():
+        fresh = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return fresh
+
+
+def _check_place(path: Path, what: str) -> None:
+    """The nearest existing folder above `path` must be a folder that accepts a new file
+    (probed by creating one: permission bits say nothing to root or on a read-only mount);
+    errors start with `what`."""
+    folder = path.absolute().parent
+    here = folder
+    while not (here.exists() or here.is_symlink()) and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(f"{what}: {here} is not a directory" if here == folder else
+                        f"{what}: cannot create the folder {folder} ({here} is not a directory)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sbrbench-probe-", dir=here)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {here} ({e.strerror or e})") from None
 
 
 def timestamp() -> str:

@@ -49,12 +49,26 @@ def test_options_reach_the_server(served: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("args", "msg"),
     [(["--key-exempt", "docs"], "--key-exempt: unknown endpoint 'docs'"),
-     (["--api-key", " "], "--api-key must not be empty"),
-     (["--max-queue", "0"], "--max-queue must be >= 1")],
+     (["--api-key", " "], "--api-key must not be empty")],
 )
 def test_bad_options_are_user_errors(served: dict[str, Any], args: list[str], msg: str) -> None:
     code, out, exc = _serve(args)
     assert isinstance(exc, UserError) and msg in str(exc) and not served
+
+
+@pytest.mark.parametrize(
+    ("args", "accepted"),
+    [(["--max-queue", "0"], "greater than or equal to 1"),
+     (["--port", "70000"], "less than or equal to 65535"),
+     (["--snapshot-slots", "0"], "greater than or equal to 1"),
+     (["--default-max-tokens", "0"], "greater than or equal to 1")],
+)
+def test_out_of_range_numbers_name_the_option_and_its_range(
+        served: dict[str, Any], args: list[str], accepted: str) -> None:
+    code, out, _ = _serve(args)
+    text = " ".join(out.translate(str.maketrans("", "", "│╭╮╰╯─")).split())  # panel unwrapped
+    assert code == 2 and f"Invalid value for '{args[0]}'" in text and accepted in text
+    assert not served
 
 
 def test_help_says_one_request_at_a_time() -> None:

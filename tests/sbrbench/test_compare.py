@@ -159,7 +159,7 @@ def test_compare_latency_metrics_throughput_and_goodput(invoke, tmp_path: Path) 
     for name in ("TTFT ms", "TPOT ms", "ITL ms", "E2EL ms", "SLO met", "requests/s"):
         assert name in text
     # repetitions pooled: one throughput per run, so a ci95 of the ratio of means
-    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out),
+    code, text = invoke(["compare", f"{a1},{a2}", f"{b1},{b2}", "--json", str(out), "--force",
                          "--slo", "ttft=500ms"])
     assert code == 0, text
     doc = json.loads(out.read_text())
@@ -209,6 +209,41 @@ def test_parity_report_match_and_first_divergence() -> None:
     assert rep["replay_differs"] == 2
     b[1]["error"] = "boom"
     assert parity_report(a, b[:3])["errors"] == 1 and parity_report(a, b[:3])["only_in_a"] == 1
+
+
+def test_parity_rows_say_match_or_divergence_per_request() -> None:
+    from sbrbench.cli_compare import parity_rows
+
+    a = _parity_rows([[1, 2, 3], [4, 5], [6, 7, 8]], ["a", "b", "c"], [0, 10, 20])
+    b = _parity_rows([[1, 2, 3], [4, 5], [6, 9, 8]], ["a", "x", "c"], [0, 0, 20])
+    b[0]["error"] = "boom"
+    rows = parity_rows(a, b)
+    assert [(r.request, r.match, r.first_token) for r in rows] == \
+        [(0, None, None), (1, False, None), (2, False, 1)]  # failed; digest differs; token 1
+    assert [r.digest_match for r in rows] == [True, False, True]
+    assert (rows[1].replay_a, rows[1].replay_b) == (10, 0)
+
+
+def test_plot_of_parity_files_shows_parity_per_request(invoke, tmp_path: Path,
+                                                       monkeypatch) -> None:
+    from sbrbench import render
+
+    a = _result(tmp_path / "a.json", "parity", _parity_rows([[1], [2]], ["a", "b"], [0, 64]),
+                "forecast")
+    b = _result(tmp_path / "b.json", "parity", _parity_rows([[1], [3]], ["a", "c"], [0, 16]),
+                "tail-pin")
+    drawn: list[int] = []
+    real = render.plot_parity
+
+    def spy(docs, out):  # type: ignore[no-untyped-def]
+        drawn.append(len(docs))
+        return real(docs, out)
+
+    monkeypatch.setattr(render, "plot_parity", spy)
+    png = tmp_path / "p.png"
+    code, text = invoke(["plot", str(a), str(b), "--out", str(png)])
+    assert code == 0, text
+    assert drawn == [2] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_parity_files(invoke, tmp_path: Path) -> None:
@@ -313,7 +348,7 @@ def test_report_indexes_every_kind(invoke, tmp_path: Path) -> None:
     assert "resume: TTFT mean 2 s" in md and "replay mean 400 tok" in md
     assert "[gpu/deep/rr.json](gpu/deep/rr.json) (partial)" in md and "round: TTFT" in md
     assert "median horizon 163 tok" in md and "share > 8192: 0.12" in md
-    assert "replay_vs_belady 1.7" in md and "lru 3x Belady, belady 1x Belady" in md
+    assert "replay_vs_belady 1.7" in md and "multiple of classic Belady's: lru 3x, belady 1x" in md
     assert "junk.json" in md.split("Not indexed")[1] and "notours.json" in md
     text, count, skipped = build_report(tmp_path)
     assert count == 5 and len(skipped) == 2

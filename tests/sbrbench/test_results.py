@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,100 @@ def test_file_kind_and_paths() -> None:
         == "sbr-results/deep-resume-tail-pin-T.json"
     )
     assert results.sibling_out(Path("a/x.json"), "lru").as_posix() == "a/x-lru.json"
+
+
+# ----------------------------------------------------------------------------- output paths
+
+
+def _refuses_writes(folder: Path) -> bool:
+    try:
+        (folder / ".probe").write_text("x")
+    except OSError:
+        return True
+    (folder / ".probe").unlink()
+    return False
+
+
+@pytest.fixture(name="unwritable")
+def unwritable_fixture(tmp_path: Path) -> Iterator[Path]:
+    """A folder that refuses new files: a read-only one, or, for root (whom permission bits do
+    not stop), sysfs."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if _refuses_writes(ro):
+            yield ro
+        elif Path("/sys").is_dir() and _refuses_writes(Path("/sys")):
+            yield Path("/sys")
+        else:
+            pytest.skip("no folder here refuses a new file")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_path_refuses_directories_and_impossible_places(tmp_path: Path,
+                                                               unwritable: Path) -> None:
+    default = tmp_path / "d.json"
+    (tmp_path / "f.txt").write_text("x")
+    cases = [
+        (str(tmp_path), "is a directory"),
+        (f"{tmp_path / 'new'}/", "is a directory"),
+        (str(tmp_path / "f.txt" / "x.json"), "is not a directory"),
+        (str(unwritable / "x.json"), f"cannot write in {unwritable}"),
+        (str(unwritable / "a" / "b" / "x.json"), f"cannot write in {unwritable}"),
+    ]
+    for out, msg in cases:
+        with pytest.raises(UserError, match=msg) as e:
+            results.output_path(out, default, flag="--out")
+        assert str(e.value).startswith(f"--out {out}") and "\n" not in str(e.value)
+    assert not (tmp_path / "new").exists()  # a check creates nothing
+
+
+def test_output_path_keeps_an_existing_file_unless_forced(tmp_path: Path) -> None:
+    old = tmp_path / "old.json"
+    old.write_text("measured")
+    with pytest.raises(UserError, match="the file exists; pass --force"):
+        results.output_path(old, tmp_path / "d.json")
+    assert results.output_path(old, tmp_path / "d.json", force=True) == old
+    assert results.output_path(old, tmp_path / "d.json", rewritable=lambda p: True) == old
+    assert old.read_text() == "measured"
+    with pytest.raises(UserError, match="not a regular file"):
+        results.output_path("/dev/null", tmp_path / "d.json", force=True)
+    new = tmp_path / "a" / "b" / "new.json"
+    assert results.output_path(str(new), tmp_path / "d.json") == new and not new.parent.exists()
+
+
+def test_default_outputs_never_replace_a_file(tmp_path: Path) -> None:
+    default = tmp_path / "r.json"
+    assert results.output_path(None, default) == default
+    default.write_text("1")
+    (tmp_path / "r-2.json").write_text("2")
+    assert results.output_path(None, default) == tmp_path / "r-3.json"
+
+
+def test_run_outputs_checks_every_policy_before_the_first(tmp_path: Path) -> None:
+    out = tmp_path / "x.json"
+    paths = results.run_outputs(out, ["lru", "tail-pin"], "parity", "T")
+    assert paths == [tmp_path / "x-lru.json", tmp_path / "x-tail-pin.json"]
+    (tmp_path / "x-tail-pin.json").write_text("kept")
+    with pytest.raises(UserError, match="x-tail-pin.json: the file exists"):
+        results.run_outputs(out, ["lru", "tail-pin"], "parity", "T")
+    with pytest.raises(UserError, match="is a directory"):
+        results.run_outputs(f"{tmp_path}/", ["lru", "tail-pin"], "parity", "T")
+    assert results.run_outputs(None, ["lru"], "parity", "T")[0].as_posix() == \
+        "sbr-results/parity-lru-T.json"
+
+
+def test_a_write_the_place_refuses_is_a_user_error(tmp_path: Path, unwritable: Path) -> None:
+    with pytest.raises(UserError, match="cannot write there"):
+        results.write_json_atomic(unwritable / "x.json", {"v": 1})
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(UserError, match="cannot write there"):
+        results.write_text_atomic(tmp_path / "f.txt" / "x.md", "text")
+
+
+def test_a_default_place_that_refuses_files_says_how_to_write_elsewhere(unwritable: Path) -> None:
+    with pytest.raises(UserError, match=r"\(the default; --out FILE writes elsewhere\): cannot "
+                                        r"write in"):
+        results.output_path(None, unwritable / "sbr-results" / "d.json")
