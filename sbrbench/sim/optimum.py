@@ -116,6 +116,10 @@ class Program(NamedTuple):
     integrality: np.ndarray
     n_z: int  # the first n_z variables are z, in anchor order (request, then shallow first)
     z_of: list[tuple[int, int]]  # (request, snapshot) of each z
+    z_start: list[int]  # the moment each z's interval starts (an offer, or after a use)
+    z_fresh: list[bool]  # whether it starts at an offer (an admission) rather than a use
+    end_of: list[int]  # the last moment of each request (its last offer, or its begin)
+    offer_moment: list[dict[int, int]]  # request -> {snapshot: moment of its offer}
     slots: int
 
 
@@ -178,7 +182,7 @@ def program(inst: Instance, slots: int) -> Program:
     # offer at i or -1, moment of the offer)
     hold_of_use: dict[int, int] = {}
     starts_at_offer: dict[tuple[int, int], int] = {}
-    for zi, (i, k) in enumerate(z_of):
+    for zi, (_, k) in enumerate(z_of):
         if prev_use[zi] == -1:
             starts_at_offer[(start[zi], k)] = zi
     for zi, (i, k) in enumerate(z_of):
@@ -220,7 +224,7 @@ def program(inst: Instance, slots: int) -> Program:
     # occupancy intervals over offer moments: (variable, first moment, last moment)
     spans: list[tuple[int, int, int]] = []
     inside_hold = {zn: zu for zu, zn, _ in holds if zn >= 0}
-    for zi, (i, k) in enumerate(z_of):
+    for zi, (i, _) in enumerate(z_of):
         end = last[i]
         if zi in hold_of_use:  # up to the offer; the hold variable covers the rest
             end = holds[hold_of_use[zi]][2] - 1
@@ -258,7 +262,8 @@ def program(inst: Instance, slots: int) -> Program:
     integrality = np.zeros(n, dtype=np.uint8)
     integrality[:n_z] = 1
     return Program(c, sum(inst.matched), rows, np.asarray(lo), np.asarray(hi), lb, ub,
-                   integrality, n_z, z_of, slots)
+                   integrality, n_z, z_of, start, [p < 0 for p in prev_use], last, offer_at,
+                   slots)
 
 
 def _index(ev: list[tuple[int, int, int]], moment: int, kind: int) -> int:
@@ -285,7 +290,7 @@ class Solution(NamedTuple):
     solve_s: float
     variables: int
     constraints: int
-    kept: list[tuple[int, int]] | None = None  # (request, snapshot) of every kept interval
+    kept: list[int] | None = None  # the z of every kept interval (Program.z_of gives them)
 
 
 def solve(prog: Program, *, relax: bool = False, time_limit: float = 60.0) -> Solution:
@@ -313,9 +318,89 @@ def solve(prog: Program, *, relax: bool = False, time_limit: float = 60.0) -> So
     dual = getattr(res, "mip_dual_bound", None)
     bound = prog.const + dual if dual is not None and math.isfinite(dual) else value
     exact = res.status == 0
-    kept = [prog.z_of[j] for j in range(prog.n_z) if res.x[j] > 0.5]
+    kept = [j for j in range(prog.n_z) if res.x[j] > 0.5]
     return Solution(round(value), min(bound, value) if not exact else round(value), exact,
                     res.message, wall, n, rows, kept)
+
+
+class _Follower:
+    """The manager's policy that follows a solved schedule: it admits at an offer only where the
+    schedule starts keeping that snapshot, and evicts what the schedule no longer keeps (first
+    what it never keeps again). Manager entries are matched to the program's snapshots by the
+    request and position of their offer."""
+
+    def __init__(self, inst: Instance, prog: Program, kept: Sequence[int]) -> None:
+        self.inst = inst
+        self.prog = prog
+        self.spans: dict[int, list[tuple[int, int]]] = {}  # snapshot -> kept (start, end)
+        self.fresh: set[tuple[int, int]] = set()  # (snapshot, moment) of scheduled admissions
+        for j in kept:
+            i, k = prog.z_of[j]
+            self.spans.setdefault(k, []).append((prog.z_start[j], prog.end_of[i]))
+            if prog.z_fresh[j]:
+                self.fresh.add((k, prog.z_start[j]))
+        for v in self.spans.values():
+            v.sort()
+        self.now = 0  # stream index of the running request
+        self.key_of: dict[int, int] = {}  # manager entry id -> program snapshot
+        self._offer: tuple[int, int] | None = None  # (snapshot, moment) being offered
+
+    def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
+        k = dict((p, k) for k, p in self.inst.demands[self.now].offers).get(pos)
+        t = self.prog.offer_moment[self.now].get(k, -1) if k is not None else -1
+        self._offer = (k, t) if k is not None else None
+
+    def on_admit(self, entry: Any, tick: int) -> None:
+        if self._offer is not None:
+            self.key_of[entry.id] = self._offer[0]
+
+    def _next_kept(self, key: int | None, t: int) -> float:
+        """0 if the schedule keeps ``key`` at moment t, else the start of its next kept interval
+        (inf: never again)."""
+        if key is None:
+            return math.inf
+        nxt = math.inf
+        for a, b in self.spans.get(key, ()):
+            if a <= t <= b:
+                return 0.0
+            if a > t:
+                nxt = min(nxt, a)
+        return nxt
+
+    def victim(self, candidates: list[Any], tick: int) -> Any:
+        if self._offer is None or self._offer not in self.fresh:
+            return None  # the schedule does not admit here: refuse
+        t = self._offer[1]
+        ranked = [(self._next_kept(self.key_of.get(e.id), t), -e.pos, e.id, e) for e in candidates]
+        free = [r for r in ranked if r[0] > 0]
+        if not free:
+            return None
+        return max(free, key=lambda r: r[:3])[3]
+
+
+def follow(stream: Stream, cache: SimCache, inst: Instance, prog: Program,
+           sol: Solution, cost: CostModel, *, max_context: int = 262144) -> Any:
+    """Run ``stream`` through the manager with a policy that follows the solved schedule: an
+    achievable offline schedule (its replay is at least the optimum, equal where the manager's
+    stricter rules cost nothing). Returns a `PolicyRun` named ``opt-schedule``."""
+    from sbrbench.sim.simulator import PolicyRun, PolicyVariant
+
+    cfg = cache.config()._replace(snapshot_slots=prog.slots, policy="lru", policy_opts={})
+    sim = Simulator(cfg, cost, max_context=max_context)
+    f = _Follower(inst, prog, sol.kept or [])
+    pol = sim.cm.policy
+    pol.victim = f.victim  # type: ignore[method-assign]
+    pol.on_offer = f.on_offer  # type: ignore[method-assign]
+    pol.on_admit = f.on_admit  # type: ignore[method-assign]
+    rows, phases = [], []
+    t0 = time.perf_counter()
+    for i, req in enumerate(stream):
+        f.now = i
+        rows.append(sim.step(req))
+        phases.append(req.phase)
+    wall = time.perf_counter() - t0
+    return PolicyRun(PolicyVariant("opt-schedule", "lru", {}), rows, sim.cm.stats(), phases,
+                     wall, prog.slots)
 
 
 class Yardstick(NamedTuple):
@@ -349,8 +434,9 @@ class Yardstick(NamedTuple):
 
 
 def yardstick(inst: Instance, slots: int, *, exact: bool = True, lp: bool = True,
-              time_limit: float = 60.0) -> Yardstick:
-    """Floor, LP bound and (with ``exact``) the program's optimum for one pool size."""
+              time_limit: float = 60.0) -> tuple[Yardstick, Program, Solution | None]:
+    """Floor, LP bound and (with ``exact``) the program's optimum for one pool size; also the
+    program and the integer solution (None without ``exact``)."""
     floor = inst.floor
     prog = program(inst, slots)
     n = len(prog.c)
@@ -365,6 +451,7 @@ def yardstick(inst: Instance, slots: int, *, exact: bool = True, lp: bool = True
             bound = max(bound, rel.replay)
         status = "lp: " + rel.status
     optimum = best = None
+    sol = None
     if exact:
         sol = solve(prog, time_limit=time_limit)
         wall += sol.solve_s
@@ -377,7 +464,7 @@ def yardstick(inst: Instance, slots: int, *, exact: bool = True, lp: bool = True
     # a replay is a whole number of tokens: a bound may be rounded up to one (1e-6 of slack)
     bound = float(math.ceil(bound - 1e-6))
     return Yardstick(slots, len(inst.demands), floor, lp_val, optimum, best, bound, status,
-                     wall, n)
+                     wall, n), prog, sol
 
 
 SIMPLE = ("lru", "forecast", "tail-pin", "two-tier", "marconi")

@@ -46,7 +46,7 @@ def _model_brute_force(inst: opt.Instance, slots: int) -> int:
     be refused or admitted (evicting any unheld snapshot when the pool is full)."""
     demands = inst.demands
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i: int, state: frozenset[int]) -> int:
         if i == len(demands):
             return 0
@@ -63,7 +63,7 @@ def _model_brute_force(inst: opt.Instance, slots: int) -> int:
         assert out is not None
         return out
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def offers(i: int, j: int, state: frozenset[int], held: frozenset[int]) -> int:
         d = demands[i]
         if j == len(d.offers):
@@ -130,7 +130,7 @@ def test_program_is_exact_on_tiny_streams(seed, sim_cache, cost) -> None:
     slots = rng.choice((1, 2, 3))
     cache = sim_cache("lru", slots, 0 if seed % 2 else 128, 1 << 14)
     inst = opt.extract(stream, cache)
-    ys = opt.yardstick(inst, slots)
+    ys = opt.yardstick(inst, slots)[0]
     brute = _model_brute_force(inst, slots)
     assert ys.optimum == brute, (ys, brute)
     assert ys.floor <= ys.lp + 1e-6 <= brute + 1e-6 and ys.bound <= brute
@@ -165,7 +165,7 @@ def test_program_finds_what_belady_misses(sim_cache, cost) -> None:
     stream = sim.ListStream(reqs)
     cache = sim_cache("lru", 3, 0, 1 << 14)
     inst = opt.extract(stream, cache)
-    ys = opt.yardstick(inst, 3)
+    ys = opt.yardstick(inst, 3)[0]
     bel = sim.run_policy(stream, cache, sim.ORACLES["belady"], cost).summary()["replay_tokens"]
     assert ys.optimum is not None and ys.optimum < bel
     assert ys.optimum == _model_brute_force(inst, 3)
@@ -179,8 +179,8 @@ def test_floor_is_the_unlimited_pool_and_lp_bounds_large_pools(sim_cache, cost,
     big = sim_cache("lru", 100_000, 4096, 1 << 22, model="a3b-proxy", dtype_bytes=2)
     lru = sim.run_policy(stream, big, sim.variants(["lru"])[0], cost).summary()
     assert inst.floor == lru["replay_tokens"]
-    small = opt.yardstick(inst, 8, time_limit=30)
-    huge = opt.yardstick(inst, 100_000, exact=False)
+    small = opt.yardstick(inst, 8, time_limit=30)[0]
+    huge = opt.yardstick(inst, 100_000, exact=False)[0]
     assert huge.lp == pytest.approx(inst.floor)
     assert inst.floor <= small.bound
     assert small.optimum is not None and small.bound == small.optimum
