@@ -101,10 +101,10 @@ def test_cli_sim_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
     refused = json.loads(out.read_text())["summary"]["policies"]["adaptive"]["admit_refused"]
     assert refused > 0
     code, text = _invoke([*args, "--adaptive-opt", "admit_control=false",
-                          "--adaptive-opt", "hazard=empirical"])
+                          "--adaptive-opt", "delta=0.1"])
     assert code == 0, text
     doc = json.loads(out.read_text())
-    assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "hazard": "empirical"}
+    assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "delta": 0.1}
     assert doc["policies"]["lru"]["opts"] == {}
     assert doc["summary"]["policies"]["adaptive"]["admit_refused"] == 0
     for bad in ("duel", "nope=1", "hazard=sometimes"):
