@@ -225,6 +225,30 @@ def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str, name:
     return t
 
 
+def family_table(fams: dict[str, dict[str, Any]], slots: list[int]) -> Table:
+    """Gap closed per trace family and pool size: mean and minimum over its slices."""
+    t = Table(title="gap closed over slices (mean / min; replay tokens vs the best simple "
+              "policy and the optimum or bound)", title_justify="left")
+    t.add_column("family")
+    t.add_column("policy")
+    for s in slots:
+        t.add_column(f"{s} slots", justify="right")
+    for fam, per in fams.items():
+        names = list(dict.fromkeys(n for c in per.values() for n in c["gap_closed"]))
+        for name in names:
+            cells = []
+            for s in slots:
+                g = per.get(str(s), {}).get("gap_closed", {}).get(name)
+                if g is None or g["mean"] is None:
+                    cells.append("n/a")
+                else:
+                    n = len(g["per_slice"])
+                    cells.append(f"{g['mean']:.2f} / {g['min']:.2f}"
+                                 + (f" ({g['defined']}/{n})" if g["defined"] < n else ""))
+            t.add_row(fam, name, *cells)
+    return t
+
+
 METRICS = ("replay_tokens", "ttft_mean", "ttft_p90")
 
 
@@ -488,6 +512,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="grid JSON [results/sweep-<time>.json]"),
         plot: Path | None = typer.Option(None, help="heat-map PNG (first trace)"),
+        summary: Path | None = typer.Option(
+            None, help="also write the per-family gap summary (slices named FAMILY@K) here"),
     ) -> None:
         """Traces x policies x snapshot budgets (x tail-pin K, marconi alpha), with the offline
         references and the yardstick, as independent cells run in parallel."""
@@ -552,12 +578,29 @@ def register(app: typer.Typer) -> None:
             "yardstick": marks,
             "partial": False,
         }
+        fams = sim.families(marks, grid) if any(sim.FAMILY_SEP in s.name for s in sources) \
+            else {}
+        if fams:
+            doc["families"] = fams
         doc["digest"] = sim.digest(doc)
         write_json_atomic(path, doc)
+        if summary is not None and fams:
+            write_json_atomic(summary, {
+                "schema": "sbrbench.yardstick/v1", "created": doc["created"],
+                "argv": doc["argv"], "digest": doc["digest"], "sweep": str(path),
+                "units": "replay tokens (the simulator's cache decisions; TTFT not used); "
+                         "gap closed = (best simple - policy) / (best simple - optimum, or the "
+                         "lower bound where the optimum is not proven)",
+                "cache": doc["cache"], "costmodel": doc["costmodel"]["source"],
+                "families": {f: {k: {kk: vv for kk, vv in v.items() if kk != "slices"}
+                                 | {"slices": len(v["slices"])} for k, v in per.items()}
+                             for f, per in fams.items()}})
         for src in sources:
             sub = [c for c in grid if c["trace"] == src.name]
             console.print(sweep_table(sub, slot_list, metric, src.name,
                                       [y for y in marks if y["trace"] == src.name]))
+        if fams:
+            console.print(family_table(fams, slot_list))
         if plot is not None:
             sub = [c for c in grid if c["trace"] == sources[0].name]
             plot_sweep(sub, slot_list, metric, plot,

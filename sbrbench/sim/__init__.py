@@ -10,10 +10,12 @@ that run them; target.py: `--target sim` for scenarios.
 
 from sbrbench.sim.cells import (
     BACKENDS,
+    FAMILY_SEP,
     OPTIMUM_MODES,
     Cell,
     assemble,
     digest,
+    families,
     run_cell,
     run_cells,
     yardstick_cells,
@@ -47,8 +49,10 @@ __all__ = [
     "Cell",
     "Source",
     "Workload",
+    "FAMILY_SEP",
     "assemble",
     "digest",
+    "families",
     "run_cell",
     "run_cells",
     "workload",

@@ -181,6 +181,48 @@ def judge(cells: dict[str, dict[str, Any]], ys: dict[str, Any]) -> dict[str, Any
             "ordered": ordered}
 
 
+FAMILY_SEP = "@"  # slices of one trace are named FAMILY@K (e.g. conversation@03)
+
+
+def families(marks: Sequence[dict[str, Any]],
+             grid: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per trace family (the name before FAMILY_SEP) and pool size: each online policy's gap
+    closed over the slices (mean, min, how many slices define it), and the totals of the
+    yardstick and of every policy's replay over the slices."""
+    out: dict[str, dict[str, Any]] = {}
+    for y in marks:
+        fam = y["trace"].split(FAMILY_SEP)[0]
+        cell = out.setdefault(fam, {}).setdefault(str(y["slots"]), {
+            "slices": [], "gap_closed": {}, "replay_tokens": {}, "floor": 0, "bound": 0.0,
+            "optimum": 0, "optimum_proven": 0, "ordered": True, "kv_independent": True})
+        cell["slices"].append(y["trace"])
+        cell["floor"] += y["floor"]
+        cell["bound"] += y["bound"]
+        if y["optimum"] is not None:
+            cell["optimum"] += y["optimum"]
+            cell["optimum_proven"] += 1
+        cell["ordered"] = cell["ordered"] and y["ordered"]
+        cell["kv_independent"] = cell["kv_independent"] and y["kv_independent"]
+        for name, g in y["gap_closed"].items():
+            cell["gap_closed"].setdefault(name, []).append(g)
+        for c in grid:
+            if c["trace"] == y["trace"] and c["slots"] == y["slots"]:
+                tot = cell["replay_tokens"]
+                tot[c["policy"]] = tot.get(c["policy"], 0) + c["replay_tokens"]
+    for per in out.values():
+        for cell in per.values():
+            if cell["optimum_proven"] < len(cell["slices"]):
+                cell["optimum"] = None
+            stats = {}
+            for name, gs in cell["gap_closed"].items():
+                ok = [g for g in gs if g is not None]
+                stats[name] = {"mean": sum(ok) / len(ok) if ok else None,
+                               "min": min(ok) if ok else None,
+                               "defined": len(ok), "per_slice": gs}
+            cell["gap_closed"] = stats
+    return out
+
+
 def digest(doc: dict[str, Any]) -> str:
     """sha256 of a sweep document without its wall-clock and environment fields: equal for
     the same sweep on any backend."""
@@ -212,5 +254,5 @@ def yardstick_cells(sources: Sequence[Source], slots: Sequence[int],
     return out
 
 
-__all__ = ["BACKENDS", "Cell", "OPTIMUM_MODES", "ORACLES", "assemble", "digest", "judge",
-           "run_cell", "run_cells", "yardstick_cells"]
+__all__ = ["BACKENDS", "Cell", "FAMILY_SEP", "OPTIMUM_MODES", "ORACLES", "assemble", "digest",
+           "families", "judge", "run_cell", "run_cells", "yardstick_cells"]

@@ -261,3 +261,31 @@ def test_run_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
     code, text = _invoke(["run", "deep-resume", "--target", "http", "--base-url",
                           "http://127.0.0.1:9", "--adaptive-opt", "duel=10"])
     assert code == 2 and "--adaptive-opt" in text
+
+
+def test_cli_sweep_summarises_slices_of_a_family(tmp_path: Path) -> None:
+    """Slices named FAMILY@K: the summary gives each online policy's gap closed over them
+    (mean, min) per pool size, next to the yardstick's totals."""
+    lines = SAMPLE_TRACE.read_text().splitlines(keepends=True)
+    for k in range(3):
+        (tmp_path / f"fam@{k:02d}.jsonl").write_text("".join(lines[100 * k:100 * k + 100]))
+    out, summ = tmp_path / "sweep.json", tmp_path / "summary.json"
+    args = ["sweep", "--policy", "lru,marconi,adaptive", "--slots", "2,4", "--out", str(out),
+            "--summary", str(summ)]
+    for k in range(3):
+        args += ["--trace", str(tmp_path / f"fam@{k:02d}.jsonl")]
+    code, text = _invoke(args)
+    assert code == 0, text
+    doc = json.loads(summ.read_text())
+    assert doc["schema"] == "sbrbench.yardstick/v1" and set(doc["families"]) == {"fam"}
+    for slots in ("2", "4"):
+        cell = doc["families"]["fam"][slots]
+        assert cell["slices"] == 3 and cell["ordered"] and cell["kv_independent"]
+        g = cell["gap_closed"]["adaptive"]
+        ok = [x for x in g["per_slice"] if x is not None]
+        assert g["defined"] == len(ok) and len(g["per_slice"]) == 3
+        if ok:
+            assert g["mean"] == pytest.approx(sum(ok) / len(ok)) and g["min"] == min(ok)
+        assert cell["floor"] <= cell["bound"] <= cell["optimum"] <= min(
+            cell["replay_tokens"].values())
+    assert "mean / min" in text
