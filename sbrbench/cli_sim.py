@@ -585,16 +585,7 @@ def register(app: typer.Typer) -> None:
         doc["digest"] = sim.digest(doc)
         write_json_atomic(path, doc)
         if summary is not None and fams:
-            write_json_atomic(summary, {
-                "schema": "sbrbench.yardstick/v1", "created": doc["created"],
-                "argv": doc["argv"], "digest": doc["digest"], "sweep": str(path),
-                "units": "replay tokens (the simulator's cache decisions; TTFT not used); "
-                         "gap closed = (best simple - policy) / (best simple - optimum, or the "
-                         "lower bound where the optimum is not proven)",
-                "cache": doc["cache"], "costmodel": doc["costmodel"]["source"],
-                "families": {f: {k: {kk: vv for kk, vv in v.items() if kk != "slices"}
-                                 | {"slices": len(v["slices"])} for k, v in per.items()}
-                             for f, per in fams.items()}})
+            write_json_atomic(summary, sim.family_summary(doc, str(path)))
         for src in sources:
             sub = [c for c in grid if c["trace"] == src.name]
             console.print(sweep_table(sub, slot_list, metric, src.name,

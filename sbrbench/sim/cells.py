@@ -223,6 +223,23 @@ def families(marks: Sequence[dict[str, Any]],
     return out
 
 
+def family_summary(doc: dict[str, Any], sweep: str) -> dict[str, Any]:
+    """The small per-family result (`sweep --summary`) of a sweep document ``doc`` written to
+    ``sweep``: per family and pool size, gap closed over the slices and the totals."""
+    fams = doc.get("families") or families(doc["yardstick"], doc["grid"])
+    return {
+        "schema": "sbrbench.yardstick/v1", "created": doc["created"], "argv": doc["argv"],
+        "digest": doc["digest"], "sweep": sweep,
+        "units": "replay tokens (the simulator's cache decisions, modelled, no TTFT); gap "
+                 "closed = (best simple - policy) / (best simple - optimum, or the lower bound "
+                 "where the optimum is not proven)",
+        "cache": doc["cache"], "costmodel": doc["costmodel"]["source"],
+        "families": {f: {k: {kk: vv for kk, vv in v.items() if kk != "slices"}
+                         | {"slices": len(v["slices"])} for k, v in per.items()}
+                     for f, per in fams.items()},
+    }
+
+
 def digest(doc: dict[str, Any]) -> str:
     """sha256 of a sweep document without its wall-clock and environment fields: equal for
     the same sweep on any backend."""
@@ -255,4 +272,4 @@ def yardstick_cells(sources: Sequence[Source], slots: Sequence[int],
 
 
 __all__ = ["BACKENDS", "Cell", "FAMILY_SEP", "OPTIMUM_MODES", "ORACLES", "assemble", "digest",
-           "families", "judge", "run_cell", "run_cells", "yardstick_cells"]
+           "families", "family_summary", "judge", "run_cell", "run_cells", "yardstick_cells"]
