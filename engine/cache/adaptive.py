@@ -248,8 +248,32 @@ class Adaptive(Policy):
         return {e.id: self.value(e, tick) for e in entries}
 
     def choose(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry:
-        """The rule's victim among ``candidates``."""
-        return min(candidates, key=lambda e: (self.value(e, tick), e.last_access, e.pos, e.id))
+        """The rule's victim among ``candidates``: min (value, last_access, pos, id); `value`
+        inlined, since this loop is most of the policy's time."""
+        if tick != self._p_tick:
+            self._p.clear()
+            self._p_tick = tick
+        memo, foreign, below_of, dom = self._p, self._foreign, self._below, self._dom
+        delta = self.delta
+        best: SnapshotEntry | None = None
+        best_v = 0.0
+        for e in candidates:
+            p = memo.get(e.session)
+            if p is None:
+                p = self._return_prob(e.session, tick)
+            hits = foreign.get(e.id)
+            if hits:
+                p = max(p, hits / max(1, tick - e.created))
+            b = below_of.get(e.id)
+            cover = float(e.pos - (b.pos if b is not None else 0))
+            if dom.get(e.id):
+                cover *= delta
+            v = p * cover
+            if best is None or v < best_v or (v == best_v and (e.last_access, e.pos, e.id) < (
+                    best.last_access, best.pos, best.id)):
+                best, best_v = e, v
+        assert best is not None, "choose needs candidates"
+        return best
 
     def admit_value(self, pos: int, session: str, node: RadixNode, tick: int) -> float:
         """Value a snapshot at ``pos`` would have if admitted now (for admission control)."""

@@ -162,7 +162,7 @@ def judge(cells: dict[str, dict[str, Any]], ys: dict[str, Any]) -> dict[str, Any
     best_simple = min((n for n in opt.SIMPLE if n in replay), key=lambda n: replay[n],
                       default=None)
     best_offline = min(offline, key=lambda n: replay[n], default=None)
-    gaps = {n: opt.gap_closed(replay, ref, target=n) for n in online if n not in opt.SIMPLE}
+    gaps = {n: opt.gap_closed(replay, ref, target=n) for n in replay if n not in opt.SIMPLE}
     chain = [float(ys["floor"]), float(ys["bound"])]
     if ys.get("optimum") is not None:
         chain.append(float(ys["optimum"]))
