@@ -55,7 +55,7 @@ for family in conversation chat-s0 agentic-s0 chat-s7 agentic-s7; do
   for t in "$OUT/traces/$family"@*.jsonl; do args+=(--trace "$t"); done
   echo "+ sbrbench sweep ($family, ${#args[@]} slices)"
   "$PYTHON" -m sbrbench.cli sweep "${args[@]}" --slots 16,64,256 --jobs "$JOBS" \
-    --policy lru,forecast,tail-pin,two-tier,marconi,adaptive \
+    --policy lru,forecast,tail-pin,two-tier,marconi,adaptive,adaptive-knows-returns \
     --out "$OUT/$family-sweep.json" --summary "$OUT/$family.json"
 done
 ls -l "$OUT"

@@ -549,40 +549,48 @@ def register(app: typer.Typer) -> None:
         cells = sim.yardstick_cells(sources, slot_list, vs, optimum=optimum,
                                     solver_time=solver_time)
         t0 = time.perf_counter()
+        path = out or Path("results") / f"sweep-{timestamp()}.json"
+        finished: list[dict[str, Any]] = []
+
+        def document(res: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
+            grid, marks = sim.assemble(res)
+            doc: dict[str, Any] = {
+                "schema": sim.SWEEP_SCHEMA,
+                **_header(first),
+                "traces": [sim.workload(s).stream.describe() | {"name": s.name}
+                           for s in sources],
+                "cache": {
+                    k: v
+                    for k, v in _cache_info(first.base(slots=slot_list[0])).items()
+                    if not k.startswith("snapshot_") or k in ("snapshot_bytes",
+                                                              "snapshot_interval")
+                },
+                "slots": slot_list,
+                "metric": metric,
+                "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
+                "backend": backend,
+                "jobs": jobs,
+                "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
+                "grid": grid,
+                "yardstick": marks,
+                "partial": partial,
+            }
+            if not partial and any(sim.FAMILY_SEP in s.name for s in sources):
+                doc["families"] = sim.families(marks, grid)
+            doc["digest"] = sim.digest(doc)
+            return doc
 
         def done(cell: sim.Cell, res: dict[str, Any]) -> None:
             what = cell.variant.name if cell.variant is not None else "yardstick"
             console.print(f"  {res['trace']} {cell.slots} slots {what}: "
                           f"{time.perf_counter() - t0:.1f} s")
+            finished.append(res)
+            write_json_atomic(path, document(finished, True))  # survives an interrupt
 
         results = sim.run_cells(cells, jobs=jobs, backend=backend, address=address,
                                 on_done=done)
-        grid, marks = sim.assemble(results)
-        path = out or Path("results") / f"sweep-{timestamp()}.json"
-        doc: dict[str, Any] = {
-            "schema": sim.SWEEP_SCHEMA,
-            **_header(first),
-            "traces": [sim.workload(s).stream.describe() | {"name": s.name} for s in sources],
-            "cache": {
-                k: v
-                for k, v in _cache_info(first.base(slots=slot_list[0])).items()
-                if not k.startswith("snapshot_") or k in ("snapshot_bytes", "snapshot_interval")
-            },
-            "slots": slot_list,
-            "metric": metric,
-            "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
-            "backend": backend,
-            "jobs": jobs,
-            "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
-            "grid": grid,
-            "yardstick": marks,
-            "partial": False,
-        }
-        fams = sim.families(marks, grid) if any(sim.FAMILY_SEP in s.name for s in sources) \
-            else {}
-        if fams:
-            doc["families"] = fams
-        doc["digest"] = sim.digest(doc)
+        doc = document(results, False)
+        grid, marks, fams = doc["grid"], doc["yardstick"], doc.get("families", {})
         write_json_atomic(path, doc)
         if summary is not None and fams:
             write_json_atomic(summary, sim.family_summary(doc, str(path)))
