@@ -179,14 +179,21 @@ def test_floor_is_the_unlimited_pool_and_lp_bounds_large_pools(sim_cache, cost,
     big = sim_cache("lru", 100_000, 4096, 1 << 22, model="a3b-proxy", dtype_bytes=2)
     lru = sim.run_policy(stream, big, sim.variants(["lru"])[0], cost).summary()
     assert inst.floor == lru["replay_tokens"]
-    small = opt.yardstick(inst, 8, time_limit=30)[0]
+    small, prog, sol = opt.yardstick(inst, 8, time_limit=30)
     huge = opt.yardstick(inst, 100_000, exact=False)[0]
     assert huge.lp == pytest.approx(inst.floor)
     assert inst.floor <= small.bound
     assert small.optimum is not None and small.bound == small.optimum
+    assert sol is not None
+    # the optimum's schedule run through the manager: achievable, at least the optimum, and
+    # here no worse than any policy that does not know the future
+    followed = opt.follow(stream, cache, inst, prog, sol, cost).summary()["replay_tokens"]
+    assert small.optimum <= followed
     for name in ("lru", "marconi", "adaptive", "belady-gain"):
         run = sim.run_policy(stream, cache, sim.variants([name])[0], cost)
         assert small.optimum <= run.summary()["replay_tokens"]
+        if name != "belady-gain":
+            assert followed <= run.summary()["replay_tokens"]
 
 
 def test_gap_closed_is_measured_against_the_best_simple_policy() -> None:
