@@ -79,6 +79,7 @@ class Adaptive(Policy):
         self._below: dict[int, SnapshotEntry | None] = {}
         self._kids: dict[int, set[int]] = {}  # entry id -> ids whose `below` it is (-1: none)
         self._dom: dict[int, int] = {}  # entry id -> live same-session snapshots under it
+        self._cover: dict[int, float] = {}  # entry id -> (pos - below) * (delta if dominated)
         self._live: dict[int, SnapshotEntry] = {}
         # swap
         self._offer: tuple[RadixNode, str] | None = None  # the newcomer being offered now
@@ -170,6 +171,15 @@ class Adaptive(Policy):
     def _link(self, e: SnapshotEntry, below: SnapshotEntry | None) -> None:
         self._below[e.id] = below
         self._kids.setdefault(below.id if below is not None else -1, set()).add(e.id)
+        self._recover(e)
+
+    def _recover(self, e: SnapshotEntry) -> None:
+        """Refresh e's cover after its `below` or its dominance count changed."""
+        below = self._below.get(e.id)
+        cover = float(e.pos - (below.pos if below is not None else 0))
+        if self._dom.get(e.id, 0):
+            cover *= self.delta
+        self._cover[e.id] = cover
 
     def _unlink(self, e: SnapshotEntry) -> None:
         below = self._below.pop(e.id, None)
@@ -194,10 +204,13 @@ class Adaptive(Policy):
                 self._link(x, entry)
         self._dom[entry.id] = sum(1 for x in self._subtree(entry)
                                   if x.session == entry.session)
+        self._recover(entry)
         a = below
         while a is not None:
             if a.session == entry.session:
                 self._dom[a.id] += 1
+                if self._dom[a.id] == 1:
+                    self._recover(a)
             a = self._below[a.id]
 
     def _subtree(self, e: SnapshotEntry) -> list[SnapshotEntry]:
@@ -224,11 +237,14 @@ class Adaptive(Policy):
         while a is not None:
             if a.session == entry.session:
                 self._dom[a.id] -= 1
+                if self._dom[a.id] == 0:
+                    self._recover(a)
             a = self._below[a.id]
         self._unlink(entry)
         for x in self._kids.pop(entry.id, ()):  # its dominance count does not change
             self._link(self._live[x], below)
         self._dom.pop(entry.id, None)
+        self._cover.pop(entry.id, None)
 
     # ---- values ------------------------------------------------------------------------------
     def value(self, e: SnapshotEntry, tick: int) -> float:
@@ -237,11 +253,7 @@ class Adaptive(Policy):
         hits = self._foreign.get(e.id, 0)
         if hits:
             p = max(p, hits / max(1, tick - e.created))
-        below = self._below.get(e.id)
-        cover = float(e.pos - (below.pos if below is not None else 0))
-        if self._dom.get(e.id, 0):
-            cover *= self.delta
-        return p * cover
+        return p * self._cover[e.id]
 
     def values(self, entries: list[SnapshotEntry], tick: int) -> dict[int, float]:
         """value(e) for each entry id."""
@@ -253,22 +265,18 @@ class Adaptive(Policy):
         if tick != self._p_tick:
             self._p.clear()
             self._p_tick = tick
-        memo, foreign, below_of, dom = self._p, self._foreign, self._below, self._dom
-        delta = self.delta
+        memo, foreign, covers = self._p, self._foreign, self._cover
         best: SnapshotEntry | None = None
         best_v = 0.0
         for e in candidates:
             p = memo.get(e.session)
             if p is None:
                 p = self._return_prob(e.session, tick)
-            hits = foreign.get(e.id)
-            if hits:
-                p = max(p, hits / max(1, tick - e.created))
-            b = below_of.get(e.id)
-            cover = float(e.pos - (b.pos if b is not None else 0))
-            if dom.get(e.id):
-                cover *= delta
-            v = p * cover
+            if foreign:
+                hits = foreign.get(e.id)
+                if hits:
+                    p = max(p, hits / max(1, tick - e.created))
+            v = p * covers[e.id]
             if best is None or v < best_v or (v == best_v and (e.last_access, e.pos, e.id) < (
                     best.last_access, best.pos, best.id)):
                 best, best_v = e, v

@@ -163,6 +163,8 @@ def _audit_tree(cm: CacheManager) -> None:
         deeper = [x for x in live.values() if x is not e and x.session == e.session
                   and x.pos > e.pos and _on_path(e.node, x.node)]
         assert pol._dom[e.id] == len(deeper), e
+        cover = float(e.pos - (below.pos if below is not None else 0))
+        assert pol._cover[e.id] == (cover * pol.delta if deeper else cover), e
 
 
 @pytest.mark.parametrize(("kv_pages", "swap"), [(1 << 14, False), (600, False), (600, True)],
