@@ -218,7 +218,7 @@ def test_swap_moves_a_sessions_snapshot_down_its_path_instead_of_evicting_anothe
     # plus older, dominated snapshots on its path. With swap, a newcomer takes the slot of the
     # deepest such own ancestor (evictable, off the grid, no foreign hit) with no admission
     # test, where the plain rule refuses some newcomers.
-    plain = manager(slots=9)
+    plain = manager(slots=9, swap=False)
     replay_plain = _conv_stream(plain, seed=12)
     cm = manager(slots=9, swap=True)
     pol = cm.policy
@@ -259,7 +259,7 @@ def test_swap_spares_grid_snapshots_and_snapshots_other_sessions_hit():
     assert pol.swap_victim(tip, "s", [grid, tip.snapshot]) is None  # grid: spared
     pol._foreign[off.id] = 1  # another session restored from it: shared, spared
     assert pol.swap_victim(tip, "s", cand) is None
-    assert manager(slots=16).policy.swap_victim(tip, "s", [off]) is None  # option off
+    assert manager(slots=16, swap=False).policy.swap_victim(tip, "s", [off]) is None  # off
 
 
 def test_swap_spares_a_first_requests_branch_point_inside_another_sessions_prefix():
