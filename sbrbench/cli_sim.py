@@ -15,13 +15,13 @@ from engine.errors import UserError
 from sbrbench import sim
 from sbrbench.cache_options import parse_adaptive_opts
 from sbrbench.costmodel import CostModel
+from sbrbench.sim.workload import TRACE_KV_TOKENS, Source
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: room for the whole table
     console = Console(width=140)
 
 DEFAULT_POLICIES = "lru,forecast,tail-pin,two-tier,marconi,adaptive"
-TRACE_KV_TOKENS = 4 * 1024 * 1024  # see docs/SIMULATOR.md "Budgets"
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -50,87 +50,10 @@ def _policies(text: str) -> list[str]:
     return pols
 
 
-class Setup:
-    """What `sim` and `sweep` share: the stream, the model, base cache config, cost model."""
+def _header(w: sim.Workload) -> dict[str, Any]:
+    from sbrbench.results import argv, capture_env, now_iso
 
-    def __init__(
-        self,
-        *,
-        trace: Path | None,
-        scenario: str | None,
-        scenario_file: Path | None,
-        sets: list[str],
-        limit: int,
-        seed: int,
-        preset: str,
-        dtype: str,
-        page_size: int,
-        snapshot_interval: int | None,
-        kv_budget_tokens: int | None,
-        costmodel: Path | None,
-        link_replies: bool,
-        branch_admission: bool = True,
-    ) -> None:
-        from engine.cache.settings import CacheSettings, policy_flops
-        from engine.config import dtype_bytes
-        from sbrbench.costmodel import resolve
-
-        if (trace is None) == (scenario is None):
-            raise UserError("give exactly one of --trace FILE or --scenario NAME")
-        self.model = sim.model_config(preset)
-        self.preset, self.dtype = preset, dtype
-        self.cost: CostModel = resolve(costmodel, preset, "cuda")
-        given: dict[str, Any] = {"page_size": page_size, "branch_admission": branch_admission}
-        if snapshot_interval is not None:
-            given["snapshot_interval"] = snapshot_interval
-        given["kv_budget_tokens"] = kv_budget_tokens if kv_budget_tokens is not None else (
-            TRACE_KV_TOKENS if trace is not None else CacheSettings().kv_budget_tokens)
-        self.settings = CacheSettings(policy="lru", **given)
-        self.snapshot_bytes = self.model.snapshot_bytes(dtype_bytes(dtype))
-        self.flops = policy_flops(self.model)
-        t0 = time.perf_counter()
-        if trace is not None:
-            self.stream: sim.Stream = sim.load_trace(
-                trace, limit, page_size=page_size, link_replies=link_replies
-            )
-        else:
-            self.stream = self._scenario(scenario or "", scenario_file, sets, seed, limit)
-        self.stream_s = time.perf_counter() - t0
-
-    def _scenario(
-        self, name: str, file: Path | None, sets: list[str], seed: int, limit: int
-    ) -> sim.Stream:
-        from sbrbench.scenarios import load_config
-
-        cfg = load_config(name, file, sets)
-        stream = sim.record_scenario(cfg, seed, self.settings, preset_name=self.preset,
-                                     dtype=self.dtype)
-        if limit:
-            stream = sim.ListStream(stream.requests[:limit], stream.info)
-        return stream
-
-    def base(self, *, slots: int | None = None, budget: int | None = None) -> sim.SimCache:
-        settings = self.settings.replace(snapshot_budget_bytes=budget)
-        if slots is not None:
-            settings = settings.replace(snapshot_slots=slots)
-        return sim.SimCache(settings, self.snapshot_bytes, self.flops)
-
-    def header(self) -> dict[str, Any]:
-        from sbrbench.results import argv, capture_env, now_iso
-
-        return {
-            "created": now_iso(),
-            "argv": argv(),
-            "env": capture_env(),
-            "stream": self.stream.describe(),
-            "model": {
-                "preset": self.preset,
-                "dtype": self.dtype,
-                "snapshot_bytes": self.snapshot_bytes,
-            },
-            "costmodel": self.cost.describe(),
-            "ttft": "modelled",
-        }
+    return {"created": now_iso(), "argv": argv(), "env": capture_env(), **w.header()}
 
 
 def _cache_info(cache: sim.SimCache) -> dict[str, Any]:
@@ -149,7 +72,7 @@ def _cache_info(cache: sim.SimCache) -> dict[str, Any]:
 
 
 def _run_all(
-    setup: Setup, cache: sim.SimCache, vs: list[sim.PolicyVariant],
+    setup: sim.Workload, cache: sim.SimCache, vs: list[sim.PolicyVariant],
     future: sim.FutureIndex | None, label: str
 ) -> dict[str, sim.PolicyRun]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -183,14 +106,11 @@ def _run_all(
     return runs
 
 
-def _future(setup: Setup, cache: sim.SimCache,
-            vs: list[sim.PolicyVariant]) -> tuple[Any, float]:
+def _future(setup: sim.Workload, vs: list[sim.PolicyVariant]) -> tuple[Any, float]:
     if not any(v.policy == "belady" for v in vs):
         return None, 0.0
-    t0 = time.perf_counter()
-    fut = sim.FutureIndex(setup.stream, cache.config(),
-                          max_context=setup.model.max_position_embeddings)
-    return fut, time.perf_counter() - t0
+    fut = setup.future()
+    return fut, setup.future_s
 
 
 def _fmt_int(v: Any) -> str:
@@ -209,14 +129,18 @@ def _fmt_s(v: Any) -> str:
     return "-" if v is None else (f"{v:.3f}" if v < 100 else f"{v:.1f}")
 
 
-def sim_table(summaries: dict[str, dict[str, Any]], title: str) -> Table:
+def sim_table(summaries: dict[str, dict[str, Any]], title: str,
+              yardstick: dict[str, Any] | None = None) -> Table:
+    """Per policy: modelled replay and TTFT, cache counters, the gap it closes; then the
+    yardstick's rows (floor, bound, optimum: replay tokens of the program)."""
     t = Table(title=title, title_justify="left")
     for col in (
         "policy",
-        "replay",
+        "replay tok",
         "x belady",
         "x oracle",
-        "KV hit",
+        "gap closed",
+        "KV hit tok",
         "snap hits",
         "evict",
         "evict kv",
@@ -226,13 +150,16 @@ def sim_table(summaries: dict[str, dict[str, Any]], title: str) -> Table:
         "sim s",
     ):
         t.add_column(col, justify="left" if col == "policy" else "right")
+    gaps = (yardstick or {}).get("gap_closed", {})
     for name, s in summaries.items():
         r, o = s.get("replay_vs_belady"), s.get("replay_vs_oracle")
+        g = gaps.get(name)
         t.add_row(
             name,
             _fmt_int(s["replay_tokens"]),
             "-" if r is None else f"{r:.2f}",
             "-" if o is None else f"{o:.2f}",
+            "-" if g is None else f"{g:.2f}",
             _fmt_int(s["hit_tokens"]),
             _fmt_int(s["snapshot_hits"]),
             _fmt_int(s["evictions"]),
@@ -242,22 +169,35 @@ def sim_table(summaries: dict[str, dict[str, Any]], title: str) -> Table:
             str(s["errors"]) if s["errors"] else "",
             f"{s['sim_wall_s']:.1f}",
         )
+    if yardstick:
+        for label, key in (("optimum (program)", "optimum"), ("lower bound", "bound"),
+                           ("floor (unlimited pool)", "floor")):
+            v = yardstick.get(key)
+            if v is not None:
+                t.add_row(f"[italic]{label}[/]", _fmt_int(v), *[""] * 10,
+                          f"{yardstick['solve_s']:.1f}" if key == "optimum" else "")
+        t.caption = (f"gap closed = (best simple [{yardstick.get('best_simple')}] - policy) / "
+                     f"(best simple - {yardstick['reference_kind']}); ordering floor <= bound "
+                     f"<= optimum <= best offline <= online: "
+                     f"{'holds' if yardstick.get('ordered') else 'VIOLATED'}; KV match "
+                     f"policy-independent: {yardstick.get('kv_independent')}")
     return t
 
 
-def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str) -> Table:
+def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str, name: str = "",
+                marks: list[dict[str, Any]] | None = None) -> Table:
     t = Table(
-        title=f"{metric} per policy and snapshot slots (x best offline reference)",
+        title=f"{name}: {metric} per policy and snapshot slots (x best offline schedule)",
         title_justify="left",
     )
     t.add_column("policy")
     for s in slots:
         t.add_column(f"{s} slots", justify="right")
     names = list(dict.fromkeys(c["policy"] for c in grid))
-    for name in names:
+    for pname in names:
         cells = []
         for s in slots:
-            c = next((c for c in grid if c["policy"] == name and c["slots"] == s), None)
+            c = next((c for c in grid if c["policy"] == pname and c["slots"] == s), None)
             if c is None:
                 cells.append("-")
                 continue
@@ -268,7 +208,44 @@ def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str) -> Ta
                 if r is not None and metric == "replay_tokens"
                 else _fmt_metric(v, metric)
             )
-        t.add_row(name, *cells)
+        t.add_row(pname, *cells)
+    by = {y["slots"]: y for y in marks or []}
+    if by:
+        for label, key in (("optimum (program)", "optimum"), ("lower bound", "bound"),
+                           ("floor (unlimited pool)", "floor")):
+            t.add_row(f"[italic]{label}[/]", *[
+                _fmt_metric(by[s].get(key), "replay_tokens") if s in by else "-"
+                for s in slots])
+        online = [n for n in names if n not in sim.REFERENCES and n != "opt-schedule"]
+        for pname in online:
+            row = [by[s]["gap_closed"].get(pname) if s in by else None for s in slots]
+            if any(g is not None for g in row):
+                t.add_row(f"[italic]gap closed: {pname}[/]",
+                          *["-" if g is None else f"{g:.2f}" for g in row])
+    return t
+
+
+def family_table(fams: dict[str, dict[str, Any]], slots: list[int]) -> Table:
+    """Gap closed per trace family and pool size: mean and minimum over its slices."""
+    t = Table(title="gap closed over slices (mean / min; replay tokens vs the best simple "
+              "policy and the optimum or bound)", title_justify="left")
+    t.add_column("family")
+    t.add_column("policy")
+    for s in slots:
+        t.add_column(f"{s} slots", justify="right")
+    for fam, per in fams.items():
+        names = list(dict.fromkeys(n for c in per.values() for n in c["gap_closed"]))
+        for name in names:
+            cells = []
+            for s in slots:
+                g = per.get(str(s), {}).get("gap_closed", {}).get(name)
+                if g is None or g["mean"] is None:
+                    cells.append("n/a")
+                else:
+                    n = len(g["per_slice"])
+                    cells.append(f"{g['mean']:.2f} / {g['min']:.2f}"
+                                 + (f" ({g['defined']}/{n})" if g["defined"] < n else ""))
+            t.add_row(fam, name, *cells)
     return t
 
 
@@ -311,7 +288,8 @@ def plot_sweep(
             refs = [
                 _metric(x, metric)
                 for x in grid
-                if x["policy"] in sim.REFERENCES and x["slots"] == s
+                if (x["policy"] in sim.REFERENCES or x["policy"] == "opt-schedule")
+                and x["slots"] == s
             ]
             if c is None:
                 continue
@@ -351,6 +329,19 @@ def plot_sweep(
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _source(trace: Path | None, scenario: str | None, scenario_file: Path | None,
+            sets: list[str], limit: int, seed: int, preset: str, dtype: str, page_size: int,
+            snapshot_interval: int | None, kv_budget_tokens: int | None, costmodel: Path | None,
+            link_replies: bool, branch_admission: bool) -> Source:
+    return Source(trace=str(trace) if trace is not None else None, scenario=scenario,
+                  scenario_file=str(scenario_file) if scenario_file is not None else None,
+                  sets=tuple(sets), limit=limit, seed=seed, preset=preset, dtype=dtype,
+                  page_size=page_size, snapshot_interval=snapshot_interval,
+                  kv_budget_tokens=kv_budget_tokens,
+                  costmodel=str(costmodel) if costmodel is not None else None,
+                  link_replies=link_replies, branch_admission=branch_admission)
 
 
 def _budget(text: str | None) -> int | None:
@@ -400,20 +391,27 @@ def register(app: typer.Typer) -> None:
         oracles: bool = typer.Option(
             True, "--oracles/--no-oracles", help="add belady and belady-gain (the references)"
         ),
+        optimum: str = typer.Option(
+            "exact", help="yardstick: exact (optimum + LP bound + floor), lp, floor or off"),
+        solver_time: float = typer.Option(300.0, help="yardstick: HiGHS time limit per solve, s"),
         warmup: int = typer.Option(
-            0, help="count only the requests after the first N (they still fill the cache)"),
+            0, help="count only the requests after the first N (they still fill the cache; "
+            "no yardstick then)"),
         adaptive_opt: list[str] = typer.Option(
-            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable (duel=1000)"),
+            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable"),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="result JSON [results/sim-<time>.json]"),
     ) -> None:
-        """Simulate policies on a trace or scenario stream at one snapshot budget (+ Belady)."""
+        """Simulate policies on a trace or scenario stream at one snapshot budget, with the
+        offline references and the yardstick (floor, LP bound, exact optimum)."""
         if warmup < 0:
             raise UserError(f"--warmup must be >= 0, got {warmup}")
         from sbrbench.results import timestamp, write_json_atomic
 
         if snapshot_slots is not None and snapshot_budget:
             raise UserError("give --snapshot-slots or --snapshot-budget, not both")
+        if optimum not in sim.OPTIMUM_MODES:
+            raise UserError(f"--optimum must be one of {', '.join(sim.OPTIMUM_MODES)}")
         aopts = parse_adaptive_opts(adaptive_opt)  # bad options: one red line, before work
         with_refs = sim.with_belady if oracles else list
         vs = with_refs(
@@ -424,39 +422,40 @@ def register(app: typer.Typer) -> None:
             )
         )
         vs = [v._replace(opts={**v.opts, **aopts}) if v.policy == "adaptive" else v for v in vs]
-        setup = Setup(
-            trace=trace,
-            scenario=scenario,
-            scenario_file=scenario_file,
-            sets=sets,
-            limit=limit,
-            seed=seed,
-            preset=preset,
-            dtype=dtype,
-            page_size=page_size,
-            snapshot_interval=snapshot_interval,
-            kv_budget_tokens=kv_budget_tokens,
-            costmodel=costmodel,
-            link_replies=link_replies,
-            branch_admission=branch_admission,
-        )
+        src = _source(trace, scenario, scenario_file, sets, limit, seed, preset, dtype,
+                      page_size, snapshot_interval, kv_budget_tokens, costmodel, link_replies,
+                      branch_admission)
+        setup = sim.workload(src)
         cache = setup.base(slots=snapshot_slots, budget=_budget(snapshot_budget))
         n_slots = cache.config().snapshot_slots
-        future, future_s = _future(setup, cache, vs)
+        future, future_s = _future(setup, vs)
         if warmup and warmup >= len(setup.stream):
             raise UserError(f"--warmup {warmup} leaves none of the {len(setup.stream)} requests")
         runs = _run_all(setup, cache, vs, future, f"{n_slots} slots")
-        summaries = {name: r.summary(warmup) for name, r in runs.items()}
-        sim.versus_belady(summaries)
+        results = [{"kind": "policy", "trace": src.name, "slots": n_slots, "policy": name,
+                    **r.summary(warmup), "_matched": [x.use.cached_tokens for x in r.rows]}
+                   for name, r in runs.items()]
+        cells = sim.yardstick_cells([src], [n_slots], [], optimum=optimum,
+                                    solver_time=solver_time, warmup=warmup)
+        for c in cells:
+            console.print(f"[bold]yardstick[/] {n_slots} slots: unlimited-pool floor, LP bound"
+                          + (", exact optimum and its schedule" if optimum == "exact" else ""))
+            results.append(sim.run_cell(c))
+        grid, marks = sim.assemble(results)
+        summaries = {c["policy"]: {k: v for k, v in c.items()
+                                   if k not in ("policy", "trace", "slots")} for c in grid}
         doc: dict[str, Any] = {
             "schema": sim.SIM_SCHEMA,
-            **setup.header(),
+            **_header(setup),
             "warmup_requests": warmup,
             "cache": _cache_info(cache),
             "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
             "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
             "summary": {"policies": summaries},
         }
+        if marks:
+            doc["summary"]["yardstick"] = {k: v for k, v in marks[0].items()
+                                           if k not in ("trace", "slots")}
         if rows:
             doc["rows"] = {name: sim.rows_json(r) for name, r in runs.items()}
         path = out or Path("results") / f"sim-{timestamp()}.json"
@@ -467,12 +466,13 @@ def register(app: typer.Typer) -> None:
                 f"{len(setup.stream)} requests"
                 + (f" (first {warmup} not counted)" if warmup else "")
                 + f", {n_slots} slots -> {path}",
+                doc["summary"].get("yardstick"),
             )
         )
 
     @app.command("sweep")
     def sweep_cmd(
-        trace: Path | None = typer.Option(None, "--trace", help=source_help),
+        trace: list[Path] = typer.Option([], "--trace", help=source_help + " (repeatable)"),
         scenario: str | None = typer.Option(None, "--scenario", help="or a scenario name"),
         scenario_file: Path | None = typer.Option(None, "--scenario-file", help="scenario TOML"),
         sets: list[str] = typer.Option([], "--set", help="scenario override KEY=VALUE"),
@@ -499,12 +499,24 @@ def register(app: typer.Typer) -> None:
             "--branch-admission/--no-branch-admission",
             help="manager option: also admit at the match's branch point (engine default: on)",
         ),
+        optimum: str = typer.Option(
+            "exact", help="yardstick: exact (optimum + LP bound + floor), lp, floor or off"),
+        solver_time: float = typer.Option(300.0, help="yardstick: HiGHS time limit per solve, s"),
+        adaptive_opt: list[str] = typer.Option(
+            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable"),
+        jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel (local backend)"),
+        backend: str = typer.Option("local", help="local (process pool) or ray"),
+        address: str | None = typer.Option(
+            None, help="ray: cluster address (default: start a local Ray instance)"),
         metric: str = typer.Option("replay_tokens", help=f"table/plot metric: {METRICS}"),
         seed: int = typer.Option(0, help="scenario seed"),
         out: Path | None = typer.Option(None, help="grid JSON [results/sweep-<time>.json]"),
-        plot: Path | None = typer.Option(None, help="heat-map PNG"),
+        plot: Path | None = typer.Option(None, help="heat-map PNG (first trace)"),
+        summary: Path | None = typer.Option(
+            None, help="also write the per-family gap summary (slices named FAMILY@K) here"),
     ) -> None:
-        """Policies x snapshot budgets (x tail-pin K, marconi alpha) grid, with Belady."""
+        """Traces x policies x snapshot budgets (x tail-pin K, marconi alpha), with the offline
+        references and the yardstick, as independent cells run in parallel."""
         from sbrbench.results import timestamp, write_json_atomic
 
         if metric not in METRICS:
@@ -512,6 +524,9 @@ def register(app: typer.Typer) -> None:
         slot_list = _ints(slots, "--slots")
         if any(s < 1 for s in slot_list):
             raise UserError("--slots must be >= 1")
+        if trace and scenario:
+            raise UserError("give --trace FILE (repeatable) or --scenario NAME, not both")
+        aopts = parse_adaptive_opts(adaptive_opt)
         vs = sim.with_belady(
             sim.variants(
                 _policies(policy),
@@ -519,56 +534,78 @@ def register(app: typer.Typer) -> None:
                 marconi_alpha=_floats(marconi_alpha, "--marconi-alpha"),
             )
         )
-        setup = Setup(
-            trace=trace,
-            scenario=scenario,
-            scenario_file=scenario_file,
-            sets=sets,
-            limit=limit,
-            seed=seed,
-            preset=preset,
-            dtype=dtype,
-            page_size=page_size,
-            snapshot_interval=snapshot_interval,
-            kv_budget_tokens=kv_budget_tokens,
-            costmodel=costmodel,
-            link_replies=link_replies,
-            branch_admission=branch_admission,
-        )
-        future, future_s = _future(setup, setup.base(slots=slot_list[0]), vs)
-        grid: list[dict[str, Any]] = []
+        vs = [v._replace(opts={**v.opts, **aopts}) if v.policy == "adaptive" else v for v in vs]
+        sources = [_source(t, None, None, [], limit, seed, preset, dtype, page_size,
+                           snapshot_interval, kv_budget_tokens, costmodel, link_replies,
+                           branch_admission) for t in trace] or [
+            _source(None, scenario, scenario_file, sets, limit, seed, preset, dtype, page_size,
+                    snapshot_interval, kv_budget_tokens, costmodel, link_replies,
+                    branch_admission)]
+        if len({s.name for s in sources}) != len(sources):
+            raise UserError("--trace: two traces have the same file name")
+        first = sim.workload(sources[0])  # user errors in the inputs surface before any work
+        for s in sources[1:]:
+            sim.workload(s)
+        cells = sim.yardstick_cells(sources, slot_list, vs, optimum=optimum,
+                                    solver_time=solver_time)
+        t0 = time.perf_counter()
         path = out or Path("results") / f"sweep-{timestamp()}.json"
-        doc: dict[str, Any] = {
-            "schema": sim.SWEEP_SCHEMA,
-            **setup.header(),
-            "cache": {
-                k: v
-                for k, v in _cache_info(setup.base(slots=slot_list[0])).items()
-                if not k.startswith("snapshot_") or k in ("snapshot_bytes", "snapshot_interval")
-            },
-            "slots": slot_list,
-            "metric": metric,
-            "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
-            "timing": {"stream_s": round(setup.stream_s, 3), "belady_index_s": round(future_s, 3)},
-            "grid": grid,
-            "partial": True,
-        }
-        for s in slot_list:
-            runs = _run_all(setup, setup.base(slots=s), vs, future, f"{s} slots")
-            summaries = {name: r.summary() for name, r in runs.items()}
-            sim.versus_belady(summaries)
-            for name, summ in summaries.items():
-                grid.append({"policy": name, "slots": s, **summ})
-            write_json_atomic(path, doc)  # partial grid survives an interrupt
-            console.print(sim_table(summaries, f"{len(setup.stream)} requests, {s} slots"))
-        doc["partial"] = False
+        finished: list[dict[str, Any]] = []
+
+        def document(res: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
+            grid, marks = sim.assemble(res)
+            doc: dict[str, Any] = {
+                "schema": sim.SWEEP_SCHEMA,
+                **_header(first),
+                "traces": [sim.workload(s).stream.describe() | {"name": s.name}
+                           for s in sources],
+                "cache": {
+                    k: v
+                    for k, v in _cache_info(first.base(slots=slot_list[0])).items()
+                    if not k.startswith("snapshot_") or k in ("snapshot_bytes",
+                                                              "snapshot_interval")
+                },
+                "slots": slot_list,
+                "metric": metric,
+                "policies": {v.name: {"policy": v.policy, "opts": v.opts} for v in vs},
+                "backend": backend,
+                "jobs": jobs,
+                "timing": {"wall_s": round(time.perf_counter() - t0, 3)},
+                "grid": grid,
+                "yardstick": marks,
+                "partial": partial,
+            }
+            if not partial and any(sim.FAMILY_SEP in s.name for s in sources):
+                doc["families"] = sim.families(marks, grid)
+            doc["digest"] = sim.digest(doc)
+            return doc
+
+        def done(cell: sim.Cell, res: dict[str, Any]) -> None:
+            what = cell.variant.name if cell.variant is not None else "yardstick"
+            console.print(f"  {res['trace']} {cell.slots} slots {what}: "
+                          f"{time.perf_counter() - t0:.1f} s")
+            finished.append(res)
+            write_json_atomic(path, document(finished, True))  # survives an interrupt
+
+        results = sim.run_cells(cells, jobs=jobs, backend=backend, address=address,
+                                on_done=done)
+        doc = document(results, False)
+        grid, marks, fams = doc["grid"], doc["yardstick"], doc.get("families", {})
         write_json_atomic(path, doc)
-        console.print(sweep_table(grid, slot_list, metric))
+        if summary is not None and fams:
+            write_json_atomic(summary, sim.family_summary(doc, str(path)))
+        for src in sources:
+            sub = [c for c in grid if c["trace"] == src.name]
+            console.print(sweep_table(sub, slot_list, metric, src.name,
+                                      [y for y in marks if y["trace"] == src.name]))
+        if fams:
+            console.print(family_table(fams, slot_list))
         if plot is not None:
-            src = trace.name if trace is not None else f"scenario {scenario}"
-            plot_sweep(grid, slot_list, metric, plot, f"{src}: {metric} / best offline reference")
+            sub = [c for c in grid if c["trace"] == sources[0].name]
+            plot_sweep(sub, slot_list, metric, plot,
+                       f"{sources[0].name}: {metric} / best offline reference")
             console.print(f"plot -> {plot}")
-        console.print(f"grid -> {path}")
+        console.print(f"grid -> {path} (digest {doc['digest'][:12]})")
 
     @app.command("calibrate")
     def calibrate_cmd(

@@ -1,96 +1,43 @@
 """The `adaptive` snapshot policy: evict the snapshot whose loss costs the least expected replay
-per request of residence (a GreedyDual-style rate), learned online from the session table.
+per request of residence, learned online from the session table.
 
-Rule, for every evictable snapshot e of session S (n requests so far, idle requests since its
-last one, tau = its own mean gap between requests, or the global mean for a 1-request session):
+The rule, for an evictable snapshot e of session S (n requests so far, idle = requests since its
+last one, tau = its mean gap between requests, or the mean gap of all sessions for a new one):
 
-    value(e) = max(P(S), F(e)) * gap(e) * (1 if no deeper snapshot of S on e's path else delta)
-    P(S)     = surv(n) / (tau + idle)        expected uses per request (heavy-tailed hazard)
-    surv(n)  = P(a session with n requests gets another), counted over past sessions; censored:
-               a session counts as ended only once idle > 8x the mean gap
-    F(e)     = hits on e by *other* sessions / requests since e was admitted (shared prefixes)
-    gap(e)   = e.pos - pos of the next shallower live snapshot on e's path (any session), or 0
+    value(e) = max(P(S), F(e)) * (e.pos - below(e)) * (delta if S holds a deeper one on e's path)
+    P(S)     = surv(n) / (tau + idle)   expected uses per request (heavy-tailed return)
+    surv(n)  = share of sessions with n requests that got another (a session counts as ended
+               once idle for `horizon` x the mean gap; the others are not counted yet)
+    F(e)     = hits on e by other sessions per request since it was admitted (shared prefixes)
+    below(e) = position of the nearest live snapshot above e on its path (any session), or 0
 
-Evict min value (ties: older, then shallower); when the pool is full, a newcomer worth less than
-the victim is not admitted (Policy.should_admit). A deep idle conversation keeps its tail under
-one-shot pressure (surv(1) of one-shots -> 0), in round-robin each conversation keeps its deepest
-(the dominated ladder goes first), and a shared system-prompt snapshot lives on its hit rate.
-The options (surv, rate, freq, censor, foreign) switch parts off for ablations (results/sim/
-ADAPTIVE.md); all on is the rule above. Round-3 options, off by default because they lost on
-the tuning traces (ADAPTIVE.md, "Round 3"): aging ("gdsf": priority = L at last use + value, L
-rises to each victim's priority; "static": same without the idle term; "evict": inflation in
-eviction only, not in admission), thin (a dominated snapshot's value scaled by thin x the share
-of [below, next deeper) it covers) and admit_margin (admit if margin x newcomer >= victim).
-Round-4 options (ADAPTIVE.md, "Round 4"): duel = N > 0 (set dueling: two metadata-only shadow
-pools, engine/cache/shadow.py, run this rule with admission control on and off on the same
-stream; the real pool admits as the one whose replay, exponentially decayed over ~N requests,
-is lower) and hazard = "empirical" (P(S) from the observed gap distribution G instead of the
-rate form: q = surv G(idle) / (surv G(idle) + 1 - surv) over the mean remaining wait
-E[gap - idle | gap > idle]); duel_hazard (with duel: four shadows, both P(S) forms x both
-admission rules; the real pool ranks and admits as the leader). Round-5 option (ADAPTIVE.md,
-"Round 5"): swap (a newcomer of session S replaces S's deepest evictable snapshot on its own path
-that is off the interval grid, was never hit by another session and is not a branch point S's
-first request made inside another session's prefix, with no admission test: the older one would
-be dominated by it).
+Evict the lowest value (ties: older, then shallower); when the pool is full a newcomer worth
+less than that victim is not admitted. `swap` (on by default): a newcomer of session S first
+takes the slot of S's deepest evictable snapshot on its own path that it makes redundant (off
+the interval grid, never hit by another session, not a branch point S's first request made
+inside another session's prefix), with no admission test. On the yardstick (docs/POLICIES.md)
+swap closes more of the gap on the chat and agentic families and about 0.01-0.02 less on the
+conversation slices than the rule without it (swap=false, the default before).
+
+`below` and the dominance counts are kept up to date on every admission and eviction (the
+snapshot tree is walked only between a changed snapshot and the next ones under it), so a
+decision costs O(candidates), not O(pool x path).
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from engine.cache.policies import POLICIES, Policy
-from engine.cache.shadow import ShadowCache
 from engine.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.cache.radix import RadixNode
     from engine.cache.snapshots import SessionInfo, SnapshotEntry
 
-
-AGING = ("off", "gdsf", "static", "evict")
-HAZARD = ("rate", "empirical")
-
-
-class _Pool(Protocol):
-    """What the rule reads of a snapshot pool: the real one or a shadow (engine/cache/shadow.py)."""
-
-    @property
-    def entries(self) -> dict[int, SnapshotEntry]: ...
-
-    @property
-    def foreign(self) -> dict[int, int]: ...
-
-    @property
-    def hazard(self) -> str: ...
-
-    def at(self, node: RadixNode) -> SnapshotEntry | None: ...
-
-
-class _RealPool:
-    """The real pool as a `_Pool`: the bound index's entries, snapshots on the radix nodes."""
-
-    def __init__(self, policy: Adaptive) -> None:
-        self._policy = policy
-
-    @property
-    def entries(self) -> dict[int, SnapshotEntry]:
-        assert self._policy.index is not None, "policy not bound to an index"
-        return self._policy.index.entries
-
-    @property
-    def foreign(self) -> dict[int, int]:
-        return self._policy._foreign
-
-    @property
-    def hazard(self) -> str:
-        return self._policy.leader()[0]
-
-    def at(self, node: RadixNode) -> SnapshotEntry | None:
-        return node.snapshot
+_SURV_A, _SURV_B = 0.5, 1.0  # survival prior: (more + 0.5) / (more + ended + 1)
 
 
 def _on_path(shallow: RadixNode, deep: RadixNode) -> bool:
@@ -102,130 +49,50 @@ def _on_path(shallow: RadixNode, deep: RadixNode) -> bool:
 
 
 class Adaptive(Policy):
-    """Expected-replay value eviction (see the module docstring for the rule)."""
+    """Expected-replay value eviction with admission control (the module docstring's rule)."""
 
     name = "adaptive"
-    uses_model_flops = True
 
-    def __init__(self, delta: float = 0.05, admit_control: bool = True,
-                 surv: bool = True, rate: bool = True, freq: bool = True,
-                 surv_a: float = 0.5, surv_b: float = 1.0, freq_w: float = 1.0,
-                 censor: bool = True, horizon: float = 8.0, foreign: bool = True,
-                 flops_per_token: float = 0.0, attn_flops_coeff: float = 0.0,
-                 aging: str = "off", thin: float = 0.0,
-                 admit_margin: float = 1.0, duel: int = 0, hazard: str = "rate",
-                 duel_hazard: bool = False, swap: bool = False) -> None:
+    def __init__(self, delta: float = 0.05, admit_control: bool = True, horizon: float = 8.0,
+                 swap: bool = True) -> None:
         super().__init__()
+        if not 0 <= delta <= 1:
+            raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
+        if horizon <= 0:
+            raise ConfigError(f"adaptive horizon must be > 0, got {horizon}")
+        self.delta = float(delta)
+        self.admit_control = bool(admit_control)
+        self.horizon = float(horizon)
         self.swap = bool(swap)
+        # session statistics
+        self._reach: list[int] = [0]  # _reach[n]: sessions that reached >= n requests
+        self._dead: list[int] = [0]  # _dead[n]: sessions counted as ended with n requests
+        self._counted: dict[str, int] = {}  # session -> n it was counted as ended with
+        self._idle_q: deque[tuple[int, str]] = deque()
+        self._gap_sum = 0.0  # inter-request gaps of continued sessions
+        self._gap_n = 0
+        self._seen: set[str] = set()  # sessions that held a snapshot
+        self._returned: set[str] = set()  # ... and came back
+        self._current: str | None = None  # session of the running request
+        self._foreign: dict[int, int] = {}  # entry id -> hits by other sessions
+        self._p: dict[str, float] = {}  # P(S) memo for the tick `_p_tick`
+        self._p_tick = -1
+        # snapshot tree: nearest live snapshot above each entry, and who hangs below whom
+        self._below: dict[int, SnapshotEntry | None] = {}
+        self._kids: dict[int, set[int]] = {}  # entry id -> ids whose `below` it is (-1: none)
+        self._dom: dict[int, int] = {}  # entry id -> live same-session snapshots under it
+        self._cover: dict[int, float] = {}  # entry id -> (pos - below) * (delta if dominated)
+        self._live: dict[int, SnapshotEntry] = {}
+        # swap
         self._offer: tuple[RadixNode, str] | None = None  # the newcomer being offered now
         self._swapping: int | None = None  # id of the victim chosen by the swap rule
         self._matched = 0  # the running request's matched prefix length
-        self._shared_nodes: dict[int, RadixNode] = {}  # nodes swap must spare (see on_offer)
-        self._shared_prune = 1024  # prune nodes the KV tree evicted when this many are held
-        if hazard not in HAZARD:
-            raise ConfigError(f"adaptive hazard must be one of {', '.join(HAZARD)}, got {hazard!r}")
-        self.hazard = hazard
-        self._gaps: list[int] = []  # every inter-request gap seen, sorted
-        self._tail_sums: list[int] | None = None  # _tail_sums[i] = sum(_gaps[i:]), lazily
-        if duel < 0:
-            raise ConfigError(f"adaptive duel must be >= 0 requests, got {duel}")
-        if duel and (aging != "off" or not admit_control):
-            raise ConfigError("adaptive duel needs admit_control on and aging off")
-        self.duel = int(duel)
-        if duel_hazard and not duel:
-            raise ConfigError("adaptive duel_hazard needs duel > 0")
-        self.duel_hazard = bool(duel_hazard)
-        self._shadows: list[ShadowCache] = []  # (strict, lenient) per hazard form duelled
-        self._pool = _RealPool(self)
-        if not 0 <= delta <= 1:
-            raise ConfigError(f"adaptive delta must be in [0, 1], got {delta}")
-        if aging not in AGING:
-            raise ConfigError(f"adaptive aging must be one of {', '.join(AGING)}, got {aging!r}")
-        self.aging = aging
-        if admit_margin <= 0:
-            raise ConfigError(f"adaptive admit_margin must be > 0, got {admit_margin}")
-        self.admit_margin = float(admit_margin)
-        if thin < 0:
-            raise ConfigError(f"adaptive thin must be >= 0, got {thin}")
-        self.thin = float(thin)
-        self._L = 0.0  # GDSF inflation: the priority of the last policy victim
-        self._base: dict[int, float] = {}  # entry id -> L at its last use (admit or hit)
-        self._chosen: tuple[int, float] | None = None  # (victim id, its priority)
-        self.delta = float(delta)
-        self.admit_control = bool(admit_control)
-        self.surv = bool(surv)
-        self.rate = bool(rate)
-        self.freq = bool(freq)
-        self.surv_a = float(surv_a)
-        self.surv_b = float(surv_b)
-        self.freq_w = float(freq_w)
-        self.censor = bool(censor)
-        self.foreign = bool(foreign)
-        self._foreign: dict[int, int] = {}
-        self._current: str | None = None
-        self.horizon = float(horizon)
-        self._dead: list[int] = [0]
-        self._counted: dict[str, int] = {}
-        self._idle_q: deque[tuple[int, str]] = deque()
-        # Accepted so the engine can pass its FLOP model as to marconi; value is in tokens.
-        self._flops = (flops_per_token, attn_flops_coeff)
-        self._seen: set[str] = set()
-        self._returned: set[str] = set()
-        self._reach: list[int] = [0]  # _reach[n]: sessions that reached >= n requests
-        self._gap_sum = 0.0  # sum and count of inter-request gaps of continued sessions
-        self._gap_n = 0
+        self._shared_nodes: dict[int, RadixNode] = {}  # branch points swap must spare
+        self._shared_prune = 1024  # prune nodes the KV tree has cut when this many are held
 
     def options(self) -> dict[str, Any]:
-        return {"delta": self.delta, "admit_control": self.admit_control, "surv": self.surv,
-                "rate": self.rate, "freq": self.freq, "censor": self.censor,
-                "horizon": self.horizon, "aging": self.aging, "thin": self.thin,
-                "admit_margin": self.admit_margin, "duel": self.duel,
-                "hazard": self.hazard, "duel_hazard": self.duel_hazard, "swap": self.swap}
-
-    def bind(self, index: Any, sessions: Any) -> None:
-        super().bind(index, sessions)
-        if self.duel:
-            decay = 1.0 - 1.0 / self.duel
-            forms = [self.hazard]
-            if self.duel_hazard:
-                forms += [h for h in HAZARD if h != self.hazard]
-            self._shadows = [ShadowCache(self, index.slots, strict, decay, h)
-                             for h in forms for strict in (True, False)]
-
-    # ---- set dueling -------------------------------------------------------------------------
-    def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:
-        self._matched = matched
-        if self._current is not None:
-            for shadow in self._shadows:
-                shadow.match(path, matched, self._current, tick)
-
-    def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
-        self._offer = (node, session)
-        if self.swap and pos <= self._matched:
-            # inside a prefix this request matched: a branch point. On a session's first request
-            # the prefix came from other sessions (a shared document): swap spares it.
-            info = self.sessions.get(session) if self.sessions is not None else None
-            if info is not None and info.requests <= 1:
-                self._shared_nodes[node.id] = node
-                if len(self._shared_nodes) >= self._shared_prune:  # amortized: drop cut nodes
-                    self._shared_nodes = {k: n for k, n in self._shared_nodes.items()
-                                          if n.parent is not None}
-                    self._shared_prune = max(self._shared_prune, 2 * len(self._shared_nodes))
-        for shadow in self._shadows:
-            shadow.offer(node, pos, session, tick)
-
-    def leader(self) -> tuple[str, bool]:
-        """(hazard form, strict admission) the real pool follows: without dueling its own
-        options; with it, those of the shadow with the least decayed replay (ties: the first of
-        own-form strict, own-form lenient, other-form strict, other-form lenient)."""
-        if not self._shadows:
-            return self.hazard, True
-        best = min(self._shadows, key=lambda sh: sh.score)
-        return best.hazard, best.strict
-
-    def lenient(self) -> bool:
-        """Set dueling: does a lenient shadow (admit everything) lead?"""
-        return not self.leader()[1]
+        return {"delta": self.delta, "admit_control": self.admit_control,
+                "horizon": self.horizon, "swap": self.swap}
 
     # ---- session statistics ----------------------------------------------------------------
     def on_request(self, info: SessionInfo, tick: int, prev_tick: int | None) -> None:
@@ -238,15 +105,13 @@ class Adaptive(Policy):
         if prev_tick is not None:
             self._gap_sum += tick - prev_tick
             self._gap_n += 1
-            if self.hazard == "empirical" or self.duel_hazard:
-                bisect.insort(self._gaps, tick - prev_tick)
-                self._tail_sums = None
         self._current = info.name
         was = self._counted.pop(info.name, None)
-        if was is not None:  # declared dead too early: it came back
+        if was is not None:  # counted as ended too early: it came back
             self._dead[was] -= 1
         self._idle_q.append((tick, info.name))
         self._reap(tick)
+        self._p_tick = -1
 
     def _reap(self, tick: int) -> None:
         """Sessions idle for longer than the horizon count as ended (censoring: the others with
@@ -260,171 +125,207 @@ class Adaptive(Policy):
                 self._counted[name] = info.requests
                 self._dead[info.requests] += 1
 
+    def _survival(self, n: int) -> float:
+        """P(a session with n requests gets another), from the sessions seen so far."""
+        r = self._reach
+        more = r[n + 1] if n + 1 < len(r) else 0
+        dead = self._dead[n] if n < len(self._dead) else 0
+        return (more + _SURV_A) / (more + dead + _SURV_B)
+
+    def _tau_fresh(self) -> float:
+        return max(1.0, self._gap_sum / self._gap_n) if self._gap_n else 1.0
+
+    def _return_prob(self, session: str, tick: int) -> float:
+        """P(S): expected uses per request of a snapshot of ``session`` (memoised per tick)."""
+        if tick != self._p_tick:
+            self._p.clear()
+            self._p_tick = tick
+        p = self._p.get(session)
+        if p is not None:
+            return p
+        info = self.sessions.get(session) if self.sessions is not None else None
+        if info is None:  # not in the table (yet): the share of sessions that came back
+            return (len(self._returned) + 0.5) / (len(self._seen) + 1.0)
+        if info.requests > 1:
+            tau = max(1.0, (info.last_tick - info.first_tick) / max(1, info.requests - 1))
+        else:
+            tau = self._tau_fresh()
+        p = self._survival(info.requests) / (tau + max(0, tick - info.last_tick))
+        self._p[session] = p
+        return p
+
     def _note(self, session: str) -> None:
         self._seen.add(session)
         info = self.sessions.get(session) if self.sessions is not None else None
         if info is not None and info.continuations > 0:
             self._returned.add(session)
 
+    # ---- the snapshot tree -------------------------------------------------------------------
+    @staticmethod
+    def _above(node: RadixNode | None) -> SnapshotEntry | None:
+        """The nearest live snapshot at or above ``node`` (None if none)."""
+        while node is not None:
+            if node.snapshot is not None:
+                return node.snapshot
+            node = node.parent
+        return None
+
+    def _link(self, e: SnapshotEntry, below: SnapshotEntry | None) -> None:
+        self._below[e.id] = below
+        self._kids.setdefault(below.id if below is not None else -1, set()).add(e.id)
+        self._recover(e)
+
+    def _recover(self, e: SnapshotEntry) -> None:
+        """Refresh e's cover after its `below` or its dominance count changed."""
+        below = self._below.get(e.id)
+        cover = float(e.pos - (below.pos if below is not None else 0))
+        if self._dom.get(e.id, 0):
+            cover *= self.delta
+        self._cover[e.id] = cover
+
+    def _unlink(self, e: SnapshotEntry) -> None:
+        below = self._below.pop(e.id, None)
+        kids = self._kids.get(below.id if below is not None else -1)
+        if kids is not None:
+            kids.discard(e.id)
+
     def on_admit(self, entry: SnapshotEntry, tick: int) -> None:
         self._note(entry.session)
-        self._base[entry.id] = self._L
+        below = self._above(entry.node.parent)
+        self._live[entry.id] = entry
+        self._link(entry, below)
+        # the nearest snapshots under entry's node hung from `below`: now they hang from entry
+        todo = list(entry.node.children.values())
+        while todo:
+            node = todo.pop()
+            x = node.snapshot
+            if x is None:
+                todo.extend(node.children.values())
+            elif x.id in self._live:
+                self._unlink(x)
+                self._link(x, entry)
+        self._dom[entry.id] = sum(1 for x in self._subtree(entry)
+                                  if x.session == entry.session)
+        self._recover(entry)
+        a = below
+        while a is not None:
+            if a.session == entry.session:
+                self._dom[a.id] += 1
+                if self._dom[a.id] == 1:
+                    self._recover(a)
+            a = self._below[a.id]
+
+    def _subtree(self, e: SnapshotEntry) -> list[SnapshotEntry]:
+        """Every live snapshot under ``e`` (through the `below` links)."""
+        out: list[SnapshotEntry] = []
+        todo = list(self._kids.get(e.id, ()))
+        while todo:
+            x = self._live[todo.pop()]
+            out.append(x)
+            todo.extend(self._kids.get(x.id, ()))
+        return out
 
     def on_hit(self, entry: SnapshotEntry, tick: int) -> None:
         self._note(entry.session)
-        self._base[entry.id] = self._L
         if self._current is not None and self._current != entry.session:
             self._foreign[entry.id] = self._foreign.get(entry.id, 0) + 1
 
     def on_evict(self, entry: SnapshotEntry, tick: int) -> None:
         self._foreign.pop(entry.id, None)
-        self._base.pop(entry.id, None)
-        if self._chosen is not None and self._chosen[0] == entry.id:
-            # GDSF: the inflation value rises to the priority of the policy's victim
-            self._L = max(self._L, self._chosen[1])
-        self._chosen = None
-
-    def _fresh_prior(self) -> float:
-        return (len(self._returned) + 0.5) / (len(self._seen) + 1.0)
-
-    def _survival(self, n: int) -> float:
-        """P(a session with n requests gets another), from the sessions seen so far."""
-        r = self._reach
-        more = r[n + 1] if n + 1 < len(r) else 0
-        if self.censor:
-            dead = self._dead[n] if n < len(self._dead) else 0
-            return (more + self.surv_a) / (more + dead + self.surv_b)
-        have = r[n] if n < len(r) else 0
-        return (more + self.surv_a) / (have + self.surv_b)
-
-    def _return_prob(self, session: str, tick: int, tau_fresh: float,
-                     hazard: str | None = None) -> float:
-        """P(S); with aging "static" the idle time does not enter (the inflation ages instead)."""
-        info = self.sessions.get(session) if self.sessions is not None else None
-        if info is None:
-            return self._fresh_prior()
-        if info.requests > 1:
-            tau = max(1.0, (info.last_tick - info.first_tick) / max(1, info.requests - 1))
-        else:
-            tau = tau_fresh
-        if self.surv:
-            prior = self._survival(info.requests)
-        elif info.continuations > 0:
-            prior = 1.0
-        else:
-            prior = self._fresh_prior()
-        idle = 0 if self.aging == "static" else max(0, tick - info.last_tick)
-        if (hazard or self.hazard) == "empirical" and self._gaps:
-            return self._empirical_rate(prior, idle)
-        if self.rate:
-            return prior / (tau + idle)
-        return prior / (1.0 + idle / tau)
-
-    def _empirical_rate(self, prior: float, idle: int) -> float:
-        """Expected uses per request from the observed gap distribution G: with q = P(it comes
-        back | idle) = prior G(idle) / (prior G(idle) + 1 - prior), q / E[gap - idle | gap >
-        idle] (memoryless gaps keep the wait and let q decay; heavy tails stretch the wait)."""
-        gaps = self._gaps
-        if self._tail_sums is None:
-            self._tail_sums = list(itertools.accumulate(reversed(gaps)))[::-1] + [0]
-        i = bisect.bisect_right(gaps, idle)
-        longer = len(gaps) - i
-        g = (longer + 0.5) / (len(gaps) + 0.5)  # 1 at idle 0, > 0 past every gap seen
-        q = prior * g / (prior * g + 1.0 - prior)
-        wait = (self._tail_sums[i] - idle * longer) / longer if longer else float(idle)
-        return q / max(1.0, wait)
-
-    def _tau_fresh(self) -> float:
-        if self.surv:
-            return max(1.0, self._gap_sum / self._gap_n) if self._gap_n else 1.0
-        gaps = []
-        for name in self._returned:
-            info = self.sessions.get(name) if self.sessions is not None else None
-            if info is not None and info.requests > 1:
-                gaps.append((info.last_tick - info.first_tick) / (info.requests - 1))
-        return max(1.0, sum(gaps) / len(gaps)) if gaps else 1.0
-
-    def _freq(self, e: SnapshotEntry, tick: int, pool: _Pool) -> float:
-        """Observed use rate of e as an anchor (hits per request since admission)."""
-        hits = pool.foreign.get(e.id, 0) if self.foreign else e.hit_count
-        if not self.freq or hits == 0:
-            return 0.0
-        rate = hits / max(1, tick - e.created)
-        if not self.rate:
-            rate *= max(1, tick - e.created)  # hit count, in the "probability" scale
-            rate = min(1.0, rate)
-        return self.freq_w * rate
+        if self._live.pop(entry.id, None) is None:
+            return
+        below = self._below.get(entry.id)
+        a = below
+        while a is not None:
+            if a.session == entry.session:
+                self._dom[a.id] -= 1
+                if self._dom[a.id] == 0:
+                    self._recover(a)
+            a = self._below[a.id]
+        self._unlink(entry)
+        for x in self._kids.pop(entry.id, ()):  # its dominance count does not change
+            self._link(self._live[x], below)
+        self._dom.pop(entry.id, None)
+        self._cover.pop(entry.id, None)
 
     # ---- values ------------------------------------------------------------------------------
-    def values(self, entries: list[SnapshotEntry], tick: int,
-               inflate: bool = True, pool: _Pool | None = None) -> dict[int, float]:
-        """value(e) for each entry id (all live entries of `pool`, default the real one, take
-        part in gap/dominance); with aging and `inflate`, plus the inflation value at e's last
-        use (its GDSF priority)."""
-        pool = pool or self._pool
-        hazard = pool.hazard
-        by_session: dict[str, list[SnapshotEntry]] = {}
-        for e in pool.entries.values():
-            by_session.setdefault(e.session, []).append(e)
-        tau_fresh = self._tau_fresh()
-        aging = inflate and self.aging != "off"
-        prob: dict[str, float] = {}
-        out: dict[int, float] = {}
-        wanted = {e.id for e in entries}
-        for session, live in by_session.items():
-            live.sort(key=lambda e: e.pos)
-            for i, e in enumerate(live):
-                if e.id not in wanted:
-                    continue
-                below = self._below(e.node.parent, pool)
-                above = [x.pos for x in live[i + 1:] if _on_path(e.node, x.node)]
-                if session not in prob:
-                    prob[session] = self._return_prob(session, tick, tau_fresh, hazard)
-                p = max(prob[session], self._freq(e, tick, pool))
-                cover = float(e.pos - below)
-                if above:
-                    cover *= self.delta
-                    if self.thin:  # a resume uniform in [below, next deeper): replay it saves
-                        cover *= self.thin * (min(above) - e.pos) / max(1, min(above) - below)
-                out[e.id] = p * cover + (self._base.get(e.id, 0.0) if aging else 0.0)
-        return out
+    def value(self, e: SnapshotEntry, tick: int) -> float:
+        """value(e) of the rule."""
+        p = self._return_prob(e.session, tick)
+        hits = self._foreign.get(e.id, 0)
+        if hits:
+            p = max(p, hits / max(1, tick - e.created))
+        return p * self._cover[e.id]
 
-    @staticmethod
-    def _below(node: RadixNode | None, pool: _Pool) -> int:
-        """Position of the nearest live snapshot of `pool` at or above `node` (any session), 0
-        if none; from e.node.parent: the next shallower snapshot on e's path."""
-        while node is not None:
-            e = pool.at(node)
-            if e is not None:
-                return e.pos
-            node = node.parent
-        return 0
+    def values(self, entries: list[SnapshotEntry], tick: int) -> dict[int, float]:
+        """value(e) for each entry id."""
+        return {e.id: self.value(e, tick) for e in entries}
 
-    def choose(self, candidates: list[SnapshotEntry], tick: int,
-               pool: _Pool | None = None) -> SnapshotEntry:
-        """The rule's victim among `candidates` of `pool` (default the real one)."""
-        vals = self.values(candidates, tick, pool=pool)
-        return min(candidates, key=lambda e: (vals[e.id], e.last_access, e.pos, e.id))
+    def choose(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry:
+        """The rule's victim among ``candidates``: min (value, last_access, pos, id); `value`
+        inlined, since this loop is most of the policy's time."""
+        if tick != self._p_tick:
+            self._p.clear()
+            self._p_tick = tick
+        memo, foreign, covers = self._p, self._foreign, self._cover
+        best: SnapshotEntry | None = None
+        best_v = 0.0
+        for e in candidates:
+            p = memo.get(e.session)
+            if p is None:
+                p = self._return_prob(e.session, tick)
+            if foreign:
+                hits = foreign.get(e.id)
+                if hits:
+                    p = max(p, hits / max(1, tick - e.created))
+            v = p * covers[e.id]
+            if best is None or v < best_v or (v == best_v and (e.last_access, e.pos, e.id) < (
+                    best.last_access, best.pos, best.id)):
+                best, best_v = e, v
+        assert best is not None, "choose needs candidates"
+        return best
 
-    def swap_victim(self, node: RadixNode, session: str, candidates: list[SnapshotEntry],
-                    pool: _Pool | None = None) -> SnapshotEntry | None:
+    def admit_value(self, pos: int, session: str, node: RadixNode, tick: int) -> float:
+        """Value a snapshot at ``pos`` would have if admitted now (for admission control)."""
+        below = self._above(node.parent if node.end == pos else node)
+        return self._return_prob(session, tick) * (pos - (below.pos if below else 0))
+
+    # ---- swap --------------------------------------------------------------------------------
+    def on_match(self, path: Sequence[RadixNode], matched: int, tick: int) -> None:
+        self._matched = matched
+
+    def on_offer(self, node: RadixNode, pos: int, session: str, tick: int) -> None:
+        self._offer = (node, session)
+        if self.swap and pos <= self._matched:
+            # inside a prefix this request matched: a branch point. On a session's first request
+            # the prefix came from other sessions (a shared document): swap spares it.
+            info = self.sessions.get(session) if self.sessions is not None else None
+            if info is not None and info.requests <= 1:
+                self._shared_nodes[node.id] = node
+                if len(self._shared_nodes) >= self._shared_prune:  # amortized: drop cut nodes
+                    self._shared_nodes = {k: n for k, n in self._shared_nodes.items()
+                                          if n.parent is not None}
+                    self._shared_prune = max(self._shared_prune, 2 * len(self._shared_nodes))
+
+    def swap_victim(self, node: RadixNode, session: str,
+                    candidates: list[SnapshotEntry]) -> SnapshotEntry | None:
         """With `swap`: the deepest of `candidates` that belongs to `session`, lies on `node`'s
         path (strictly above it), sits off the interval grid (a request end or branch point, not
         an interval snapshot), has no hit from another session and is not a branch point a
         session's first request made inside another session's prefix; None if there is none."""
         if not self.swap:
             return None
-        pool = pool or self._pool
         grid = self.grid_interval
         best = None
         for e in candidates:
             if (e.session == session and e.node is not node and not (grid and e.pos % grid == 0)
-                    and not pool.foreign.get(e.id) and e.node.id not in self._shared_nodes
+                    and not self._foreign.get(e.id) and e.node.id not in self._shared_nodes
                     and _on_path(e.node, node)
                     and (best is None or e.pos > best.pos)):
                 best = e
         return best
 
+    # ---- decisions ---------------------------------------------------------------------------
     def victim(self, candidates: list[SnapshotEntry], tick: int) -> SnapshotEntry | None:
         self._swapping = None
         if self._offer is not None:
@@ -434,39 +335,15 @@ class Adaptive(Policy):
             if a is not None:
                 self._swapping = a.id
                 return a
-        v = self.choose(candidates, tick)
-        if self.aging != "off":
-            self._chosen = (v.id, self.values([v], tick)[v.id])
-        return v
-
-    def admit_value(self, pos: int, session: str, node: RadixNode, tick: int,
-                    pool: _Pool | None = None) -> float:
-        """Value a snapshot at `pos` would have if admitted now (for admission control)."""
-        pool = pool or self._pool
-        below = self._below(node.parent if node.end == pos else node, pool)
-        base = self._L if self.aging in ("gdsf", "static") else 0.0
-        return self._return_prob(session, tick, self._tau_fresh(), pool.hazard) * (
-            pos - below) + base
-
-    def admits(self, node: RadixNode, pos: int, session: str, tick: int, victim: SnapshotEntry,
-               pool: _Pool | None = None) -> bool:
-        """Admission control: is the newcomer worth at least the victim (times the margin)?"""
-        vals = self.values([victim], tick, inflate=self.aging != "evict", pool=pool)
-        return self.admit_margin * self.admit_value(pos, session, node, tick, pool) >= vals[
-            victim.id]
+        return self.choose(candidates, tick)
 
     def should_admit(self, node: RadixNode, pos: int, session: str, tick: int,
                      victim: SnapshotEntry) -> bool:
-        """Refuse a newcomer worth less than the cheapest victim (only when the pool is full);
-        with `duel`, only while the strict shadow leads; a swap victim is always replaced."""
-        if self._swapping == victim.id:
+        """Refuse a newcomer worth less than the victim (asked only when the pool is full); a
+        swap victim is always replaced."""
+        if self._swapping == victim.id or not self.admit_control:
             return True
-        if not self.admit_control or self.lenient():
-            return True
-        if self.admits(node, pos, session, tick, victim):
-            return True
-        self._chosen = None  # the victim stays: the inflation value does not move
-        return False
+        return self.admit_value(pos, session, node, tick) >= self.value(victim, tick)
 
 
 POLICIES["adaptive"] = Adaptive

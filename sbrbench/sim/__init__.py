@@ -3,9 +3,24 @@ of the model and offline references beside the online policies.
 
 streams.py: Mooncake traces and recorded scenarios as `SimRequest` streams; oracle.py: the
 stream's future for the offline references; simulator.py: the simulator, policy runs and their
-summaries; target.py: `--target sim` for scenarios.
+summaries; optimum.py: the yardstick (exact optimum, LP bound, floor); workload.py: what a run
+simulates, rebuilt from plain data in any process; cells.py: a sweep's cells and the backends
+that run them; target.py: `--target sim` for scenarios.
 """
 
+from sbrbench.sim.cells import (
+    BACKENDS,
+    FAMILY_SEP,
+    OPTIMUM_MODES,
+    Cell,
+    assemble,
+    digest,
+    families,
+    family_summary,
+    run_cell,
+    run_cells,
+    yardstick_cells,
+)
 from sbrbench.sim.oracle import FutureIndex
 from sbrbench.sim.simulator import (
     EXTRA_ORACLES,
@@ -27,8 +42,23 @@ from sbrbench.sim.simulator import (
 )
 from sbrbench.sim.streams import ListStream, SimRequest, Stream, TraceStream, load_trace
 from sbrbench.sim.target import SimTarget, model_config, record_scenario, reply_tokens
+from sbrbench.sim.workload import Source, Workload, workload
 
 __all__ = [
+    "BACKENDS",
+    "OPTIMUM_MODES",
+    "Cell",
+    "Source",
+    "Workload",
+    "FAMILY_SEP",
+    "assemble",
+    "digest",
+    "families",
+    "family_summary",
+    "run_cell",
+    "run_cells",
+    "workload",
+    "yardstick_cells",
     "EXTRA_ORACLES",
     "ORACLES",
     "REFERENCES",

@@ -179,6 +179,9 @@ EXTRA_ORACLES = {
     "belady-gain-bypass": PolicyVariant(
         "belady-gain-bypass", "belady", {"oracle": "gain", "bypass": True}
     ),
+    # adaptive told one fact of the future: whether a session sends another request (not when)
+    "adaptive-knows-returns": PolicyVariant("adaptive-knows-returns", "adaptive",
+                                            {"oracle": "returns"}),
 }
 REFERENCES = (*ORACLES, *EXTRA_ORACLES)
 
@@ -226,6 +229,7 @@ def run_policy(
     """Simulate the whole stream under one policy (a fresh cache; `cache` gives the budgets)."""
     cfg = cache.config(variant)
     opts = dict(cfg.policy_opts)
+    knows_returns = variant.policy == "adaptive" and opts.pop("oracle", None) == "returns"
     oracle, bypass = "next_use", False
     if variant.policy == "belady":
         if future is None:
@@ -240,18 +244,61 @@ def run_policy(
     if future is not None and bypass:
         # instance attribute: the registry's Belady with the references' admission rule
         sim.cm.policy.should_admit = future.admission_rule(oracle)  # type: ignore[method-assign]
+    index_of: list[int] = []  # manager tick -> stream index
+    if knows_returns:
+        _tell_returns(sim.cm, stream, index_of)
     rows: list[SimRow] = []
     phases: list[str] = []
     t0 = time.perf_counter()
     for i, req in enumerate(stream):
         if future is not None:
             future.now = i
-        rows.append(sim.step(req))
+        if knows_returns:
+            index_of.append(i)  # the tick this request gets if the manager begins it
+        row = sim.step(req)
+        if knows_returns and row.tick < 0:
+            index_of.pop()
+        rows.append(row)
         phases.append(req.phase)
         if progress is not None and i % 256 == 255:
             progress(i + 1)
     wall = time.perf_counter() - t0
     return PolicyRun(variant, rows, sim.cm.stats(), phases, wall, cfg.snapshot_slots)
+
+
+def _continued(stream: Stream) -> list[bool]:
+    """Per request: does a later request continue its session (its turn, or its session id)?"""
+    items = getattr(stream, "items", None)
+    out = [False] * len(stream)
+    if items is not None:  # a trace: turns are linked to their parent request
+        for it in items:
+            if it.parent >= 0:
+                out[it.parent] = True
+        return out
+    last: dict[str, int] = {}
+    for i, req in enumerate(stream):
+        if req.session is not None:
+            if req.session in last:
+                out[last[req.session]] = True
+            last[req.session] = i
+    return out
+
+
+def _tell_returns(cm: CacheManager, stream: Stream, index_of: list[int]) -> None:
+    """Give the adaptive policy of ``cm`` one oracle fact: a session's P(S) is 0 once its last
+    request so far is one no later request continues."""
+    continued = _continued(stream)
+    pol = cm.policy
+    plain = pol._return_prob  # type: ignore[attr-defined]
+
+    def knows(session: str, tick: int) -> float:
+        info = cm.sessions.get(session)
+        if info is not None and info.last_tick < len(index_of) \
+                and not continued[index_of[info.last_tick]]:
+            return 0.0
+        return float(plain(session, tick))
+
+    pol._return_prob = knows  # type: ignore[attr-defined]
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from engine.errors import UserError
@@ -50,7 +51,13 @@ def test_cli_sim_on_a_trace(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["schema"] == "sbrbench.sim/v1" and doc["ttft"] == "modelled"
     pols = doc["summary"]["policies"]
-    assert list(pols) == ["lru", "tail-pin", "belady", "belady-gain"]
+    assert list(pols) == ["lru", "tail-pin", "belady", "belady-gain", "opt-schedule"]
+    ys = doc["summary"]["yardstick"]
+    assert ys["optimum"] is not None and ys["reference_kind"] == "optimum"
+    assert ys["floor"] <= ys["lp_bound"] <= ys["bound"] <= ys["optimum"]
+    assert all(ys["optimum"] <= s["replay_tokens"] for s in pols.values())
+    assert ys["ordered"] and ys["kv_independent"] and ys["best_simple"] in ("lru", "tail-pin")
+    assert "gap" in text and "optimum" in text and "floor" in text
     for s in pols.values():
         for key in ("replay_tokens", "hit_tokens", "snapshot_hits", "evictions"):
             assert isinstance(s[key], int)
@@ -94,10 +101,10 @@ def test_cli_sim_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
     refused = json.loads(out.read_text())["summary"]["policies"]["adaptive"]["admit_refused"]
     assert refused > 0
     code, text = _invoke([*args, "--adaptive-opt", "admit_control=false",
-                          "--adaptive-opt", "hazard=empirical"])
+                          "--adaptive-opt", "delta=0.1"])
     assert code == 0, text
     doc = json.loads(out.read_text())
-    assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "hazard": "empirical"}
+    assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "delta": 0.1}
     assert doc["policies"]["lru"]["opts"] == {}
     assert doc["summary"]["policies"]["adaptive"]["admit_refused"] == 0
     for bad in ("duel", "nope=1", "hazard=sometimes"):
@@ -138,9 +145,62 @@ def test_cli_sweep_grid_and_plot(tmp_path: Path) -> None:
         "marconi(a=2)",
         "belady",
         "belady-gain",
+        "opt-schedule",
     }
-    assert len(doc["grid"]) == 14 and doc["slots"] == [2, 6] and not doc["partial"]
+    assert len(doc["grid"]) == 16 and doc["slots"] == [2, 6] and not doc["partial"]
+    assert [y["slots"] for y in doc["yardstick"]] == [2, 6]
+    for y in doc["yardstick"]:
+        assert y["ordered"] and y["optimum"] is not None
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _sweep(tmp_path: Path, out: Path, *extra: str) -> dict:
+    code, text = _invoke(["sweep", "--trace", str(tmp_path / "a.jsonl"), "--trace",
+                          str(tmp_path / "b.jsonl"), "--policy", "lru,adaptive", "--slots",
+                          "2,5", "--out", str(out), *extra])
+    assert code == 0, text
+    return json.loads(out.read_text())
+
+
+def _two_traces(tmp_path: Path) -> None:
+    lines = SAMPLE_TRACE.read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:60]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[200:260]))
+
+
+def test_cli_sweep_cells_in_parallel_give_the_same_json(tmp_path: Path) -> None:
+    """Cells (trace, policy, slots) on a process pool: the same results, in the same order, as
+    one after the other; only wall-clock fields differ, and the digest leaves them out."""
+    from sbrbench import sim
+
+    _two_traces(tmp_path)
+    one = _sweep(tmp_path, tmp_path / "one.json")
+    two = _sweep(tmp_path, tmp_path / "two.json", "--jobs", "2")
+    assert one["digest"] == two["digest"] == sim.digest(two)
+    assert [(c["trace"], c["slots"], c["policy"]) for c in one["grid"]] == [
+        (c["trace"], c["slots"], c["policy"]) for c in two["grid"]]
+    assert {c["trace"] for c in one["grid"]} == {"a", "b"}
+    assert len(one["yardstick"]) == 4 and all("adaptive" in y["gap_closed"]
+                                              for y in one["yardstick"])
+    two["grid"][0]["replay_tokens"] += 16
+    assert sim.digest(two) != one["digest"]
+
+
+def test_cli_sweep_on_a_local_ray_instance(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    _two_traces(tmp_path)
+    local = _sweep(tmp_path, tmp_path / "local.json", "--optimum", "lp")
+    ray = _sweep(tmp_path, tmp_path / "ray.json", "--optimum", "lp", "--backend", "ray")
+    assert ray["backend"] == "ray" and ray["digest"] == local["digest"]
+
+
+def test_cli_sweep_user_errors(tmp_path: Path) -> None:
+    _two_traces(tmp_path)
+    base = ["sweep", "--trace", str(tmp_path / "a.jsonl"), "--slots", "2"]
+    for extra, word in ((["--backend", "mpi"], "--backend"), (["--jobs", "0"], "--jobs"),
+                        (["--optimum", "best"], "--optimum")):
+        code, text = _invoke([*base, *extra])
+        assert code == 2 and word in text, (extra, text)
 
 
 def test_cli_sim_user_errors(tmp_path: Path) -> None:
@@ -175,7 +235,7 @@ def test_cli_sim_on_a_scenario_reports_phases(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["stream"]["kind"] == "scenario" and doc["stream"]["scenario"] == "deep-resume"
     pols = doc["summary"]["policies"]
-    assert set(pols) == {"forecast", "tail-pin", "belady", "belady-gain"}
+    assert set(pols) == {"forecast", "tail-pin", "belady", "belady-gain", "opt-schedule"}
     for s in pols.values():
         assert set(s["phases"]) == {"build", "pressure", "resume"}
         assert s["phases"]["resume"]["n"] == 2
@@ -201,3 +261,31 @@ def test_run_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
     code, text = _invoke(["run", "deep-resume", "--target", "http", "--base-url",
                           "http://127.0.0.1:9", "--adaptive-opt", "duel=10"])
     assert code == 2 and "--adaptive-opt" in text
+
+
+def test_cli_sweep_summarises_slices_of_a_family(tmp_path: Path) -> None:
+    """Slices named FAMILY@K: the summary gives each online policy's gap closed over them
+    (mean, min) per pool size, next to the yardstick's totals."""
+    lines = SAMPLE_TRACE.read_text().splitlines(keepends=True)
+    for k in range(3):
+        (tmp_path / f"fam@{k:02d}.jsonl").write_text("".join(lines[100 * k:100 * k + 100]))
+    out, summ = tmp_path / "sweep.json", tmp_path / "summary.json"
+    args = ["sweep", "--policy", "lru,marconi,adaptive", "--slots", "2,4", "--out", str(out),
+            "--summary", str(summ)]
+    for k in range(3):
+        args += ["--trace", str(tmp_path / f"fam@{k:02d}.jsonl")]
+    code, text = _invoke(args)
+    assert code == 0, text
+    doc = json.loads(summ.read_text())
+    assert doc["schema"] == "sbrbench.yardstick/v1" and set(doc["families"]) == {"fam"}
+    for slots in ("2", "4"):
+        cell = doc["families"]["fam"][slots]
+        assert cell["slices"] == 3 and cell["ordered"] and cell["kv_independent"]
+        g = cell["gap_closed"]["adaptive"]
+        ok = [x for x in g["per_slice"] if x is not None]
+        assert g["defined"] == len(ok) and len(g["per_slice"]) == 3
+        if ok:
+            assert g["mean"] == pytest.approx(sum(ok) / len(ok)) and g["min"] == min(ok)
+        assert cell["floor"] <= cell["bound"] <= cell["optimum"] <= min(
+            cell["replay_tokens"].values())
+    assert "mean / min" in text

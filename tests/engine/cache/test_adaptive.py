@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from engine.cache.adaptive import _on_path
 from engine.cache.manager import CacheConfig, CacheManager
 
 PS, CHUNK = 16, 64
@@ -117,80 +118,9 @@ def test_should_admit_refuses_a_newcomer_worth_less_than_the_victim():
     assert cm.index.counters["admit_refused"] == before + 1
 
 
-def _entry(cm: CacheManager, session: str, pos: int):
-    return next(e for e in cm.index.entries.values() if e.session == session and e.pos == pos)
-
-
-def test_thin_evicts_the_dominated_snapshot_nearest_the_next_deeper_one():
-    # One session's ladder 0 < 1024 < 1088 < 4096 (tail): 1088 sits next to 1024 and saves
-    # little over it; 1024 covers [0, 1024). Plain delta ranks the dominated ones by the
-    # replay below them (evicts 1024's neighbour only if shallower); thinning evicts 1024.
-    rng = random.Random(5)
-    conv = fresh(rng, 4200)
-    victims = {}
-    for thin in (0.0, 1.0):
-        cm = manager(slots=4, thin=thin)
-        for p in (1024, 1088, 4096):  # prefixes of one conversation: a ladder of snapshots
-            request(cm, conv[:p], "s", reply=0)
-        request(cm, fresh(rng, 300), "other", reply=0)  # fills the pool (4 entries)
-        victim = cm.policy.victim(cm.index.candidates(), cm.tick)
-        victims[thin] = victim.pos
-    assert victims[0.0] == 1088  # delta * gap: 0.05 * 64 < 0.05 * 1024
-    assert victims[1.0] == 1024  # thinning: 1024 * (1088-1024)/1088 < 64 * (4096-1088)/3072
-
-
-def test_gdsf_aging_inflation_rises_to_each_victims_priority():
-    # GDSF: L becomes the priority of every policy victim, and an entry's priority is its value
-    # plus L at its last use, so snapshots admitted after evictions start above idle old ones.
-    rng = random.Random(6)
-    cm = manager(slots=4, aging="gdsf", admit_control=False)
-    pol = cm.policy
-    conv = fresh(rng, 1500)
-    for _ in range(4):
-        request(cm, conv, "deep", reply=0)
-        conv = grow(conv, rng, 100)
-    chosen: list[tuple[int, float]] = []
-    pick = pol.victim
-
-    def spy(candidates, tick):
-        v = pick(candidates, tick)
-        chosen.append(pol._chosen)
-        return v
-
-    pol.victim = spy
-    for i in range(12):
-        before = set(cm.index.entries)
-        request(cm, fresh(rng, 300), f"one{i}", reply=0)
-        (vid,) = before - set(cm.index.entries)
-        prios = [pr for c_id, pr in chosen if c_id == vid]
-        assert prios and pol._L >= prios[-1]
-        assert pol._L == pytest.approx(max(pr for _, pr in chosen))
-    assert pol._L > 0
-    newest = max(cm.index.entries.values(), key=lambda e: e.id)
-    raw = pol.values([newest], cm.tick, inflate=False)[newest.id]
-    assert pol.values([newest], cm.tick)[newest.id] - raw == pytest.approx(pol._base[newest.id])
-    assert pol._base[newest.id] > 0
-
-
-def test_admit_margin_admits_what_plain_admission_control_refuses():
-    rng = random.Random(4)
-    refused = {}
-    for margin in (1.0, 1e6):
-        cm = manager(slots=4, admit_margin=margin)
-        convs = {f"c{i}": fresh(rng, 1000) for i in range(4)}
-        for _ in range(3):
-            for name in convs:
-                request(cm, convs[name], name)
-                convs[name] = grow(convs[name], rng, 100)
-        for i in range(20):
-            request(cm, fresh(rng, 70), f"x{i}", reply=1)
-        refused[margin] = cm.index.counters["admit_refused"]
-    assert refused[1.0] > 0 and refused[1e6] == 0
-
-
-def _mixed_stream(cm: CacheManager, seed: int) -> None:
-    """Conversations that come back after random gaps, mixed with one-shots (the stream the
-    duel tests replay under several admission rules)."""
+def _mixed_stream(cm: CacheManager, seed: int, after=None) -> None:
+    """Conversations that come back after random gaps, mixed with one-shots; ``after(cm)`` runs
+    after every request."""
     rng = random.Random(seed)
     system = fresh(random.Random(99), 256)
     convs: dict[str, list[int]] = {}
@@ -209,143 +139,62 @@ def _mixed_stream(cm: CacheManager, seed: int) -> None:
             convs[name] = grow(convs[name], rng, rng.randrange(64, 400))
         else:
             request(cm, fresh(rng, rng.randrange(64, 600)), f"one{i}", reply=1)
+        if after is not None:
+            after(cm)
 
 
-@pytest.mark.parametrize("kv_pages", [1 << 14, 600], ids=["kv-ample", "kv-tight"])
-def test_duel_shadows_replay_exactly_what_strict_and_lenient_pools_would(kv_pages):
-    # The strict shadow is the rule as is, the lenient one the rule without admission control:
-    # each must count the very replay a real pool under that rule causes.
-    def run(**opts) -> CacheManager:
-        cm = CacheManager(CacheConfig(page_size=PS, chunk=CHUNK, kv_pages=kv_pages,
-                                      snapshot_slots=6, snapshot_bytes=0, snapshot_interval=0,
-                                      policy="adaptive", policy_opts=opts,
-                                      branch_admission=True))
-        _mixed_stream(cm, seed=7)
-        return cm
-
-    duel, strict, lenient = run(duel=50), run(), run(admit_control=False)
-    shadows = duel.policy._shadows
-    assert shadows is not None
-    for shadow in shadows:  # never over capacity, never an entry on an evicted node
-        assert len(shadow.entries) <= 6
-        assert all(e.node.parent is not None for e in shadow.entries.values())
-    if kv_pages < 1 << 14:
-        # the offered positions (hence radix splits, hence KV victims) follow the real pool's
-        # restores, so under KV pressure a shadow is only an estimate: it must drop what the
-        # KV tree evicts
-        assert strict.index.counters["evictions_kv"] > 0
-        assert all(shadow.dropped_kv > 0 for shadow in shadows)
-        return
-    assert strict.counters["replay_tokens"] != lenient.counters["replay_tokens"]
-    assert shadows[0].replay == strict.counters["replay_tokens"]
-    assert shadows[1].replay == lenient.counters["replay_tokens"]
-    assert shadows[0].refused == strict.index.counters["admit_refused"] > 0
-    assert shadows[1].refused == 0
+def _entry(cm: CacheManager, session: str, pos: int):
+    return next(e for e in cm.index.entries.values() if e.session == session and e.pos == pos)
 
 
-def test_duel_admits_as_the_shadow_with_less_decayed_replay():
-    rng = random.Random(4)
-    cm = manager(slots=4, duel=20)
+def _audit_tree(cm: CacheManager) -> None:
+    """The policy's incremental snapshot tree equals one recomputed from the radix tree."""
     pol = cm.policy
-    convs = {f"c{i}": fresh(rng, 1000) for i in range(4)}
-    for _ in range(3):  # as in the admission-control test: one-shots get refused
-        for name in convs:
-            request(cm, convs[name], name)
-            convs[name] = grow(convs[name], rng, 100)
-    for i in range(20):
-        request(cm, fresh(rng, 70), f"x{i}", reply=1)
-    strict, lenient = pol._shadows
-    assert strict.score < lenient.score  # refusing the one-shots kept the tails: strict leads
-    assert not pol.lenient()
-    refused = cm.index.counters["admit_refused"]
-    request(cm, fresh(rng, 70), "early", reply=1)
-    assert cm.index.counters["admit_refused"] == refused + 1  # strict: refused
-    lenient.score = strict.score - 1.0  # the lenient shadow leads: the real pool follows it
-    assert pol.lenient()
-    request(cm, fresh(rng, 70), "late", reply=1)
-    assert cm.index.counters["admit_refused"] == refused + 1
-    assert any(e.session == "late" for e in cm.index.entries.values())
+    live = cm.index.entries
+    assert set(pol._live) == set(live)
+    for e in live.values():
+        node, below = e.node.parent, None
+        while node is not None:
+            if node.snapshot is not None:
+                below = node.snapshot
+                break
+            node = node.parent
+        assert pol._below[e.id] is below, e
+        deeper = [x for x in live.values() if x is not e and x.session == e.session
+                  and x.pos > e.pos and _on_path(e.node, x.node)]
+        assert pol._dom[e.id] == len(deeper), e
+        cover = float(e.pos - (below.pos if below is not None else 0))
+        assert pol._cover[e.id] == (cover * pol.delta if deeper else cover), e
 
 
-def test_duel_decay_is_an_exponential_window_over_requests():
-    cm = manager(slots=2, duel=4)
-    strict, _ = cm.policy._shadows
-    rng = random.Random(8)
-    conv = fresh(rng, 300)
-    request(cm, conv, "a")
-    conv = grow(conv, rng, 700)
-    strict.score = 100.0
-    m, s = request(cm, conv, "a")
-    assert strict.score == pytest.approx(100.0 * 0.75 + (m - s))
+@pytest.mark.parametrize(("kv_pages", "swap"), [(1 << 14, False), (600, False), (600, True)],
+                         ids=["kv-ample", "kv-tight", "kv-tight-swap"])
+def test_snapshot_tree_is_kept_exact_through_admissions_and_evictions(kv_pages, swap):
+    # below(e) and the dominance counts are maintained incrementally (admit, evict by the
+    # policy, drop by KV eviction, radix splits): after every request they must equal what a
+    # walk of the radix tree gives.
+    cm = CacheManager(CacheConfig(page_size=PS, chunk=CHUNK, kv_pages=kv_pages,
+                                  snapshot_slots=6, snapshot_bytes=0, snapshot_interval=256,
+                                  policy="adaptive", policy_opts={"swap": swap},
+                                  branch_admission=True))
+    checked = []
+
+    def after(cm_: CacheManager) -> None:
+        _audit_tree(cm_)
+        checked.append(len(cm_.index.entries))
+
+    _mixed_stream(cm, seed=7, after=after)
+    assert cm.index.counters["evictions_policy"] > 0 and max(checked) == 6
+    if kv_pages < 1 << 14:
+        assert cm.index.counters["evictions_kv"] > 0
 
 
-@pytest.mark.parametrize("opts", [{"duel": -1}, {"duel": 10, "aging": "gdsf"},
-                                  {"duel": 10, "admit_control": False}])
-def test_duel_rejects_options_it_cannot_combine_with(opts):
+def test_options_are_checked():
     from engine.errors import ConfigError
 
-    with pytest.raises(ConfigError):
-        manager(**opts)
-
-
-def test_empirical_hazard_lets_an_idle_session_fade_when_gaps_are_short():
-    # Every past gap was 1-4 requests; a session idle for 40 requests has outlived them all.
-    # The heavy-tailed rate form still gives it prior / (tau + idle) > 0 of a fresh session's
-    # value; the empirical hazard sees that almost no session comes back after such a wait.
-    vals = {}
-    for hazard in ("rate", "empirical"):
-        cm = manager(slots=64, hazard=hazard)
-        rng = random.Random(9)
-        convs = {f"c{i}": fresh(rng, 300) for i in range(4)}
-        for _ in range(6):  # short gaps, learned by both
-            for name in convs:
-                request(cm, convs[name], name)
-                convs[name] = grow(convs[name], rng, 100)
-        request(cm, fresh(rng, 300), "idle")
-        for i in range(40):
-            request(cm, convs[f"c{i % 4}"], f"c{i % 4}")
-            convs[f"c{i % 4}"] = grow(convs[f"c{i % 4}"], rng, 100)
-        request(cm, fresh(rng, 300), "fresh")
-        pol = cm.policy
-        p_idle = pol._return_prob("idle", cm.tick, pol._tau_fresh())
-        p_fresh = pol._return_prob("fresh", cm.tick, pol._tau_fresh())
-        vals[hazard] = p_idle / p_fresh
-    assert vals["rate"] > 0.05
-    assert vals["empirical"] < 0.2 * vals["rate"]
-
-
-def test_empirical_hazard_of_a_fresh_session_is_the_rate_form():
-    # idle 0: P(back) = prior and the expected wait is the mean gap, as in the rate form
-    cm = manager(slots=8, hazard="empirical")
-    rng = random.Random(10)
-    conv = fresh(rng, 300)
-    for _ in range(5):
-        request(cm, conv, "a")
-        conv = grow(conv, rng, 100)
-    pol = cm.policy
-    prior = pol._survival(1)
-    assert pol._empirical_rate(prior, 0) == pytest.approx(prior / (pol._gap_sum / pol._gap_n))
-
-
-def test_duel_hazard_shadows_replay_what_each_form_and_admission_would():
-    def run(**opts) -> CacheManager:
-        cm = manager(slots=6, branch=True, **opts)
-        _mixed_stream(cm, seed=11)
-        return cm
-
-    duel = run(duel=50, duel_hazard=True)
-    shadows = duel.policy._shadows
-    assert [(sh.hazard, sh.strict) for sh in shadows] == [
-        ("rate", True), ("rate", False), ("empirical", True), ("empirical", False)]
-    plain = {(h, ac): run(hazard=h, admit_control=ac)
-             for h in ("rate", "empirical") for ac in (True, False)}
-    replays = {k: cm.counters["replay_tokens"] for k, cm in plain.items()}
-    assert len(set(replays.values())) > 2  # the four rules differ on this stream
-    for sh in shadows:
-        assert sh.replay == replays[(sh.hazard, sh.strict)]
-    best = min(shadows, key=lambda sh: sh.score)
-    assert duel.policy.leader() == (best.hazard, best.strict)
-    assert duel.policy._pool.hazard == best.hazard
+    for opts in ({"delta": 2.0}, {"horizon": 0}, {"duel": 10}):
+        with pytest.raises(ConfigError):
+            manager(**opts)
 
 
 def _conv_stream(cm: CacheManager, seed: int, rounds: int = 6) -> list[int]:
@@ -369,7 +218,7 @@ def test_swap_moves_a_sessions_snapshot_down_its_path_instead_of_evicting_anothe
     # plus older, dominated snapshots on its path. With swap, a newcomer takes the slot of the
     # deepest such own ancestor (evictable, off the grid, no foreign hit) with no admission
     # test, where the plain rule refuses some newcomers.
-    plain = manager(slots=9)
+    plain = manager(slots=9, swap=False)
     replay_plain = _conv_stream(plain, seed=12)
     cm = manager(slots=9, swap=True)
     pol = cm.policy
@@ -410,7 +259,7 @@ def test_swap_spares_grid_snapshots_and_snapshots_other_sessions_hit():
     assert pol.swap_victim(tip, "s", [grid, tip.snapshot]) is None  # grid: spared
     pol._foreign[off.id] = 1  # another session restored from it: shared, spared
     assert pol.swap_victim(tip, "s", cand) is None
-    assert manager(slots=16).policy.swap_victim(tip, "s", [off]) is None  # option off
+    assert manager(slots=16, swap=False).policy.swap_victim(tip, "s", [off]) is None  # off
 
 
 def test_swap_spares_a_first_requests_branch_point_inside_another_sessions_prefix():
@@ -429,21 +278,6 @@ def test_swap_spares_a_first_requests_branch_point_inside_another_sessions_prefi
     assert request(cm, b + fresh(rng, 200), "B") == (896, 896)  # B's second turn
     own, deeper = tip, _entry(cm, "B", 1088)
     assert pol.swap_victim(deeper.node, "B", [shared, own]) is own
-
-
-def test_duel_shadows_follow_swap_exactly():
-    # Without KV pressure a strict shadow with swap counts the replay of a real pool with swap.
-    def run(**opts) -> CacheManager:
-        cm = manager(slots=6, branch=True, **opts)
-        _mixed_stream(cm, seed=7)
-        return cm
-
-    duel, strict, lenient = run(duel=50, swap=True), run(swap=True), run(
-        swap=True, admit_control=False)
-    assert strict.counters["replay_tokens"] != run().counters["replay_tokens"]
-    s_shadow, l_shadow = duel.policy._shadows
-    assert s_shadow.replay == strict.counters["replay_tokens"]
-    assert l_shadow.replay == lenient.counters["replay_tokens"]
 
 
 def test_swap_forgets_spared_branch_points_whose_nodes_the_kv_tree_evicted():

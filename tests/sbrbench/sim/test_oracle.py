@@ -113,3 +113,33 @@ def test_belady_knows_the_next_use_of_a_branch_point_snapshot(sim_cache, cost) -
     off = sim.run_policy(stream, sim_cache("lru", 2, branch_admission=False),
                          sim.ORACLES["belady"], cost)
     assert off.rows[2].use.snapshot_pos == 0  # no snapshot at the branch point without it
+
+
+def test_adaptive_told_which_sessions_return_drops_the_others(sim_cache, cost) -> None:
+    # A and B are conversations of two turns; the one-shots between them never come back. Told
+    # which sessions return, the rule values the one-shots' snapshots at zero: they are refused
+    # or go first, so both second turns restore their first turn's snapshot (at 640); the rule
+    # without the oracle fact loses at least one.
+    A, B = _seq(1, 700), _seq(2, 700)
+    reqs = [sim.SimRequest(A, (7,), 1, session="A"), sim.SimRequest(B, (8,), 1, session="B")]
+    reqs += [sim.SimRequest(_seq(10 + i, 900), (9,), 1, session=f"one{i}") for i in range(6)]
+    reqs += [sim.SimRequest(A + (7,) + _seq(30, 80), (1,), 1, session="A"),
+             sim.SimRequest(B + (8,) + _seq(31, 80), (1,), 1, session="B")]
+    stream = sim.ListStream(reqs)
+    from sbrbench.sim.simulator import _continued
+
+    assert _continued(stream) == [True, True] + [False] * 8
+    cache = sim_cache("adaptive", 2)
+    plain = sim.run_policy(stream, cache, sim.variants(["adaptive"])[0], cost)
+    told = sim.run_policy(stream, cache, sim.variants(["adaptive-knows-returns"])[0], cost)
+    assert all(r.use.snapshot_pos == 640 for r in told.rows[-2:])  # both turns' snapshots
+    assert any(r.use.snapshot_pos < 640 for r in plain.rows[-2:])
+    assert told.summary()["replay_tokens"] < plain.summary()["replay_tokens"]
+
+
+def test_a_trace_stream_knows_which_requests_are_continued(trace_slice) -> None:
+    from sbrbench.sim.simulator import _continued
+
+    stream = sim.load_trace(trace_slice(300))
+    cont = _continued(stream)
+    assert sum(cont) == len({it.parent for it in stream.items if it.parent >= 0}) > 0
