@@ -8,39 +8,57 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from engine.errors import UserError
 from sbrbench import sim
-from sbrbench.cache_options import parse_adaptive_opts
+from sbrbench.cache_options import (
+    ADAPTIVE_OPT_HELP,
+    check_model_flags,
+    parse_adaptive_opts,
+    positive,
+)
 from sbrbench.costmodel import CostModel
+from sbrbench.render import make_console, styled
+from sbrbench.results import FORCE_HELP, OUTPUT_DIR, output_path, timestamp
 from sbrbench.sim.workload import TRACE_KV_TOKENS, Source
 
-console = Console()
+console = make_console()
 if not console.is_terminal:  # logs and pipes: room for the whole table
-    console = Console(width=140)
+    console = make_console(width=140)
+
+# The simulator runs no model: the preset only sets the snapshot size and the FLOPs the cost
+# model prices, so its default is the shape the packaged GPU cost model was fitted on.
+PRESET_HELP = ("model whose snapshot size and FLOPs apply (default a3b-proxy: the shapes the "
+               "packaged H200 cost model was fitted on; no model runs, so a real size costs "
+               "nothing, unlike `run`, whose default tiny model really runs)")
 
 DEFAULT_POLICIES = "lru,forecast,tail-pin,two-tier,marconi,adaptive"
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(text: str, flag: str, minimum: int | None = None) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
     if not out:
         raise UserError(f"{flag}: no value given")
+    if minimum is not None and any(x < minimum for x in out):
+        raise UserError(f"{flag} {text!r}: every value must be >= {minimum}")
     return out
 
 
-def _floats(text: str | None, flag: str) -> list[float]:
+def _floats(text: str | None, flag: str, minimum: float | None = None) -> list[float]:
     if not text:
         return []
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+    if minimum is not None and any(not x >= minimum for x in out):
+        raise UserError(f"{flag} {text!r}: every value must be >= {minimum:g}")
+    return out
 
 
 def _policies(text: str) -> list[str]:
@@ -84,7 +102,7 @@ def _run_all(
         return lambda k: prog.update(task, completed=k)
 
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -133,21 +151,21 @@ def sim_table(summaries: dict[str, dict[str, Any]], title: str,
               yardstick: dict[str, Any] | None = None) -> Table:
     """Per policy: modelled replay and TTFT, cache counters, the gap it closes; then the
     yardstick's rows (floor, bound, optimum: replay tokens of the program)."""
-    t = Table(title=title, title_justify="left")
+    t = Table(title=Text(title), title_justify="left")
     for col in (
         "policy",
         "replay tok",
-        "x belady",
-        "x oracle",
+        "replay / belady",
+        "replay / best offline",
         "gap closed",
         "KV hit tok",
         "snap hits",
         "evict",
         "evict kv",
-        "TTFT s",
-        "p90 s",
+        "TTFT s (modelled)",
+        "p90 s (modelled)",
         "err",
-        "sim s",
+        "sim wall s",
     ):
         t.add_column(col, justify="left" if col == "policy" else "right")
     gaps = (yardstick or {}).get("gap_closed", {})
@@ -174,20 +192,24 @@ def sim_table(summaries: dict[str, dict[str, Any]], title: str,
                            ("floor (unlimited pool)", "floor")):
             v = yardstick.get(key)
             if v is not None:
-                t.add_row(f"[italic]{label}[/]", _fmt_int(v), *[""] * 10,
+                t.add_row(styled(label, "italic"), _fmt_int(v), *[""] * 10,
                           f"{yardstick['solve_s']:.1f}" if key == "optimum" else "")
-        t.caption = (f"gap closed = (best simple [{yardstick.get('best_simple')}] - policy) / "
-                     f"(best simple - {yardstick['reference_kind']}); ordering floor <= bound "
-                     f"<= optimum <= best offline <= online: "
-                     f"{'holds' if yardstick.get('ordered') else 'VIOLATED'}; KV match "
-                     f"policy-independent: {yardstick.get('kv_independent')}")
+        t.caption = Text(
+            f"gap closed = (best simple [{yardstick.get('best_simple')}] - policy) / "
+            f"(best simple - {yardstick['reference_kind']}), in replay tokens; ordering "
+            f"floor <= bound <= optimum <= best offline <= online: "
+            f"{'holds' if yardstick.get('ordered') else 'VIOLATED'}; KV match "
+            f"policy-independent: {yardstick.get('kv_independent')}", style="dim")
+    t.caption_justify = "left"
     return t
 
 
 def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str, name: str = "",
                 marks: list[dict[str, Any]] | None = None) -> Table:
     t = Table(
-        title=f"{name}: {metric} per policy and snapshot slots (x best offline schedule)",
+        title=Text(f"{name}: {metric_label(metric)} per policy and snapshot slots"
+                   + (" (ratio to the best offline schedule)" if metric == "replay_tokens"
+                      else "")),
         title_justify="left",
     )
     t.add_column("policy")
@@ -213,22 +235,22 @@ def sweep_table(grid: list[dict[str, Any]], slots: list[int], metric: str, name:
     if by:
         for label, key in (("optimum (program)", "optimum"), ("lower bound", "bound"),
                            ("floor (unlimited pool)", "floor")):
-            t.add_row(f"[italic]{label}[/]", *[
+            t.add_row(styled(label, "italic"), *[
                 _fmt_metric(by[s].get(key), "replay_tokens") if s in by else "-"
                 for s in slots])
         online = [n for n in names if n not in sim.REFERENCES and n != "opt-schedule"]
         for pname in online:
             row = [by[s]["gap_closed"].get(pname) if s in by else None for s in slots]
             if any(g is not None for g in row):
-                t.add_row(f"[italic]gap closed: {pname}[/]",
+                t.add_row(styled(f"gap closed: {pname}", "italic"),
                           *["-" if g is None else f"{g:.2f}" for g in row])
     return t
 
 
 def family_table(fams: dict[str, dict[str, Any]], slots: list[int]) -> Table:
     """Gap closed per trace family and pool size: mean and minimum over its slices."""
-    t = Table(title="gap closed over slices (mean / min; replay tokens vs the best simple "
-              "policy and the optimum or bound)", title_justify="left")
+    t = Table(title=Text("gap closed over slices (mean / min; replay tokens vs the best simple "
+                         "policy and the optimum or bound)"), title_justify="left")
     t.add_column("family")
     t.add_column("policy")
     for s in slots:
@@ -252,6 +274,13 @@ def family_table(fams: dict[str, dict[str, Any]], slots: list[int]) -> Table:
 METRICS = ("replay_tokens", "ttft_mean", "ttft_p90")
 
 
+def metric_label(metric: str) -> str:
+    """A sweep metric with its unit and basis: replay tokens are counted by the engine's cache
+    code; TTFT is the cost model's."""
+    return ("replay tokens (counted)" if metric == "replay_tokens"
+            else f"{metric.replace('_', ' ')} s (modelled)")
+
+
 def _metric(cell: dict[str, Any], metric: str) -> float | None:
     if metric == "replay_tokens":
         return float(cell["replay_tokens"])
@@ -268,6 +297,33 @@ def _fmt_metric(v: float | None, metric: str) -> str:
     return f"{v:,.0f}" if metric == "replay_tokens" else f"{v:.3f}"
 
 
+def sweep_cells(grid: list[dict[str, Any]], slots: list[int],
+                metric: str) -> tuple[list[str], list[list[float | None]], list[list[str]]]:
+    """The heat map's content: policy names, each cell's metric / the best offline
+    reference's at the same slots (None where either is missing), and its label (the value,
+    compact at every scale: 512, 16.2k, 27.69M; then the ratio)."""
+    names = list(dict.fromkeys(c["policy"] for c in grid))
+    ratio: list[list[float | None]] = [[None for _ in slots] for _ in names]
+    text = [["" for _ in slots] for _ in names]
+    for i, name in enumerate(names):
+        for j, s in enumerate(slots):
+            c = next((c for c in grid if c["policy"] == name and c["slots"] == s), None)
+            if c is None:
+                continue
+            refs = [_metric(x, metric) for x in grid
+                    if (x["policy"] in sim.REFERENCES or x["policy"] == "opt-schedule")
+                    and x["slots"] == s]
+            v = _metric(c, metric)
+            bv = min((r for r in refs if r is not None), default=None)
+            if v is not None and bv:
+                ratio[i][j] = v / bv
+            text[i][j] = (_fmt_int(v) if metric == "replay_tokens" and v is not None
+                          else _fmt_metric(v, metric))
+            if ratio[i][j] is not None:
+                text[i][j] += f"\n{ratio[i][j]:.2f}x"
+    return names, ratio, text
+
+
 def plot_sweep(
     grid: list[dict[str, Any]], slots: list[int], metric: str, out: Path, title: str
 ) -> Path:
@@ -279,31 +335,8 @@ def plot_sweep(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = list(dict.fromkeys(c["policy"] for c in grid))
-    ratio = np.full((len(names), len(slots)), np.nan)
-    text = [["" for _ in slots] for _ in names]
-    for i, name in enumerate(names):
-        for j, s in enumerate(slots):
-            c = next((c for c in grid if c["policy"] == name and c["slots"] == s), None)
-            refs = [
-                _metric(x, metric)
-                for x in grid
-                if (x["policy"] in sim.REFERENCES or x["policy"] == "opt-schedule")
-                and x["slots"] == s
-            ]
-            if c is None:
-                continue
-            v = _metric(c, metric)
-            bv = min((r for r in refs if r is not None), default=None)
-            if v is not None and bv:
-                ratio[i, j] = v / bv
-            text[i][j] = (
-                f"{v / 1e6:.2f}M"
-                if metric == "replay_tokens" and v is not None
-                else _fmt_metric(v, metric)
-            )
-            if not np.isnan(ratio[i, j]):
-                text[i][j] += f"\n{ratio[i, j]:.2f}x"
+    names, cells, text = sweep_cells(grid, slots, metric)
+    ratio = np.array([[np.nan if r is None else r for r in row] for row in cells], dtype=float)
     fig, ax = plt.subplots(figsize=(1.6 * len(slots) + 3, 0.55 * len(names) + 2))
     im = ax.imshow(ratio, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(slots)), [str(s) for s in slots])
@@ -322,7 +355,7 @@ def plot_sweep(
                 if not np.isnan(ratio[i, j]) and ratio[i, j] > np.nanmean(ratio)
                 else "black",
             )
-    fig.colorbar(im, ax=ax, label=f"{metric} / best offline reference")
+    fig.colorbar(im, ax=ax, label=f"{metric_label(metric)} / best offline reference")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -364,20 +397,25 @@ def register(app: typer.Typer) -> None:
         policy: str = typer.Option(
             DEFAULT_POLICIES, help="policies (belady and belady-gain are always added)"
         ),
-        snapshot_slots: int | None = typer.Option(None, help="snapshot pool slots [16]"),
+        snapshot_slots: int | None = typer.Option(
+            None, min=1, help="snapshot pool slots (default 16)"),
         snapshot_budget: str | None = typer.Option(None, help="or pool bytes, e.g. 19GiB"),
-        limit: int = typer.Option(0, help="first N requests (0 = all)"),
-        page_size: int = typer.Option(16, help="KV page size in tokens"),
-        snapshot_interval: int | None = typer.Option(None, help="admit every N tokens [4096]"),
+        limit: int = typer.Option(0, min=0, help="first N requests (0 = all)"),
+        page_size: int = typer.Option(16, min=1, help="KV page size in tokens"),
+        snapshot_interval: int | None = typer.Option(
+            None, min=0, help="admit every N tokens (default 4096)"),
         kv_budget_tokens: int | None = typer.Option(
-            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"
+            None, min=1,
+            help=f"KV pool tokens (default: trace {TRACE_KV_TOKENS}, scenario the engine's)"
         ),
-        tail_pin_k: int = typer.Option(8, help="tail-pin: K deepest pinned per session"),
-        marconi_alpha: float | None = typer.Option(None, help="marconi: FLOP-saving weight"),
-        preset: str = typer.Option("a3b-proxy", help="model whose snapshot size/FLOPs apply"),
+        tail_pin_k: int = typer.Option(8, min=1, help="tail-pin: K deepest pinned per session"),
+        marconi_alpha: float | None = typer.Option(
+            None, min=0.0, help="marconi: FLOP-saving weight"),
+        preset: str = typer.Option("a3b-proxy", help=PRESET_HELP),
         dtype: str = typer.Option("bfloat16", help="dtype of that model"),
         costmodel: Path | None = typer.Option(
-            None, help="cost model JSON [the packaged fit of --preset, else analytic H100]"
+            None, help="cost model JSON (default: the packaged fit of --preset, else the "
+            "analytic H100 model)"
         ),
         link_replies: bool = typer.Option(
             True, "--link-replies/--no-link-replies", help="trace: next turns continue the reply"
@@ -393,21 +431,25 @@ def register(app: typer.Typer) -> None:
         ),
         optimum: str = typer.Option(
             "exact", help="yardstick: exact (optimum + LP bound + floor), lp, floor or off"),
-        solver_time: float = typer.Option(300.0, help="yardstick: HiGHS time limit per solve, s"),
+        solver_time: float = typer.Option(
+            300.0, callback=positive, help="yardstick: HiGHS time limit per solve, s"),
         warmup: int = typer.Option(
-            0, help="count only the requests after the first N (they still fill the cache; "
+            0, min=0, help="count only the requests after the first N (they still fill the cache; "
             "no yardstick then)"),
-        adaptive_opt: list[str] = typer.Option(
-            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable"),
-        seed: int = typer.Option(0, help="scenario seed"),
-        out: Path | None = typer.Option(None, help="result JSON [results/sim-<time>.json]"),
+        adaptive_opt: list[str] = typer.Option([], "--adaptive-opt", help=ADAPTIVE_OPT_HELP),
+        seed: int = typer.Option(0, min=0, help="scenario seed"),
+        out: str | None = typer.Option(
+            None, metavar="FILE", help=f"result JSON (default: {OUTPUT_DIR}/sim-<time>.json); "
+            "an existing FILE is kept unless --force"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     ) -> None:
         """Simulate policies on a trace or scenario stream at one snapshot budget, with the
-        offline references and the yardstick (floor, LP bound, exact optimum)."""
-        if warmup < 0:
-            raise UserError(f"--warmup must be >= 0, got {warmup}")
-        from sbrbench.results import timestamp, write_json_atomic
+        offline references and the yardstick (floor, LP bound, exact optimum). Latencies are
+        modelled by the cost model; replay tokens are the engine cache code's own count."""
+        from sbrbench.results import write_json_atomic
 
+        check_model_flags(preset=preset, dtype=dtype)
+        path = output_path(out, OUTPUT_DIR / f"sim-{timestamp()}.json", force=force)
         if snapshot_slots is not None and snapshot_budget:
             raise UserError("give --snapshot-slots or --snapshot-budget, not both")
         if optimum not in sim.OPTIMUM_MODES:
@@ -438,8 +480,9 @@ def register(app: typer.Typer) -> None:
         cells = sim.yardstick_cells([src], [n_slots], [], optimum=optimum,
                                     solver_time=solver_time, warmup=warmup)
         for c in cells:
-            console.print(f"[bold]yardstick[/] {n_slots} slots: unlimited-pool floor, LP bound"
-                          + (", exact optimum and its schedule" if optimum == "exact" else ""))
+            console.print(Text.assemble(
+                ("yardstick", "bold"), f" {n_slots} slots: unlimited-pool floor, LP bound"
+                + (", exact optimum and its schedule" if optimum == "exact" else "")))
             results.append(sim.run_cell(c))
         grid, marks = sim.assemble(results)
         summaries = {c["policy"]: {k: v for k, v in c.items()
@@ -458,7 +501,6 @@ def register(app: typer.Typer) -> None:
                                            if k not in ("trace", "slots")}
         if rows:
             doc["rows"] = {name: sim.rows_json(r) for name, r in runs.items()}
-        path = out or Path("results") / f"sim-{timestamp()}.json"
         write_json_atomic(path, doc)
         console.print(
             sim_table(
@@ -479,16 +521,20 @@ def register(app: typer.Typer) -> None:
         policy: str = typer.Option(
             DEFAULT_POLICIES, help="policies (belady and belady-gain are always added)"
         ),
-        slots: str = typer.Option("8,16,32", help="snapshot slots, comma-separated"),
-        tail_pin_k: str = typer.Option("8", help="tail-pin K values, comma-separated"),
-        marconi_alpha: str | None = typer.Option(None, help="marconi alphas, comma-separated"),
-        limit: int = typer.Option(0, help="first N requests (0 = all)"),
-        page_size: int = typer.Option(16, help="KV page size in tokens"),
-        snapshot_interval: int | None = typer.Option(None, help="admit every N tokens [4096]"),
+        slots: str = typer.Option("8,16,32", help="snapshot slots, comma-separated, each >= 1"),
+        tail_pin_k: str = typer.Option(
+            "8", help="tail-pin K values, comma-separated, each >= 1"),
+        marconi_alpha: str | None = typer.Option(
+            None, help="marconi alphas, comma-separated, each >= 0"),
+        limit: int = typer.Option(0, min=0, help="first N requests (0 = all)"),
+        page_size: int = typer.Option(16, min=1, help="KV page size in tokens"),
+        snapshot_interval: int | None = typer.Option(
+            None, min=0, help="admit every N tokens (default 4096)"),
         kv_budget_tokens: int | None = typer.Option(
-            None, help=f"KV pool tokens [trace: {TRACE_KV_TOKENS}, scenario: engine default]"
+            None, min=1,
+            help=f"KV pool tokens (default: trace {TRACE_KV_TOKENS}, scenario the engine's)"
         ),
-        preset: str = typer.Option("a3b-proxy", help="model whose snapshot size/FLOPs apply"),
+        preset: str = typer.Option("a3b-proxy", help=PRESET_HELP),
         dtype: str = typer.Option("bfloat16", help="dtype of that model"),
         costmodel: Path | None = typer.Option(None, help="cost model JSON"),
         link_replies: bool = typer.Option(
@@ -501,37 +547,51 @@ def register(app: typer.Typer) -> None:
         ),
         optimum: str = typer.Option(
             "exact", help="yardstick: exact (optimum + LP bound + floor), lp, floor or off"),
-        solver_time: float = typer.Option(300.0, help="yardstick: HiGHS time limit per solve, s"),
-        adaptive_opt: list[str] = typer.Option(
-            [], "--adaptive-opt", help="adaptive policy option KEY=VALUE, repeatable"),
-        jobs: int = typer.Option(1, "--jobs", "-j", help="cells run in parallel (local backend)"),
+        solver_time: float = typer.Option(
+            300.0, callback=positive, help="yardstick: HiGHS time limit per solve, s"),
+        adaptive_opt: list[str] = typer.Option([], "--adaptive-opt", help=ADAPTIVE_OPT_HELP),
+        jobs: int = typer.Option(
+            1, "--jobs", "-j", min=1, help="cells run in parallel (local backend)"),
         backend: str = typer.Option("local", help="local (process pool) or ray"),
         address: str | None = typer.Option(
             None, help="ray: cluster address (default: start a local Ray instance)"),
-        metric: str = typer.Option("replay_tokens", help=f"table/plot metric: {METRICS}"),
-        seed: int = typer.Option(0, help="scenario seed"),
-        out: Path | None = typer.Option(None, help="grid JSON [results/sweep-<time>.json]"),
-        plot: Path | None = typer.Option(None, help="heat-map PNG (first trace)"),
-        summary: Path | None = typer.Option(
-            None, help="also write the per-family gap summary (slices named FAMILY@K) here"),
+        metric: str = typer.Option(
+            "replay_tokens", help=f"table/plot metric: {', '.join(METRICS)}"),
+        seed: int = typer.Option(0, min=0, help="scenario seed"),
+        out: str | None = typer.Option(
+            None, metavar="FILE", help=f"grid JSON (default: {OUTPUT_DIR}/sweep-<time>.json); "
+            "an existing FILE is kept unless --force"),
+        plot: str | None = typer.Option(None, metavar="PNG", help="heat-map PNG (first trace)"),
+        summary: str | None = typer.Option(
+            None, metavar="FILE",
+            help="also write the per-family gap summary (slices named FAMILY@K) here"),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     ) -> None:
         """Traces x policies x snapshot budgets (x tail-pin K, marconi alpha), with the offline
-        references and the yardstick, as independent cells run in parallel."""
-        from sbrbench.results import timestamp, write_json_atomic
+        references and the yardstick, as independent cells run in parallel. The grid JSON is
+        rewritten after every cell, so an interrupted sweep keeps what it finished."""
+        from sbrbench.results import write_json_atomic
 
         if metric not in METRICS:
             raise UserError(f"--metric must be one of {', '.join(METRICS)}")
-        slot_list = _ints(slots, "--slots")
-        if any(s < 1 for s in slot_list):
-            raise UserError("--slots must be >= 1")
+        check_model_flags(preset=preset, dtype=dtype)
+        slot_list = _ints(slots, "--slots", minimum=1)
+        path = output_path(out, OUTPUT_DIR / f"sweep-{timestamp()}.json", force=force)
+        plot_path = (output_path(plot, OUTPUT_DIR / "sweep.png", force=force, flag="--plot")
+                     if plot is not None else None)
+        summary_path = (output_path(summary, OUTPUT_DIR / "summary.json", force=force,
+                                    flag="--summary") if summary is not None else None)
+        if len({p for p in (path, plot_path, summary_path) if p is not None}) < sum(
+                p is not None for p in (path, plot_path, summary_path)):
+            raise UserError("--out, --plot and --summary must name different files")
         if trace and scenario:
             raise UserError("give --trace FILE (repeatable) or --scenario NAME, not both")
         aopts = parse_adaptive_opts(adaptive_opt)
         vs = sim.with_belady(
             sim.variants(
                 _policies(policy),
-                tail_pin_k=_ints(tail_pin_k, "--tail-pin-k"),
-                marconi_alpha=_floats(marconi_alpha, "--marconi-alpha"),
+                tail_pin_k=_ints(tail_pin_k, "--tail-pin-k", minimum=1),
+                marconi_alpha=_floats(marconi_alpha, "--marconi-alpha", minimum=0.0),
             )
         )
         vs = [v._replace(opts={**v.opts, **aopts}) if v.policy == "adaptive" else v for v in vs]
@@ -549,7 +609,6 @@ def register(app: typer.Typer) -> None:
         cells = sim.yardstick_cells(sources, slot_list, vs, optimum=optimum,
                                     solver_time=solver_time)
         t0 = time.perf_counter()
-        path = out or Path("results") / f"sweep-{timestamp()}.json"
         finished: list[dict[str, Any]] = []
 
         def document(res: list[dict[str, Any]], partial: bool) -> dict[str, Any]:
@@ -592,19 +651,19 @@ def register(app: typer.Typer) -> None:
         doc = document(results, False)
         grid, marks, fams = doc["grid"], doc["yardstick"], doc.get("families", {})
         write_json_atomic(path, doc)
-        if summary is not None and fams:
-            write_json_atomic(summary, sim.family_summary(doc, str(path)))
+        if summary_path is not None and fams:
+            write_json_atomic(summary_path, sim.family_summary(doc, str(path)))
         for src in sources:
             sub = [c for c in grid if c["trace"] == src.name]
             console.print(sweep_table(sub, slot_list, metric, src.name,
                                       [y for y in marks if y["trace"] == src.name]))
         if fams:
             console.print(family_table(fams, slot_list))
-        if plot is not None:
+        if plot_path is not None:
             sub = [c for c in grid if c["trace"] == sources[0].name]
-            plot_sweep(sub, slot_list, metric, plot,
-                       f"{sources[0].name}: {metric} / best offline reference")
-            console.print(f"plot -> {plot}")
+            plot_sweep(sub, slot_list, metric, plot_path,
+                       f"{sources[0].name}: {metric_label(metric)} / best offline reference")
+            console.print(f"plot -> {plot_path}")
         console.print(f"grid -> {path} (digest {doc['digest'][:12]})")
 
     @app.command("calibrate")
@@ -613,19 +672,20 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu | cuda"),
         dtype: str = typer.Option("float32", help="float32 | bfloat16"),
         points: str | None = typer.Option(None, help="s:m:L,... (default: sized for the preset)"),
-        reps: int = typer.Option(3, help="timings per point (the fastest is fitted)"),
-        seed: int = typer.Option(0, help="weights and token seed"),
-        out: Path | None = typer.Option(
-            None,
-            help="JSON [results/costmodel-<gpu>.json on GPU, "
-            "results/sim/costmodel-cpu-<preset>.json on CPU]",
+        reps: int = typer.Option(3, min=1, help="timings per point (the fastest is fitted)"),
+        seed: int = typer.Option(0, min=0, help="weights and token seed"),
+        out: str | None = typer.Option(
+            None, metavar="FILE",
+            help=f"cost model JSON (default: {OUTPUT_DIR}/costmodel-<gpu or cpu-preset>-<time>"
+            ".json); an existing FILE is kept unless --force",
         ),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
         refit: Path | None = typer.Option(
             None, help="refit the points stored in this cost model JSON instead of timing an "
             "engine (no GPU needed)"),
         window: int | None = typer.Option(
-            None, help="with --refit: fit aligned windows of this many rows (0: per position; "
-            "default: the better of both, by worst relative error)"),
+            None, min=0, help="with --refit: fit aligned windows of this many rows "
+            "(0: per position; default: the better of both, by worst relative error)"),
         check: list[Path] | None = typer.Option(
             None, help="engine result JSONs: print modelled vs measured mean TTFT per phase "
             "and store it in the output (repeatable)"),
@@ -638,18 +698,29 @@ def register(app: typer.Typer) -> None:
         if refit is not None:
             if out is None:
                 raise UserError("--refit needs --out (the source file is kept as measured)")
+            path = output_path(out, Path(out), force=force)
             model = cmod.refit(refit, window)
             _check(model, check)
-            cmod.save(model, out)
+            cmod.save(model, path)
             fit = model.meta["fit"]
             console.print(
                 f"refit of {refit}: window {model.window or 'none (per position)'}; "
                 f"a = {model.a:.3e} s/row, b = {model.b:.3e} s/pair, c = {model.c:.3e} s, "
                 f"restore = {model.restore:.3e} s; r2 = {fit['r2']:.4f}, "
-                f"max rel err = {fit['max_rel_err']:.2%} -> {out}")
+                f"max rel err = {fit['max_rel_err']:.2%} -> {path}")
             return
+        check_model_flags(preset=preset, device=device, dtype=dtype)
         pts = cmod.parse_points(points) if points else None
-        t = Table(title=f"calibrate {preset} on {device} ({dtype})", title_justify="left")
+        slug = f"cpu-{preset}"
+        if device != "cpu":
+            import torch
+
+            slug = cmod.gpu_slug(torch.cuda.get_device_name(0)
+                                 if torch.cuda.is_available() else None)
+        path = output_path(out, OUTPUT_DIR / f"costmodel-{slug}-{timestamp()}.json", force=force)
+        t = Table(title=Text(f"calibrate {preset} on {device} ({dtype}): measured TTFT per "
+                             "point (s: snapshot restored at, m: KV cached to, L: prompt "
+                             "tokens)"), title_justify="left")
         for col in ("s", "m", "L", "ttft s (best)", "decode s/tok"):
             t.add_column(col, justify="right")
 
@@ -673,20 +744,14 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             on_sample=on_sample,
         )
-        if out is None:
-            out = (
-                Path("results") / f"costmodel-{cmod.gpu_slug(model.meta.get('gpu'))}.json"
-                if device != "cpu"
-                else Path("results") / "sim" / f"costmodel-cpu-{preset}.json"
-            )
         _check(model, check)
-        cmod.save(model, out)
+        cmod.save(model, path)
         console.print(t)
         fit = model.meta["fit"]
         console.print(
             f"a = {model.a:.3e} s/token, b = {model.b:.3e} s/pair, c = {model.c:.3e} s, "
             f"restore = {model.restore:.3e} s, decode = {model.decode:.3e} s/token; "
-            f"r2 = {fit['r2']}, max rel err = {fit['max_rel_err']:.2%} -> {out}"
+            f"r2 = {fit['r2']}, max rel err = {fit['max_rel_err']:.2%} -> {path}"
         )
 
 
@@ -697,7 +762,7 @@ def _check(model: CostModel, paths: list[Path] | None) -> None:
     if not paths:
         return
     rows = cmod.validate(model, paths)
-    t = Table(title="modelled vs measured mean TTFT", title_justify="left")
+    t = Table(title="modelled vs measured mean TTFT (s)", title_justify="left")
     for col in ("file", "phase", "n", "measured s", "modelled s", "ratio"):
         t.add_column(col, justify="left" if col in ("file", "phase") else "right")
     for r in rows:

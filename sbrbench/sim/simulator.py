@@ -141,7 +141,7 @@ def variants(
     """Policy names -> variants: tail-pin once per K, marconi once per alpha (default: its own)."""
     out: list[PolicyVariant] = []
     refs = {**ORACLES, **EXTRA_ORACLES}
-    known = [*POLICIES, *refs]
+    known = list(dict.fromkeys([*POLICIES, *refs]))
     for p in policies:
         if p in refs:
             out.append(refs[p])

@@ -14,6 +14,7 @@ from sbrbench import cli_compare, cli_run
 from sbrbench.cli import main
 from sbrbench.render import make_console
 from sbrbench.stats import summarize_rows
+from sbrbench.tracefile import SAMPLE_TRACE
 
 SMALL = ["--set", "turns=2", "--set", "pressure=2", "--set", "convs=2"]
 
@@ -63,11 +64,24 @@ def _verbs(inputs: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "bench-prefill": (["bench", "prefill", "--out", "OUT"], "--out"),
         "bench-resume": (["bench", "resume", "--device", "cpu", "--preset", "tiny", "--depth",
                           "64", "--reps", "1", "--out", "OUT"], "--out"),
+        "bench-decode": (["bench", "decode", "--device", "cpu", "--preset", "tiny", "--depth",
+                          "64", "--tokens", "2", "--reps", "1", "--out", "OUT"], "--out"),
+        "sim": (["sim", *SIM, "--no-oracles", "--out", "OUT"], "--out"),
+        "sweep": (["sweep", *SIM, "--slots", "2", "--out", "OUT"], "--out"),
+        "sweep-plot": (["sweep", *SIM, "--slots", "2", "--plot", "OUT"], "--plot"),
+        "sweep-summary": (["sweep", *SIM, "--slots", "2", "--summary", "OUT"], "--summary"),
+        "calibrate": (["calibrate", "--points", "0:0:96", "--reps", "1", "--out", "OUT"],
+                      "--out"),
+        "calibrate-refit": (["calibrate", "--refit", a, "--out", "OUT"], "--out"),
     }
 
 
+# a small simulation: 30 requests of the shipped trace, one policy, no yardstick
+SIM = ["--trace", str(SAMPLE_TRACE), "--limit", "30", "--policy", "lru", "--optimum", "off"]
+
 VERBS = ["run", "run-two-policies", "compare", "plot", "report", "decay", "decay-plot",
-         "bench-kernels", "bench-prefill", "bench-resume"]
+         "bench-kernels", "bench-prefill", "bench-resume", "bench-decode", "sim", "sweep",
+         "sweep-plot", "sweep-summary", "calibrate", "calibrate-refit"]
 
 
 @pytest.fixture(name="unwritable")
@@ -154,11 +168,12 @@ def test_results_default_to_sbr_results(tmp_path: Path, inputs: dict[str, Path],
     for args in (["run", "parity", "--target", "sim", "--no-progress", "--policy", "lru",
                   *SMALL],
                  ["plot", str(inputs["a"])],
-                 ["decay", "analyze", "--preset", "tiny"]):
+                 ["decay", "analyze", "--preset", "tiny"],
+                 ["sim", *SIM, "--no-oracles"]):
         code, _, err = _main(args, capsys)
         assert code == 0, err
     made = sorted(p.name.split("-")[0] for p in (tmp_path / "sbr-results").iterdir())
-    assert made == ["decay", "parity", "plot"]
+    assert made == ["decay", "parity", "plot", "sim"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "sbr-results"]
 
 

@@ -83,9 +83,9 @@ def test_cli_sim_warmup_counts_only_the_rest(tmp_path: Path) -> None:
         assert s["requests"] == 80 and s["warmup_requests"] == 120
         assert s["replay_tokens"] == sum(doc["rows"][name]["replay_tokens"][120:])
     assert doc["summary"]["policies"]["belady"]["replay_vs_belady"] == 1.0
-    code, text = _invoke([*args, "--warmup", "200"])
+    code, text = _invoke([*args, "--warmup", "200", "--force"])
     assert code == 2 and "leaves none" in text
-    code, text = _invoke([*args, "--warmup", "-1"])
+    code, text = _invoke([*args, "--warmup", "-1", "--force"])
     assert code == 2 and "--warmup" in text
 
 
@@ -101,15 +101,15 @@ def test_cli_sim_adaptive_opt_reaches_the_policy(tmp_path: Path) -> None:
     refused = json.loads(out.read_text())["summary"]["policies"]["adaptive"]["admit_refused"]
     assert refused > 0
     code, text = _invoke([*args, "--adaptive-opt", "admit_control=false",
-                          "--adaptive-opt", "delta=0.1"])
+                          "--adaptive-opt", "delta=0.1", "--force"])
     assert code == 0, text
     doc = json.loads(out.read_text())
     assert doc["policies"]["adaptive"]["opts"] == {"admit_control": False, "delta": 0.1}
     assert doc["policies"]["lru"]["opts"] == {}
     assert doc["summary"]["policies"]["adaptive"]["admit_refused"] == 0
     for bad in ("duel", "nope=1", "hazard=sometimes"):
-        code, text = _invoke([*args, "--adaptive-opt", bad])
-        assert code == 2, (bad, text)
+        code, text = _invoke([*args, "--adaptive-opt", bad, "--force"])
+        assert code == 2 and "--adaptive-opt" in text, (bad, text)
 
 
 def test_cli_sweep_grid_and_plot(tmp_path: Path) -> None:
@@ -187,7 +187,6 @@ def test_cli_sweep_cells_in_parallel_give_the_same_json(tmp_path: Path) -> None:
 
 
 def test_cli_sweep_on_a_local_ray_instance(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
     _two_traces(tmp_path)
     local = _sweep(tmp_path, tmp_path / "local.json", "--optimum", "lp")
     ray = _sweep(tmp_path, tmp_path / "ray.json", "--optimum", "lp", "--backend", "ray")
@@ -289,3 +288,73 @@ def test_cli_sweep_summarises_slices_of_a_family(tmp_path: Path) -> None:
         assert cell["floor"] <= cell["bound"] <= cell["optimum"] <= min(
             cell["replay_tokens"].values())
     assert "mean / min" in text
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["sim", "--snapshot-slots", "0"], "--snapshot-slots"),
+    (["sim", "--limit", "-1"], "--limit"),
+    (["sim", "--page-size", "0"], "--page-size"),
+    (["sim", "--kv-budget-tokens", "0"], "--kv-budget-tokens"),
+    (["sim", "--tail-pin-k", "0"], "--tail-pin-k"),
+    (["sim", "--marconi-alpha", "-0.5"], "--marconi-alpha"),
+    (["sim", "--solver-time", "0"], "--solver-time"),
+    (["sim", "--preset", "huge"], "--preset"),
+    (["sim", "--dtype", "int4"], "--dtype"),
+    (["sweep", "--tail-pin-k", "8,0"], "--tail-pin-k"),
+    (["sweep", "--marconi-alpha", "0.5,-1"], "--marconi-alpha"),
+    (["sweep", "--slots", "0,4"], "--slots"),
+    (["sweep", "--preset", "huge"], "--preset"),
+    (["sweep", "--out", "OUT", "--plot", "OUT"], "different files"),
+    (["calibrate", "--reps", "0"], "--reps"),
+    (["calibrate", "--device", "tpu"], "--device"),
+])
+def test_cli_sim_flags_are_range_checked(args: list[str], flag: str, tmp_path: Path) -> None:
+    """Every numeric flag of sim, sweep and calibrate has its range checked, and model flags
+    their accepted values: exit 2 naming the flag, before any work (no file written)."""
+    from sbrbench.cli import app
+
+    _slice(tmp_path, 20)
+    src = ["--trace", str(tmp_path / "slice.jsonl")] if args[0] != "calibrate" else []
+    out = str(tmp_path / "x.json")
+    res = CliRunner().invoke(app, [*(out if a == "OUT" else a for a in args), *src,
+                                   *(["--out", out] if "--out" not in args else [])])
+    text = str(res.exception) if isinstance(res.exception, UserError) else res.output
+    assert res.exit_code == 2 or isinstance(res.exception, UserError), text
+    assert flag in text, text
+    assert not Path(out).exists()
+
+
+def test_cli_sim_table_says_what_it_shows(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sim table's columns name the ratio's direction and the TTFT's basis (modelled), and
+    its caption keeps the bracketed best simple policy."""
+    from sbrbench import cli_sim
+    from sbrbench.render import make_console
+
+    monkeypatch.setattr(cli_sim, "console", make_console(width=300))
+    _slice(tmp_path, 120)
+    code, text = _invoke(["sim", "--trace", str(tmp_path / "slice.jsonl"), "--policy",
+                          "lru,tail-pin", "--snapshot-slots", "4", "--optimum", "lp",
+                          "--out", str(tmp_path / "x.json")])
+    assert code == 0, text
+    flat = " ".join(text.split())
+    for word in ("replay / belady", "replay / best offline", "TTFT s (modelled)",
+                 "lower bound", "gap closed = (best simple ["):
+        assert word in flat, (word, text)
+
+
+def test_sweep_cells_label_every_scale() -> None:
+    """Heat-map labels stay readable from hundreds to tens of millions of tokens; ratios are to
+    the best offline reference at the same slots."""
+    from sbrbench.cli_sim import metric_label, sweep_cells
+
+    grid = [{"policy": "lru", "slots": 4, "replay_tokens": 512},
+            {"policy": "belady", "slots": 4, "replay_tokens": 256},
+            {"policy": "lru", "slots": 8, "replay_tokens": 16_200},
+            {"policy": "belady", "slots": 8, "replay_tokens": 27_690_000}]
+    names, ratio, text = sweep_cells(grid, [4, 8], "replay_tokens")
+    assert names == ["lru", "belady"]
+    assert text[0] == ["512\n2.00x", "16.2k\n0.00x"]
+    assert text[1][1] == "27.69M\n1.00x" and ratio[0][0] == 2.0
+    assert metric_label("replay_tokens") == "replay tokens (counted)"
+    assert metric_label("ttft_mean") == "ttft mean s (modelled)"

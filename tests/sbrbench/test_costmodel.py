@@ -218,6 +218,10 @@ def test_calibrate_tiny_engine_controls_restore_and_replay(tmp_path: Path) -> No
     assert ref.window == 0 and ref.meta["refit_of"]
     res = CliRunner().invoke(app, ["calibrate", "--refit", str(out), "--window", "64",
                                    "--out", str(again)])
+    assert isinstance(res.exception, UserError) and "--force" in str(res.exception)
+    assert cm.load(again).window == 0  # an existing fit is never replaced without --force
+    res = CliRunner().invoke(app, ["calibrate", "--refit", str(out), "--window", "64",
+                                   "--out", str(again), "--force"])
     assert res.exit_code == 0 and cm.load(again).window == 64
     res = CliRunner().invoke(app, ["calibrate", "--refit", str(out)])
     assert isinstance(res.exception, UserError) and "--out" in str(res.exception)
