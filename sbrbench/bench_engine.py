@@ -449,3 +449,92 @@ def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: st
     finally:
         bench.DEVICE = prev
     return path, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# bench decode
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_bytes(cfg: ModelConfig, pos: int, dtype_bytes: int) -> float:
+    """Bytes one decode step at position `pos` must move at least: every weight the token
+    touches once (the active parameters; the input embedding is one row, not its table, unless
+    it is tied to lm_head), the KV of the `pos` positions before it read and its own written,
+    and the recurrent state read and written."""
+    embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    weights = (cfg.active_param_count() - embed) * dtype_bytes
+    kv = cfg.kv_bytes_per_token(dtype_bytes) * (pos + 1)
+    return float(weights + kv + 2 * cfg.snapshot_bytes(dtype_bytes))
+
+
+def decode_rows(eng: Any, depth: int, tokens: int, reps: int, ceil: Ceilings,
+                log: Callable[[str], None] = print, seed: int = 0) -> list[dict[str, Any]]:
+    """Batch-1 decode after a `depth`-token prompt: per request the time per output token
+    (TPOT, the engine's own timing: first token to last over tokens - 1 steps) against the
+    step's bandwidth floor (decode_bytes at the middle position, at the measured copy rate and
+    at the datasheet HBM rate); floor / TPOT is the share of the roofline reached."""
+    from engine.runtime import SamplingParams  # noqa: PLC0415
+
+    cfg = eng.config
+    dbytes = torch.empty((), dtype=eng.dtype).element_size()
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(cfg.vocab_size, 256)
+    p = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    mid = depth + tokens // 2
+    nbytes = decode_bytes(cfg, mid, dbytes)
+    rows: list[dict[str, Any]] = []
+    for rep in range(reps):
+        ids = torch.randint(0, vocab, (depth,), generator=gen).tolist()
+        res = eng.generate(ids, p, session=f"decode-{rep}")
+        tpot = res.stats.tpot_s
+        if tpot is None:
+            raise UserError("--tokens must be >= 2 (TPOT needs two output tokens)")
+        row: dict[str, Any] = {
+            "kernel": "decode", "impl": "sbrbench", "preset": cfg.name, "rep": rep,
+            "prompt_tokens": depth, "output_tokens": len(res.tokens),
+            "tpot_ms": round(tpot * 1e3, 4), "ttft_ms": round(res.stats.timing.ttft_s * 1e3, 3),
+            "floor_bytes": nbytes, "cuda_graphs": bool(getattr(eng, "cuda_graphs", False))}
+        for name, gbps in (("measured", ceil.copy_gbps), ("datasheet", H200_HBM_GBPS)):
+            floor_ms = nbytes / gbps / 1e6
+            row[f"floor_ms_{name}"] = round(floor_ms, 4)
+            row[f"roofline_share_{name}"] = round(floor_ms / (tpot * 1e3), 4)
+        rows.append(row)
+        log(f"  rep {rep}: {len(res.tokens)} tokens after {depth}, TPOT {row['tpot_ms']:.2f} ms; "
+            f"floor {row['floor_ms_measured']:.2f} ms ({nbytes / 1e9:.2f} GB at "
+            f"{ceil.copy_gbps:.0f} GB/s): {row['roofline_share_measured']:.0%} of the roofline")
+    return rows
+
+
+def run_decode(preset_name: str, depth: int, tokens: int, reps: int, dtype_name: str,
+               device: str, out: Path, log: Callable[[str], None] = print
+               ) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench decode`: write the rows and return (path, rows). On the CPU (a smoke
+    run) the copy ceiling is measured small."""
+    from engine.cache.settings import CacheSettings  # noqa: PLC0415
+    from engine.runtime import DTYPES, Engine  # noqa: PLC0415
+    from engine.settings import EngineSettings  # noqa: PLC0415
+
+    if device == "cuda":
+        require_cuda()
+    elif device != "cpu":
+        raise UserError(f"--device is cpu or cuda, got {device!r}")
+    if dtype_name not in DTYPES:
+        raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+    if depth < 1 or tokens < 2 or reps < 1:
+        raise UserError("--depth and --reps must be >= 1, --tokens >= 2")
+    prev, bench.DEVICE = bench.DEVICE, device
+    try:
+        env = bench_env()
+        ceil = measure_ceilings() if device == "cuda" else measure_ceilings(512, 16)
+        log(f"{env.get('gpu') or 'cpu'}: copy {ceil.copy_gbps:.0f} GB/s")
+        cache = CacheSettings(policy="lru", kv_budget_tokens=(depth + tokens) * reps + 4096)
+        eng = Engine.from_preset(preset_name, device=device, dtype=dtype_name, cache=cache,
+                                 settings=EngineSettings.from_env())
+        rows = decode_rows(eng, depth, tokens, reps, ceil, log)
+        extra = {"ceilings": ceil._asdict(), "hbm_assumed_gbps": H200_HBM_GBPS,
+                 "preset": preset_name, "dtype": dtype_name, "depth": depth, "tokens": tokens,
+                 "engine": eng.describe()}
+        write_doc(out, "decode", env, rows, extra)
+    finally:
+        bench.DEVICE = prev
+    return out, rows

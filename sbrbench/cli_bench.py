@@ -1,5 +1,6 @@
-"""`sbrbench bench kernels|prefill|resume`: GPU timings of the GDN kernels, of the engine's
-prefill, and of a warm resume against its GPU floor."""
+"""`sbrbench bench kernels|prefill|resume|decode`: GPU timings of the GDN kernels, of the
+engine's prefill, of a warm resume against its GPU floor and of decode against the bandwidth
+roofline."""
 
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ def bench_out(out: str | None, bench: str, force: bool, device: str = "cuda") ->
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(
         help="GPU timings: GDN kernels against fla and torch, engine prefill and replay costs, "
-        "warm-resume TTFT against its floor.",
+        "warm-resume TTFT against its floor, decode against the bandwidth roofline.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
     )
     sub.command("kernels")(kernels)
     sub.command("prefill")(prefill)
     sub.command("resume")(resume)
+    sub.command("decode")(decode)
     app.add_typer(sub, name="bench")
 
 
@@ -173,5 +175,41 @@ def resume(
                       f"{r['ttft_ms']:.1f}", f"{r['windows_host_ms']:.1f}",
                       "-" if gpu is None else f"{gpu:.1f}", f"{r['outside_windows_ms']:.1f}",
                       f"{r['floor_ms_measured']:.3f}", f"{r['ttft_over_floor_measured']:.1f}x")
+    console.print(table)
+    console.print(f"wrote {path}")
+
+
+def decode(
+    preset: str = typer.Option("a3b-proxy", "--preset", help="Engine preset (random weights)."),
+    depth: int = typer.Option(4096, "--depth", min=1, help="Prompt tokens before decoding."),
+    tokens: int = typer.Option(128, "--tokens", min=2, help="Output tokens per request."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Requests (each a fresh prompt)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Model dtype."),
+    device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a smoke run."),
+    out: str | None = typer.Option(None, "--out", metavar="FILE",
+                                   help=OUT_HELP.format("decode")),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Batch-1 decode: time per output token (measured) against the step's bandwidth floor
+    (modelled: the active weights, the KV and the recurrent state moved once)."""
+    from sbrbench import bench_engine
+
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"--device is cpu or cuda, got {device!r}")
+    check_model_flags(preset=preset, dtype=dtype)
+    dest = bench_out(out, "decode", force, device)
+    path, rows = bench_engine.run_decode(preset, depth, tokens, reps, dtype, device, dest,
+                                         log=console.print)
+    table = Table(title=Text(f"batch-1 decode, {preset} {dtype} after {depth} tokens: TPOT "
+                             "measured (ms); floor modelled (bytes at the measured copy rate "
+                             "and at the datasheet HBM rate); share = floor / TPOT"),
+                  title_justify="left")
+    for col in ("rep", "tokens", "TPOT ms", "floor ms", "share", "floor ms (datasheet)",
+                "share (datasheet)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["rep"]), str(r["output_tokens"]), f"{r['tpot_ms']:.2f}",
+                      f"{r['floor_ms_measured']:.3f}", f"{r['roofline_share_measured']:.0%}",
+                      f"{r['floor_ms_datasheet']:.3f}", f"{r['roofline_share_datasheet']:.0%}")
     console.print(table)
     console.print(f"wrote {path}")

@@ -160,3 +160,39 @@ def test_pass_floor_is_the_larger_of_compute_and_memory() -> None:
     assert f.flops == bench.model_flops(cfg, 0, 64)
     assert f.ms == pytest.approx(max(f.flops / 1e9, f.nbytes / 1e6))
     assert f.nbytes > 1e6  # the weights plus KV and state
+
+
+def test_bench_decode_smoke_on_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`bench decode` on the CPU (tiny preset): one row per request, TPOT over the requested
+    tokens, and the roofline share as floor / TPOT at each ceiling."""
+    import json
+
+    out = tmp_path / "decode.json"
+    res = CliRunner().invoke(app, ["bench", "decode", "--preset", "tiny", "--depth", "100",
+                                   "--tokens", "6", "--reps", "2", "--dtype", "float32",
+                                   "--device", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["bench"] == "decode" and doc["engine"]["device"] == "cpu"
+    assert [r["rep"] for r in doc["rows"]] == [0, 1]
+    for r in doc["rows"]:
+        assert r["output_tokens"] == 6 and r["tpot_ms"] > 0
+        for name in ("measured", "datasheet"):
+            assert r[f"roofline_share_{name}"] == pytest.approx(
+                r[f"floor_ms_{name}"] / r["tpot_ms"], rel=1e-2, abs=1e-4)
+    res = CliRunner().invoke(app, ["bench", "decode", "--device", "cpu", "--tokens", "1"])
+    assert res.exit_code == 2 and "--tokens" in res.output
+
+
+def test_decode_bytes_count_active_weights_kv_and_state() -> None:
+    """A decode step's floor reads the active weights (the routed top-k experts only, the
+    untied input embedding as one row), the KV before it and the state in and out."""
+    for name in ("tiny", "tiny-moe"):
+        cfg = preset(name)
+        embed = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+        want = ((cfg.active_param_count() - embed) * 2 + cfg.kv_bytes_per_token(2) * 11
+                + 2 * cfg.snapshot_bytes(2))
+        assert bench_engine.decode_bytes(cfg, 10, 2) == want
+    moe = preset("tiny-moe")
+    assert moe.active_param_count() < moe.param_count()
+    assert bench_engine.decode_bytes(moe, 10, 2) < moe.param_count() * 2
