@@ -30,9 +30,8 @@ if not console.is_terminal:  # logs and pipes: room for the whole table
 
 # The simulator runs no model: the preset only sets the snapshot size and the FLOPs the cost
 # model prices, so its default is the shape the packaged GPU cost model was fitted on.
-PRESET_HELP = ("model whose snapshot size and FLOPs apply (default a3b-proxy: the shapes the "
-               "packaged H200 cost model was fitted on; no model runs, so a real size costs "
-               "nothing, unlike `run`, whose default tiny model really runs)")
+PRESET_HELP = ("model whose snapshot size and FLOPs are priced; no model runs, so the default is "
+               "a3b-proxy, the shape the packaged H200 cost model was fitted on")
 
 DEFAULT_POLICIES = "lru,forecast,tail-pin,two-tier,marconi,adaptive"
 
@@ -395,7 +394,7 @@ def register(app: typer.Typer) -> None:
         scenario_file: Path | None = typer.Option(None, "--scenario-file", help="scenario TOML"),
         sets: list[str] = typer.Option([], "--set", help="scenario override KEY=VALUE"),
         policy: str = typer.Option(
-            DEFAULT_POLICIES, help="policies (belady and belady-gain are always added)"
+            DEFAULT_POLICIES, help="policies (belady and belady-gain added unless --no-oracles)"
         ),
         snapshot_slots: int | None = typer.Option(
             None, min=1, help="snapshot pool slots (default 16)"),
