@@ -4,7 +4,7 @@
 # (34.7B parameters, 3.5B active per token; random weights, bf16; MFU counted on active
 # parameters), each baseline in the same call.
 #
-#   bash benchmarks/gpu_models.sh [OUT] [tests|deep|prefill ...]    (default: all three)
+#   bash benchmarks/gpu_models.sh [OUT] [tests|deep|prefill|decode ...]    (default: all four)
 #
 # OUT defaults to ./sbr-results/gpu-models. Every part is bounded (timeout) so one slow part
 # leaves the others their time; each writes its log beside its JSON.
@@ -13,21 +13,25 @@
 #   deep     deep-resume, depth 8192, 32 one-shots per idle period, 3 cycles, 16 slots
 #            -> deep-resume-35b-{forecast,tail-pin,adaptive}.json, comparisons vs tail-pin
 #   prefill  bench prefill at 4k and 16k tokens, windows 2048 and 4096 -> bench-prefill-35b.json
+#   decode   bench decode after 4096 tokens, batch 1, against the bandwidth roofline, on the
+#            dense a3b-proxy (128 tokens x 3) and the 35B MoE (64 tokens x 2)
+#            -> bench-decode.json, bench-decode-35b.json
 #
-# Regenerates results/h200/deep-resume-35b-*.json and results/h200/bench-prefill-35b.json.
+# Regenerates results/h200/deep-resume-35b-*.json, results/h200/bench-prefill-35b.json and
+# results/h200/bench-decode*.json.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 OUT=$(out_dir "${1:-sbr-results/gpu-models}")
 shift $(($# > 0 ? 1 : 0))
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(tests deep prefill)
+[ ${#parts[@]} -gt 0 ] || parts=(tests deep prefill decode)
 gpu_setup
 
 P=(--preset qwen3.5-35b-a3b --device cuda --dtype bfloat16 --no-progress)
 for part in "${parts[@]}"; do
   case $part in
     tests)
-      (cd "$BENCH_ROOT" && timeout "${SBR_TESTS_S:-240}" "$PYTHON" -m pytest -q -m gpu \
+      (cd "$BENCH_ROOT" && timeout "${SBR_TESTS_S:-240}" "$PYTHON" -m pytest -m gpu \
         -p no:cacheprovider --continue-on-collection-errors tests/engine 2>&1 | tee "$OUT/gpu-tests.log") || echo "tests: $?"
       ;;
     deep)
@@ -46,6 +50,14 @@ for part in "${parts[@]}"; do
         --preset qwen3.5-35b-a3b --lengths 4096,16384 --windows 2048,4096 --reps 2 \
         --out "$OUT/bench-prefill-35b.json" 2>&1 | tee "$OUT/bench-prefill-35b.log" || true
       ;;
-    *) echo "unknown part $part (tests, deep, prefill)" >&2; exit 2 ;;
+    decode)
+      timeout "${SBR_DECODE_S:-100}" "$PYTHON" -m sbrbench.cli bench decode --preset a3b-proxy \
+        --depth 4096 --tokens 128 --reps 3 --out "$OUT/bench-decode.json" 2>&1 \
+        | tee "$OUT/bench-decode.log" || true
+      timeout "${SBR_DECODE_S:-160}" "$PYTHON" -m sbrbench.cli bench decode \
+        --preset qwen3.5-35b-a3b --depth 4096 --tokens 64 --reps 2 \
+        --out "$OUT/bench-decode-35b.json" 2>&1 | tee "$OUT/bench-decode-35b.log" || true
+      ;;
+    *) echo "unknown part $part (tests, deep, prefill, decode)" >&2; exit 2 ;;
   esac
 done

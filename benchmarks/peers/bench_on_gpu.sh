@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD:$PYTHONPATH" PYTHONUNBUFFERED=1
 dest=${OUT:-results/h200}
 mkdir -p "$dest"
 if [ "$step" = tests ] || [ "$step" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider -m gpu -rf tests/engine/kernels tests/engine/model \
+  python3 -m pytest -p no:cacheprovider -m gpu -rf tests/engine/kernels tests/engine/model \
       tests/sbrbench/test_bench.py 2>&1 | tail -25
 fi
 if [ "$step" = kernels ] || [ "$step" = all ]; then
