@@ -138,9 +138,10 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
                          contexts: Sequence[int], log: Callable[[str], None] = print,
                          ) -> list[dict[str, Any]]:
     """The window attention per window and context, in TFLOP/s of causal attention work:
-    flash through SDPA with a lower-right causal mask (impl "sdpa", the single-call path) and
-    the engine's cuDNN key pieces merged by log-sum-exp (impl "cudnn-pieces", where cuDNN
-    runs)."""
+    flash through SDPA with a lower-right causal mask (impl "sdpa", the single-call path), the
+    window-invariant Triton kernel (impl "invariant", triton_attention: what windows sized to
+    the work would attend with) and the engine's cuDNN key pieces merged by log-sum-exp (impl
+    "cudnn-pieces", where cuDNN runs)."""
     import torch.nn.functional as F  # noqa: PLC0415
     from torch.nn.attention.bias import causal_lower_right  # noqa: PLC0415
 
@@ -162,9 +163,19 @@ def bench_attention_rows(cfg: ModelConfig, dtype: torch.dtype, windows: Sequence
                          "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
                          "tflops": round(fl / ms / 1e9, 1)})
             log(f"  attention E={w} ctx={ctx}: {ms:.3f} ms, {fl / ms / 1e9:.0f} TFLOP/s")
+            qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D] as the engine
+            if bench.DEVICE == "cuda":
+                from engine.kernels import triton_attention as ta  # noqa: PLC0415
+
+                ms = time_ms(partial(ta.window_attention, qt, kt, vt, d ** -0.5))
+                rows.append({"kernel": "attention_window", "impl": "invariant", "window": w,
+                             "context": ctx, "Hq": hq, "Hkv": hk, "D": d, "ms": round(ms, 4),
+                             "tflops": round(fl / ms / 1e9, 1),
+                             "tile": ta.tile_for(d, dtype)._asdict()})
+                log(f"  attention invariant E={w} ctx={ctx}: {ms:.3f} ms, "
+                    f"{fl / ms / 1e9:.0f} TFLOP/s")
             if at.attention_impl(bench.DEVICE) != "cudnn-pieces" or dtype not in at._CUDNN_DTYPES:
                 continue
-            qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))  # [T, H, D] as the engine
             try:
                 ms = time_ms(partial(at.attend_pieces, qt, kt, vt, d ** -0.5))
             except RuntimeError as e:
@@ -269,7 +280,7 @@ def run_prefill(preset_name: str, lengths: Sequence[int], windows: Sequence[int]
     best = max((r for r in rows if r["tokens"] == max(lengths)), key=lambda r: r["tok_s"])
     depths = sorted({0, *[n // 2 for n in lengths], max(lengths) - best["window"]})
     rows += bench_replay_rows(model, dtype, best["window"], depths, log)
-    rows += bench_attention_rows(model.cfg, dtype, sorted({512, 2048, best["window"]}),
+    rows += bench_attention_rows(model.cfg, dtype, sorted({64, 512, 2048, best["window"]}),
                                  sorted(set(lengths)), log)
     rows += graph_window_rows(model, dtype, best["window"], depths, log)
     prof = profile_window(model, best["window"], max(lengths) // 2, dtype)

@@ -1,5 +1,5 @@
-"""Torch reference kernels (CPU and GPU): the gated delta rule, causal conv1d, norms, and the
-batch-invariant linear layer.
+"""Torch reference kernels (CPU and GPU): the gated delta rule, causal conv1d, norms, the
+batch-invariant linear layer and the oracle of the window-invariant attention.
 
 The gated delta rule (per value head, state S in R^{K x V}, fp32):
 
@@ -60,6 +60,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     blocks = [F.linear(x2[i:i + ROW_BLOCK], weight) for i in range(0, m + pad, ROW_BLOCK)]
     out = torch.cat(blocks)[:m] if blocks else x2.new_zeros(0, n)
     return out.reshape(*x.shape[:-1], n)
+
+
+def window_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Bottom-right causal attention of q [T, H, D], the last T of S positions, over keys/vals
+    [S, Hkv, D] (GQA: query head h reads key head h // (H / Hkv)), softmax in fp32; [T, H, D]
+    in q's dtype. The oracle of triton_attention.window_attention (which adds window
+    invariance; this one is only accurate)."""
+    t, hq, d = q.shape
+    s, hkv, _ = keys.shape
+    g = hq // hkv
+    kf = keys.float().repeat_interleave(g, dim=1)
+    vf = vals.float().repeat_interleave(g, dim=1)
+    sc = torch.einsum("thd,shd->hts", q.float(), kf) * (d ** -0.5 if scale is None else scale)
+    pos = torch.arange(s - t, s, device=q.device)
+    mask = torch.arange(s, device=q.device)[None, :] <= pos[:, None]
+    sc = sc.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("hts,shd->thd", sc.softmax(-1), vf).to(q.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

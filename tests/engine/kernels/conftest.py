@@ -31,12 +31,13 @@ class Interp(NamedTuple):
     gdn: ModuleType  # engine.kernels.triton_gdn, interpreted
     glue: ModuleType  # engine.kernels.triton_glue, interpreted
     gemm: ModuleType  # engine.kernels.triton_gemm, interpreted
+    attn: ModuleType  # engine.kernels.triton_attention, interpreted
 
 
 @pytest.fixture(scope="session")
 def interp() -> Iterator[Interp]:
-    """triton_gdn, triton_glue and triton_gemm with every kernel in Triton's interpreter (CPU
-    only)."""
+    """triton_gdn, triton_glue, triton_gemm and triton_attention with every kernel in Triton's
+    interpreter (CPU only)."""
     if torch.cuda.is_available():
         pytest.skip("CUDA is present: the GPU tests run the compiled kernels")
     imported = "triton" in sys.modules
@@ -72,12 +73,13 @@ def interp() -> Iterator[Interp]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ti, "_patch_lang_tensor", patched)
         mp.setattr(ti, "_patch_lang", patch_lang_once)
+        import engine.kernels.triton_attention as attn
         import engine.kernels.triton_gdn as gdn
         import engine.kernels.triton_gemm as gemm
         import engine.kernels.triton_glue as glue
 
-        assert gdn._EMU_BF16 and gemm._EMU
-        yield Interp(gdn, glue, gemm)
+        assert gdn._EMU_BF16 and gemm._EMU and attn._EMU
+        yield Interp(gdn, glue, gemm, attn)
 
 
 def make_gdn_inputs(t: int, hv: int, hq: int, kd: int, vd: int, dtype: torch.dtype,
