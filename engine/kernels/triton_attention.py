@@ -6,11 +6,14 @@ by its shape, so a position attended in a 64-row window and in a 128-row window 
 different orders (measured on an H200: docs/KERNELS.md). Here the key blocks sit at absolute
 positions 0, BN, 2 BN, ...; a row at position p folds blocks 0..p // BN into its online softmax
 in that order, and a block that lies wholly after p leaves the row untouched (a select, not an
-update by exp(-inf) = 0, which could flip a zero's sign). The tile (BM x BN), the warps and the
-stages are constants of the dtype and head size, never of the window, and rows never interact:
-the products of a row are the same fixed-order tensor-core sums in any call. With the batch-
-invariant linear (triton_gemm) and the row-local glue, this is what windows sized to the work
-need. Imported lazily, on CUDA only (the CPU tests run it in Triton's interpreter).
+update by exp(-inf) = 0, which could flip a zero's sign). The keys are also cut into splits at
+absolute multiples of SPLIT_KEYS, computed in parallel and merged in split order, so a short
+window over a long context still fills the GPU without a cut that follows the window. The tile
+(BM x BN), the warps and the stages are constants of the dtype and head size, never of the
+window, and rows never interact: the products of a row are the same fixed-order tensor-core
+sums in any call. With the batch-invariant linear (triton_gemm) and the row-local glue, this
+is what windows sized to the work need. Imported where used, on CUDA (the CPU tests run it in
+Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -51,58 +54,101 @@ def tile_for(head_dim: int, dtype: torch.dtype) -> AttnTile:
     return AttnTile(64, 64, 4, 2)
 
 
+# Keys per split: the keys are cut at absolute multiples of SPLIT_KEYS, each split's partial
+# softmax is computed by its own programs (parallel work for short windows over long contexts)
+# and the partials are merged in split order. The cut points are absolute, so a row meets the
+# same splits in every window; a constant of the module, never of the call.
+SPLIT_KEYS = 2048
+# Rows per launch at most: bounds the fp32 partials (splits x rows x heads x D) of long windows
+# over long contexts; rows never interact, so the grouping changes no bit.
+_MAX_PARTIAL_BYTES = 256 * 2**20
+
+
 @triton.jit(do_not_specialize=["t", "e0"])
-def _attn_kernel(q, k, v, out, t, e0, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-                 scale_log2, GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, STAGES: tl.constexpr, IEEE: tl.constexpr,
-                 EMU: tl.constexpr):
+def _attn_partial_kernel(q, k, v, acc_out, ml_out, t, e0, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
+                         scale_log2, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+                         STAGES: tl.constexpr, IEEE: tl.constexpr, EMU: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
+    c = tl.program_id(2)
     kvh = h // GROUP
     rows = pid_m * BM + tl.arange(0, BM)
     valid = rows < t
     pos = e0 + rows  # absolute positions of the queries (bottom-right causal)
-    od = tl.arange(0, D)
-    qv = tl.load(q + rows[:, None].to(tl.int64) * sq_t + h * sq_h + od[None, :],
-                 mask=valid[:, None], other=0.0)
-    if EMU:
-        qv = qv.to(tl.float32)
-    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
     last = tl.minimum(e0 + pid_m * BM + BM - 1, e0 + t - 1)  # the block's deepest query
-    for n0 in tl.range(0, last + 1, BN, num_stages=STAGES):
-        cols = n0 + tl.arange(0, BN)
-        kv_ok = cols <= last
-        kb = tl.load(k + cols[:, None].to(tl.int64) * sk_t + kvh * sk_h + od[None, :],
-                     mask=kv_ok[:, None], other=0.0)
-        vb = tl.load(v + cols[:, None].to(tl.int64) * sv_t + kvh * sv_h + od[None, :],
-                     mask=kv_ok[:, None], other=0.0)
+    lo = c * SPLIT
+    if lo <= last:
+        od = tl.arange(0, D)
+        qv = tl.load(q + rows[:, None].to(tl.int64) * sq_t + h * sq_h + od[None, :],
+                     mask=valid[:, None], other=0.0)
         if EMU:
-            s = tl.dot(qv, tl.trans(kb.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            s = tl.dot(qv, tl.trans(kb), input_precision="ieee")
-        else:
-            s = tl.dot(qv, tl.trans(kb))
-        s = s * scale_log2
-        seen = cols[None, :] <= pos[:, None]
-        s = tl.where(seen, s, float("-inf"))
-        active = n0 <= pos  # the row has a key in this block
-        m_new = tl.where(active, tl.maximum(m_i, tl.max(s, 1)), m_i)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        p = tl.where(seen, p, 0.0)
-        if EMU:
-            pv = tl.dot(p.to(vb.dtype).to(tl.float32), vb.to(tl.float32),
-                        input_precision="ieee")
-        elif IEEE:
-            pv = tl.dot(p, vb, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(vb.dtype), vb)
-        acc = tl.where(active[:, None], acc * alpha[:, None] + pv, acc)
-        l_i = tl.where(active, l_i * alpha + tl.sum(p, 1), l_i)
+            qv = qv.to(tl.float32)
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        hi = tl.minimum(lo + SPLIT, last + 1)
+        for n0 in tl.range(lo, hi, BN, num_stages=STAGES):
+            cols = n0 + tl.arange(0, BN)
+            kv_ok = cols < hi
+            kb = tl.load(k + cols[:, None].to(tl.int64) * sk_t + kvh * sk_h + od[None, :],
+                         mask=kv_ok[:, None], other=0.0)
+            vb = tl.load(v + cols[:, None].to(tl.int64) * sv_t + kvh * sv_h + od[None, :],
+                         mask=kv_ok[:, None], other=0.0)
+            if EMU:
+                sc = tl.dot(qv, tl.trans(kb.to(tl.float32)), input_precision="ieee")
+            elif IEEE:
+                sc = tl.dot(qv, tl.trans(kb), input_precision="ieee")
+            else:
+                sc = tl.dot(qv, tl.trans(kb))
+            sc = sc * scale_log2
+            seen = cols[None, :] <= pos[:, None]
+            sc = tl.where(seen, sc, float("-inf"))
+            active = n0 <= pos  # the row has a key in this block
+            m_new = tl.where(active, tl.maximum(m_i, tl.max(sc, 1)), m_i)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.where(seen, tl.exp2(sc - m_new[:, None]), 0.0)
+            if EMU:
+                pv = tl.dot(p.to(vb.dtype).to(tl.float32), vb.to(tl.float32),
+                            input_precision="ieee")
+            elif IEEE:
+                pv = tl.dot(p, vb, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(vb.dtype), vb)
+            acc = tl.where(active[:, None], acc * alpha[:, None] + pv, acc)
+            l_i = tl.where(active, l_i * alpha + tl.sum(p, 1), l_i)
+            m_i = m_new
+        base = (c * t + rows).to(tl.int64) * H + h
+        tl.store(acc_out + base[:, None] * D + od[None, :], acc, mask=valid[:, None])
+        tl.store(ml_out + base * 2, m_i, mask=valid)
+        tl.store(ml_out + base * 2 + 1, l_i, mask=valid)
+
+
+@triton.jit(do_not_specialize=["t", "e0", "n_split"])
+def _attn_merge_kernel(acc_in, ml_in, out, t, e0, n_split, so_t, so_h, H: tl.constexpr,
+                       D: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid * BR + tl.arange(0, BR)
+    valid = rows < t
+    pos = e0 + rows
+    od = tl.arange(0, D)
+    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BR], dtype=tl.float32)
+    acc = tl.zeros([BR, D], dtype=tl.float32)
+    for c in range(0, n_split):
+        active = valid & (c * SPLIT <= pos)  # the row has keys in split c
+        base = (c * t + rows).to(tl.int64) * H + h
+        m_c = tl.load(ml_in + base * 2, mask=active, other=float("-inf"))
+        l_c = tl.load(ml_in + base * 2 + 1, mask=active, other=0.0)
+        a_c = tl.load(acc_in + base[:, None] * D + od[None, :], mask=active[:, None], other=0.0)
+        m_new = tl.where(active, tl.maximum(m_i, m_c), m_i)
+        wa = tl.exp2(m_i - m_new)
+        wc = tl.exp2(m_c - m_new)
+        acc = tl.where(active[:, None], acc * wa[:, None] + a_c * wc[:, None], acc)
+        l_i = tl.where(active, l_i * wa + l_c * wc, l_i)
         m_i = m_new
-    o = acc / l_i[:, None]
+    o = acc / tl.where(valid, l_i, 1.0)[:, None]
     tl.store(out + rows[:, None].to(tl.int64) * so_t + h * so_h + od[None, :],
              o.to(out.dtype.element_ty), mask=valid[:, None])
 
@@ -124,14 +170,29 @@ def window_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     q, keys, vals = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, keys, vals))
     tile = tile_for(d, q.dtype)
     out = _empty(t, hq, d, dtype=q.dtype, device=q.device)
-    if t:
-        sc = (d ** -0.5 if scale is None else scale) * _LOG2E
-        grid = (triton.cdiv(t, tile.bm), hq)
-        _attn_kernel[grid](q, keys, vals, out, t, s - t, q.stride(0), q.stride(1),
-                           keys.stride(0), keys.stride(1), vals.stride(0), vals.stride(1),
-                           out.stride(0), out.stride(1), sc, GROUP=hq // hkv, D=d, BM=tile.bm,
-                           BN=tile.bn, STAGES=tile.stages, IEEE=q.dtype == torch.float32,
-                           EMU=_EMU, num_warps=tile.warps)
+    if not t:
+        return out
+    sc = (d ** -0.5 if scale is None else scale) * _LOG2E
+    n_split = triton.cdiv(s, SPLIT_KEYS)
+    per_row = n_split * hq * (d + 2) * 4
+    step = max(tile.bm, _MAX_PARTIAL_BYTES // per_row // tile.bm * tile.bm)
+    e0 = s - t
+    for a in range(0, t, step):  # row groups: q[a:b] over keys [0, e0 + b)
+        b = min(t, a + step)
+        rt, re0, ns = b - a, e0 + a, triton.cdiv(e0 + b, SPLIT_KEYS)
+        part = _empty(ns, rt, hq, d, dtype=torch.float32, device=q.device)
+        ml = _empty(ns, rt, hq, 2, dtype=torch.float32, device=q.device)
+        qa = q[a:b]
+        _attn_partial_kernel[(triton.cdiv(rt, tile.bm), hq, ns)](
+            qa, keys, vals, part, ml, rt, re0, qa.stride(0), qa.stride(1), keys.stride(0),
+            keys.stride(1), vals.stride(0), vals.stride(1), sc, H=hq, GROUP=hq // hkv, D=d,
+            BM=tile.bm, BN=tile.bn, SPLIT=SPLIT_KEYS, STAGES=tile.stages,
+            IEEE=q.dtype == torch.float32, EMU=_EMU, num_warps=tile.warps)
+        oa = out[a:b]
+        br = 16 if d >= 256 else 32
+        _attn_merge_kernel[(triton.cdiv(rt, br), hq)](
+            part, ml, oa, rt, re0, ns, oa.stride(0), oa.stride(1), H=hq, D=d, BR=br,
+            SPLIT=SPLIT_KEYS, num_warps=4)
     return out
 
 

@@ -72,6 +72,25 @@ def test_interp_attention_rows_do_not_depend_on_the_window(interp: Any,
     assert _same_bits(_window(fn, q, k, v, 200, 201), base[8:9])
 
 
+@pytest.mark.parametrize("split", [64, 96])
+def test_interp_attention_splits_merge_the_same_way_in_every_window(
+        interp: Any, poison: Any, monkeypatch: pytest.MonkeyPatch, split: int) -> None:
+    """With the keys cut every 64 or 96 positions (several splits per row) and rows grouped
+    into launches of 32: still the oracle's numbers, and positions 192..255 get the same bits
+    in windows of 64, 128 and 320 rows and alone."""
+    poison(interp.attn)
+    monkeypatch.setattr(interp.attn, "SPLIT_KEYS", split)
+    monkeypatch.setattr(interp.attn, "_MAX_PARTIAL_BYTES", 32 * (320 // split + 1) * 4 * 34 * 4)
+    q, k, v = _qkv(320, 4, 2, 32, torch.float32, seed=7)
+    fn = interp.attn.window_attention
+    base = _window(fn, q, k, v, 192, 256)
+    torch.testing.assert_close(base, _window(ref.window_attention, q, k, v, 192, 256),
+                               atol=2e-5, rtol=2e-5)
+    assert _same_bits(_window(fn, q, k, v, 128, 256)[64:], base)
+    assert _same_bits(_window(fn, q, k, v, 0, 320)[192:256], base)
+    assert _same_bits(_window(fn, q, k, v, 230, 231), base[38:39])
+
+
 def test_interp_attention_checks_its_arguments(interp: Any) -> None:
     q, k, v = _qkv(8, 4, 2, 32, torch.float32)
     fn = interp.attn.window_attention
