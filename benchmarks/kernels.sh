@@ -15,8 +15,12 @@
 #                       16k (the `speedups` block holds fla / ours)
 #   bench-prefill.json  prefill of 4k-32k tokens in exec windows of 2048 and 4096 rows, two
 #                       repetitions each, and a per-family profile of one window
+#   bench-prefill-attention.json  the same at 4k and 24k tokens (window 2048, one repetition):
+#                       the attention rows of windows of 64-2048 rows over 24k keys (flash,
+#                       cuDNN pieces, the window-invariant kernel)
 #
-# Regenerates results/h200/bench-kernels.json and results/h200/bench-prefill.json.
+# Regenerates results/h200/bench-kernels.json, bench-prefill.json and
+# bench-prefill-attention.json.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 OUT=$(out_dir "${1:-sbr-results/kernels}")
@@ -26,4 +30,6 @@ sbrbench bench kernels --T 8192,16384,65536 --graphs --profile-at 16384 \
   --out "$OUT/bench-kernels.json"
 sbrbench bench prefill --preset a3b-proxy --lengths 4096,8192,16384,32768 --windows 2048,4096 \
   --reps 2 --out "$OUT/bench-prefill.json"
+sbrbench bench prefill --preset a3b-proxy --lengths 4096,24576 --windows 2048 --reps 1 \
+  --out "$OUT/bench-prefill-attention.json"
 ls -l "$OUT"
