@@ -33,7 +33,7 @@ from engine.cache.settings import CacheSettings, policy_flops
 from engine.cache.snapshots import SnapshotEntry
 from engine.chat import ChatML, ChatTemplate, load_template
 from engine.config import CHUNK, ModelConfig, preset
-from engine.errors import UserError
+from engine.errors import ConfigError, UserError
 from engine.kernels import ops
 from engine.kernels.ops import gdn_config, glue_enabled, impl_name
 from engine.model.attention import attention_impl, warm_pieces
@@ -95,6 +95,10 @@ class Engine:
         self.seed = seed
         self.settings = settings or EngineSettings.from_env()
         self.kernels = ops.Kernels.of(self.settings)  # held by every op while this engine runs
+        self.sized = self.settings.windows == "sized"
+        if self.sized and self.device.type == "cuda" and model.cfg.moe_layers:
+            raise ConfigError("windows=sized on CUDA needs a dense model: the grouped expert "
+                              "GEMM is not shown window-invariant (use windows=fixed)")
         threads = self.settings.cpu_threads
         if self.device.type == "cpu" and model.cfg.hidden_size <= 256 and threads is not None:
             torch.set_num_threads(threads)
@@ -125,8 +129,9 @@ class Engine:
         self.requests = 0
         # cuDNN attention graphs for every key-piece shape the windows can meet, built now
         # rather than on the first request at each depth (engine.model.attention.warm_pieces)
-        with torch.no_grad(), ops.using(self.kernels):
-            warm_pieces(self.config, self.window, dtype, self.device, cs.kv_budget_tokens)
+        if not self.sized:  # sized windows attend with the window-invariant kernel instead
+            with torch.no_grad(), ops.using(self.kernels):
+                warm_pieces(self.config, self.window, dtype, self.device, cs.kv_budget_tokens)
 
     # ---- construction ------------------------------------------------------------------------
     @classmethod
@@ -242,7 +247,8 @@ class Engine:
                  kv: KV, want: set[int],
                  ) -> tuple[torch.Tensor, RecurrentState, dict[int, RecurrentState], float, float]:
         """Aligned windows over [a, b) from `state` at a (a on the grid). Window time counts as
-        replay while the window's valid rows all lie before m, as prefill otherwise."""
+        replay while the window's valid rows all lie before m, as prefill otherwise. With sized
+        windows each window ends at the chunk boundary after its last valid row."""
         E = self.window
         caps: dict[int, RecurrentState] = {}
         replay_s = prefill_s = 0.0
@@ -250,7 +256,8 @@ class Engine:
         t = self.clock.now()
         for e0 in range(a // E * E, b, E):
             lo, hi = max(a - e0, 0), min(b - e0, E)
-            w = torch.zeros(E, dtype=torch.long, device=ids.device)
+            rows_n = -(-hi // CHUNK) * CHUNK if self.sized else E
+            w = torch.zeros(rows_n, dtype=torch.long, device=ids.device)
             w[lo:hi] = ids[e0 + lo:e0 + hi]
             rows = {r - e0 for r in want if e0 + lo < r <= e0 + hi}
             hidden, state, got = self.model.forward_window(w, e0, lo, hi, state, kv, rows)

@@ -306,6 +306,7 @@ class WindowTime(NamedTuple):
     e0: int
     lo: int
     hi: int
+    rows: int  # rows the window computes (exec_window, or fewer with sized windows)
     host_ms: float
     gpu_ms: float | None
 
@@ -351,7 +352,7 @@ def timed_windows(model: Any, into: list[WindowTime]) -> Callable[[], None]:
             b.record()
             b.synchronize()
             gpu = a.elapsed_time(b)
-        into.append(WindowTime(e0, lo, hi, host, gpu))
+        into.append(WindowTime(e0, lo, hi, int(ids.shape[0]), host, gpu))
         return res
 
     model.forward_window = timed
@@ -407,7 +408,8 @@ def resume_rows(eng: Any, depth: int, new: int, reps: int, ceil: Ceilings,
             "per_window": [w._asdict() for w in wins]}
         for name, (tf, bw) in peaks.items():
             need = pass_floor(cfg, s, L, wbytes, dbytes, tf, bw)
-            done = sum(pass_floor(cfg, w.e0, w.e0 + E, wbytes, dbytes, tf, bw).ms for w in wins)
+            done = sum(pass_floor(cfg, w.e0, w.e0 + w.rows, wbytes, dbytes, tf, bw).ms
+                       for w in wins)
             row[f"floor_ms_{name}"] = round(need.ms, 4)
             row[f"floor_windows_ms_{name}"] = round(done, 4)
             row[f"ttft_over_floor_{name}"] = round(st.ttft_s * 1e3 / need.ms, 2)
@@ -424,7 +426,8 @@ def resume_rows(eng: Any, depth: int, new: int, reps: int, ceil: Ceilings,
 
 def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: str,
                window: int | None, device: str, out: Path | None,
-               log: Callable[[str], None] = print) -> tuple[Path, list[dict[str, Any]]]:
+               log: Callable[[str], None] = print, windows: str = "fixed",
+               ) -> tuple[Path, list[dict[str, Any]]]:
     """`sbrbench bench resume`: write the rows and return (path, rows). On the CPU (a smoke
     run) the ceilings are measured small and there is no GPU time."""
     from engine.cache.settings import CacheSettings  # noqa: PLC0415
@@ -451,11 +454,12 @@ def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: st
             f"copy {ceil.copy_gbps:.0f} GB/s")
         cache = CacheSettings(policy="lru", kv_budget_tokens=depth + (new + 1) * reps + 4096)
         eng = Engine.from_preset(preset_name, device=device, dtype=dtype_name, cache=cache,
-                                 settings=EngineSettings.from_env(exec_window=window))
+                                 settings=EngineSettings.from_env(exec_window=window,
+                                                                  windows=windows))
         rows = resume_rows(eng, depth, new, reps, ceil, log)
         extra = {"ceilings": ceil._asdict(), "peak_assumed_tflops": DENSE_BF16_PEAK_TFLOPS,
                  "hbm_assumed_gbps": H200_HBM_GBPS, "preset": preset_name, "dtype": dtype_name,
-                 "depth": depth, "new": new, "engine": eng.describe()}
+                 "depth": depth, "new": new, "windows": windows, "engine": eng.describe()}
         write_doc(path, "resume", env, rows, extra)
     finally:
         bench.DEVICE = prev

@@ -148,6 +148,10 @@ def resume(
     window: int | None = typer.Option(
         None, "--window", min=64, help="Exec window, a multiple of 64 (default: the engine's)."),
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for a smoke run."),
+    windows: str = typer.Option(
+        "fixed", "--windows",
+        help="fixed (every window --window rows) or sized (a window ends after its last "
+        "needed row; batch-invariant kernels)."),
     out: str | None = typer.Option(None, "--out", metavar="FILE",
                                    help=OUT_HELP.format("resume")),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -159,10 +163,13 @@ def resume(
     if device not in ("cuda", "cpu"):
         raise UserError(f"--device is cpu or cuda, got {device!r}")
     check_model_flags(preset=preset, dtype=dtype)
+    if windows not in ("fixed", "sized"):
+        raise UserError(f"--windows is fixed or sized, got {windows!r}")
     dest = bench_out(out, "resume", force, device)
     path, rows = bench_engine.run_resume(preset, depth, new, reps, dtype, window, device, dest,
-                                  log=console.print)
-    table = Table(title=Text(f"warm resume, {preset} {dtype} at depth {depth}: TTFT measured "
+                                         log=console.print, windows=windows)
+    table = Table(title=Text(f"warm resume, {preset} {dtype} at depth {depth}, {windows} "
+                             "windows: TTFT measured "
                              "(ms), split into the windows' host and GPU time and the rest; "
                              "floor modelled (FLOPs at the measured matmul rate, bytes at the "
                              "measured copy rate)"), title_justify="left")

@@ -29,22 +29,43 @@ class Kernels:
     reference (`triton`), the Triton glue kernels (`glue`: norms, SwiGLU, conv, the
     batch-invariant linear), and prefill attention ("cudnn" key pieces or one "flash" call).
     `failures` records a cuDNN attention that failed, after which the engine attends with flash
-    (the same numbers for the rest of the run: the failure happens at warm-up)."""
+    (the same numbers for the rest of the run: the failure happens at warm-up). `sized`: the
+    engine sizes its windows to the work, so inside a window (`window()`) the projections take
+    the batch-invariant linear and attention the window-invariant kernel (`rows_invariant`)."""
 
     triton: bool = True
     glue: bool = True
     attention: str = "cudnn"
     failures: list[str] = field(default_factory=list)
+    sized: bool = False
 
     @classmethod
     def of(cls, settings: Any) -> Kernels:
         """From an engine.settings.EngineSettings."""
         return cls(triton=settings.kernels == "auto", glue=settings.glue_kernels,
-                   attention=settings.attention)
+                   attention=settings.attention, sized=settings.windows == "sized")
 
 
 _DEFAULT = Kernels()  # the choice of ops run outside any engine's request
 _current: contextvars.ContextVar[Kernels | None] = contextvars.ContextVar("kernels", default=None)
+_in_window: contextvars.ContextVar[bool] = contextvars.ContextVar("in_window", default=False)
+
+
+@contextlib.contextmanager
+def window() -> Iterator[None]:
+    """The ops of this block compute a prefill window (not a decode step)."""
+    token = _in_window.set(True)
+    try:
+        yield
+    finally:
+        _in_window.reset(token)
+
+
+def rows_invariant() -> bool:
+    """Whether the current op computes rows of a window whose size follows the work (an engine
+    with sized windows, inside a window): then every row's bits must not depend on the window's
+    other rows or their number."""
+    return current().sized and _in_window.get()
 
 
 @contextlib.contextmanager

@@ -62,22 +62,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], n)
 
 
+ATTN_BLOCK = 64  # query rows and keys per block of window_attention
+
+
 def window_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """Bottom-right causal attention of q [T, H, D], the last T of S positions, over keys/vals
-    [S, Hkv, D] (GQA: query head h reads key head h // (H / Hkv)), softmax in fp32; [T, H, D]
-    in q's dtype. The oracle of triton_attention.window_attention (which adds window
-    invariance; this one is only accurate)."""
+    [S, Hkv, D] (GQA: query head h reads key head h // (H / Hkv)), in fp32; [T, H, D] in q's
+    dtype. Window-invariant like triton_attention.window_attention (its oracle): queries go in
+    blocks of ATTN_BLOCK rows (the last one zero-padded) through key blocks at absolute
+    positions 0, 64, 128, ... with an online softmax, every product of one fixed shape, so a
+    row's bits depend on its position, its query and the keys before it only (torch's CPU SDPA
+    is not: its blocking follows the call's shape)."""
     t, hq, d = q.shape
     s, hkv, _ = keys.shape
     g = hq // hkv
-    kf = keys.float().repeat_interleave(g, dim=1)
-    vf = vals.float().repeat_interleave(g, dim=1)
-    sc = torch.einsum("thd,shd->hts", q.float(), kf) * (d ** -0.5 if scale is None else scale)
-    pos = torch.arange(s - t, s, device=q.device)
-    mask = torch.arange(s, device=q.device)[None, :] <= pos[:, None]
-    sc = sc.masked_fill(~mask[None], float("-inf"))
-    return torch.einsum("hts,shd->thd", sc.softmax(-1), vf).to(q.dtype)
+    B = ATTN_BLOCK
+    sc = d ** -0.5 if scale is None else scale
+    e0 = s - t
+    pad_t = -t % B
+    qf = torch.cat([q.float(), q.new_zeros(pad_t, hq, d).float()]).transpose(0, 1)  # [H, T', D]
+    pad_s = -s % B
+    kf = torch.cat([keys.float(), keys.new_zeros(pad_s, hkv, d).float()])
+    vf = torch.cat([vals.float(), vals.new_zeros(pad_s, hkv, d).float()])
+    kf = kf.repeat_interleave(g, dim=1).transpose(0, 1)  # [H, S', D]
+    vf = vf.repeat_interleave(g, dim=1).transpose(0, 1)
+    out = torch.empty(hq, t + pad_t, d)
+    cols = torch.arange(B)
+    for a in range(0, t + pad_t, B):
+        pos = e0 + a + torch.arange(B)  # absolute positions of the block's queries
+        qb = qf[:, a:a + B]
+        m = torch.full((hq, B), float("-inf"))
+        el = torch.zeros(hq, B)
+        acc = torch.zeros(hq, B, d)
+        for n0 in range(0, min(e0 + a + B, s), B):
+            seen = (n0 + cols)[None, :] <= pos[:, None]  # [B queries, B keys]
+            sb = torch.bmm(qb, kf[:, n0:n0 + B].transpose(1, 2)) * sc
+            sb = sb.masked_fill(~seen[None], float("-inf"))
+            active = (n0 <= pos)[None, :]  # the row has a key in this block
+            m_new = torch.where(active, torch.maximum(m, sb.amax(-1)), m)
+            alpha = torch.exp(m - m_new)
+            p = torch.where(seen[None], torch.exp(sb - m_new[..., None]), 0.0)
+            pv = torch.bmm(p, vf[:, n0:n0 + B])
+            acc = torch.where(active[..., None], acc * alpha[..., None] + pv, acc)
+            el = torch.where(active, el * alpha + p.sum(-1), el)
+            m = m_new
+        out[:, a:a + B] = acc / el.clamp_min(1e-30)[..., None]
+    return out[:, :t].transpose(0, 1).to(q.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

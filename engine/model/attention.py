@@ -10,7 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engine.config import ModelConfig
-from engine.kernels import ops
+from engine.kernels import ops, reference
+from engine.model.linear import Linear
 from engine.model.norm import RMSNorm
 
 # On CUDA, SDPA may pick cuDNN, which builds a new graph for every new key length (milliseconds
@@ -123,10 +124,10 @@ class GatedAttention(nn.Module):
         self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.hq * self.d * 2, bias=False)
-        self.k_proj = nn.Linear(h, self.hkv * self.d, bias=False)
-        self.v_proj = nn.Linear(h, self.hkv * self.d, bias=False)
-        self.o_proj = nn.Linear(self.hq * self.d, h, bias=False)
+        self.q_proj = Linear(h, self.hq * self.d * 2, bias=False)
+        self.k_proj = Linear(h, self.hkv * self.d, bias=False)
+        self.v_proj = Linear(h, self.hkv * self.d, bias=False)
+        self.o_proj = Linear(self.hq * self.d, h, bias=False)
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
 
@@ -144,6 +145,14 @@ class GatedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
                 causal: bool) -> torch.Tensor:
         # [1, H, T, D] layout; bottom-right causal alignment: the T queries are the last T keys.
+        if causal and ops.rows_invariant():
+            # windows sized to the work: key blocks at absolute positions (SDPA's blocking, on
+            # the CPU too, follows the call's shape)
+            if q.is_cuda and ops.current().triton:
+                from engine.kernels import triton_attention  # noqa: PLC0415
+
+                return triton_attention.window_attention(q, keys, vals, self.d ** -0.5)
+            return reference.window_attention(q, keys, vals, self.d ** -0.5)
         if causal and uses_pieces(q.shape[0], q.dtype, q.device):
             try:
                 return attend_pieces(q, keys, vals, self.d ** -0.5)

@@ -10,6 +10,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.kernels import ops
 from engine.kernels.reference import Layout, gdn_gates, mixed_rows
+from engine.model.linear import Linear
 from engine.model.norm import GatedRMSNorm
 
 StatePair = tuple[torch.Tensor, torch.Tensor]  # (recurrent state, conv state)
@@ -33,16 +34,16 @@ class GatedDeltaNet(nn.Module):
         self.layer_idx = layer_idx
         self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * cfg.key_dim + 2 * cfg.value_dim,
+        self.in_proj_qkvz = Linear(cfg.hidden_size, 2 * cfg.key_dim + 2 * cfg.value_dim,
                                       bias=False)
-        self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.hv, bias=False)
+        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, bias=False)
         self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.linear_conv_kernel_dim,
                                 groups=cfg.conv_dim, bias=False,
                                 padding=cfg.linear_conv_kernel_dim - 1)
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(cfg.value_dim, cfg.hidden_size, bias=False)
+        self.out_proj = Linear(cfg.value_dim, cfg.hidden_size, bias=False)
         self.record: list[GDNTrace] | None = None
 
     def _proj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Layout]:

@@ -110,6 +110,13 @@ class HybridModel(nn.Module):
         """Run one aligned window. ids: [E] (padding outside [lo, hi)), e0: absolute start,
         `state` at absolute position e0 + lo. Returns (hidden of row hi-1 [1, hidden],
         state at e0 + hi, {absolute grid pos: state} for window rows in `capture`)."""
+        with ops.window():
+            return self._window(ids, e0, lo, hi, state, kv, capture)
+
+    def _window(
+        self, ids: torch.Tensor, e0: int, lo: int, hi: int, state: RecurrentState,
+        kv: list[tuple[torch.Tensor, torch.Tensor]], capture: set[int],
+    ) -> tuple[torch.Tensor, RecurrentState, dict[int, RecurrentState]]:
         t = ids.shape[0]
         dev = ids.device
         x = self.embed(ids)

@@ -9,6 +9,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.kernels import ops
 from engine.kernels.reference import moe_route
+from engine.model.linear import Linear
 from engine.model.mlp import MLP
 
 
@@ -28,10 +29,10 @@ class SparseMoE(nn.Module):
         h = cfg.hidden_size
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk = cfg.norm_topk_prob
-        self.gate = nn.Linear(h, cfg.num_experts, bias=False)  # the router
+        self.gate = Linear(h, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, h, cfg.moe_intermediate_size)
         self.shared_expert = MLP(h, cfg.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+        self.shared_expert_gate = Linear(h, 1, bias=False)
 
     def forward(self, x: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """x [T, H]; only rows [lo, hi) are routed (the others are a window's padding and get

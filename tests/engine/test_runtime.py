@@ -12,6 +12,7 @@ import torch
 from engine.cache.settings import CacheSettings, parse_bytes
 from engine.errors import BudgetError, ConfigError, UserError
 from engine.runtime import Engine, SamplingParams
+from engine.settings import EngineSettings
 from engine.weights import save_checkpoint
 
 
@@ -166,3 +167,32 @@ def test_checkpoint_tokenizer_json(tmp_path: Path) -> None:
     assert back.tokenizer.encode("hello world") == [1, 2]
     assert back.tokenizer.decode([2, 1]).split() == ["world", "hello"]
     assert back.tokenizer.eos_id == 257  # config's eos_token_id wins over the name lookup
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-moe"])
+def test_sized_windows_give_every_window_size_the_same_bits(preset_name: str) -> None:
+    """windows=sized: a window ends at the chunk after its last valid row and every op is
+    row-invariant inside it, so engines of exec windows 64, 192 and 512 give the same tokens
+    and logits bitwise, across policies (which restore different snapshots) and against the
+    uncached computation."""
+    runs = {}
+    for w, pol in ((64, "lru"), (192, "forecast"), (512, "tail-pin")):
+        eng = Engine.from_preset(preset_name, cache=CacheSettings(
+            policy=pol, snapshot_slots=3, snapshot_interval=128),
+            settings=EngineSettings(exec_window=w, windows="sized"))
+        assert eng.describe()["settings"]["windows"] == "sized"
+        runs[w] = _stream(eng, turns=3)
+    assert [r[3:] for r in runs[192]] == [r[3:] for r in runs[64]]
+    assert [r[3:] for r in runs[512]] == [r[3:] for r in runs[64]]
+    assert [r[1] for r in runs[64]] != [r[1] for r in runs[512]]  # restored differently
+    eng = Engine.from_preset(preset_name, settings=EngineSettings(exec_window=512,
+                                                                  windows="sized"))
+    rnd = random.Random(5)
+    prompt = [rnd.randrange(256) for _ in range(300)]
+    first = eng.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
+    prompt2 = prompt + first.tokens + [rnd.randrange(256) for _ in range(30)]
+    warm = eng.generate(prompt2, SamplingParams(max_tokens=6, ignore_eos=True))
+    cold = eng.generate(prompt2, SamplingParams(max_tokens=6, ignore_eos=True),
+                        use_cache=False)
+    assert warm.stats.cache.cached_tokens > 0
+    assert (warm.tokens, warm.stats.logits_sha256) == (cold.tokens, cold.stats.logits_sha256)

@@ -11,10 +11,12 @@ from engine.settings import EngineSettings
 
 def test_environment_then_explicit_values() -> None:
     env = {"SBR_EXEC_WINDOW": "128", "SBR_KERNELS": "reference", "SBR_GLUE_KERNELS": "0",
-           "SBR_ATTN": "flash", "SBR_CUDA_GRAPHS": "0", "SBR_CPU_THREADS": "2"}
+           "SBR_ATTN": "flash", "SBR_CUDA_GRAPHS": "0", "SBR_CPU_THREADS": "2",
+           "SBR_WINDOWS": "sized"}
     s = EngineSettings.from_env(env)
     assert s == EngineSettings(exec_window=128, kernels="reference", glue_kernels=False,
-                               attention="flash", cuda_graphs=False, cpu_threads=2)
+                               attention="flash", cuda_graphs=False, cpu_threads=2,
+                               windows="sized")
     assert EngineSettings.from_env(env, exec_window=256).exec_window == 256
     assert EngineSettings.from_env({}) == EngineSettings()
     assert EngineSettings().window("cpu") == 64 and EngineSettings().window("cuda") == 2048
@@ -25,6 +27,7 @@ def test_environment_then_explicit_values() -> None:
     ({"SBR_EXEC_WINDOW": "big"}, "SBR_EXEC_WINDOW must be an integer"),
     ({"SBR_KERNELS": "fast"}, "kernels must be one of auto, reference"),
     ({"SBR_ATTN": "xformers"}, "attention must be one of cudnn, flash"),
+    ({"SBR_WINDOWS": "auto"}, "windows must be one of fixed, sized"),
 ])
 def test_bad_values_are_config_errors(env: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):

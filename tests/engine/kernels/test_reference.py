@@ -2,7 +2,8 @@
 gives a row the same bits whatever the number of rows in the call (a 64-row window, a
 2048-row one, one decode row) and whatever the other rows hold, so that CPU windows can be
 sized to the work and stay bitwise. reference.linear needs its fixed row blocks for that:
-torch's CPU matmul of one row (a matrix-vector kernel) sums in another order than of 64."""
+torch's CPU matmul of one row (a matrix-vector kernel) sums in another order than of 64; the
+window attention its fixed query and absolute key blocks."""
 
 from __future__ import annotations
 
@@ -74,3 +75,28 @@ def test_norms_and_glue_rows_do_not_depend_on_m(threads: int, dtype: torch.dtype
     ba = torch.randn(2048, 16, 4, generator=gen).to(dtype)
     a_log, dt = torch.randn(32, generator=gen), torch.randn(32, generator=gen)
     _rows_invariant(lambda a: torch.cat(ref.gdn_gates(a, a_log, dt), -1), ba)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_window_attention_rows_do_not_depend_on_the_window(threads: int,
+                                                            dtype: torch.dtype) -> None:
+    """reference.window_attention gives positions 256..319 the same bits in windows of 64, 192
+    (not a power of two: CPU SDPA differs there) and 384 rows, ending anywhere past them, and
+    one row alone; and it is softmax attention (fp32 SDPA within fp32 rounding)."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(448, 4, 32, generator=gen).to(dtype)
+    k = torch.randn(448, 2, 32, generator=gen).to(dtype)
+    v = torch.randn(448, 2, 32, generator=gen).to(dtype)
+
+    def window(a: int, b: int) -> torch.Tensor:
+        return ref.window_attention(q[a:b], k[:b], v[:b])
+
+    want = window(256, 320)
+    for a, b in ((192, 384), (256, 448), (64, 448), (128, 320)):
+        assert torch.equal(window(a, b)[256 - a:320 - a], want), (a, b)
+    assert torch.equal(window(300, 301), want[44:45])
+    qh, kh, vh = (x[:320].float().transpose(0, 1)[None] for x in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        qh, kh, vh, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    tol = 2e-5 if dtype == torch.float32 else 1.6e-2
+    torch.testing.assert_close(want.float(), sdpa[256:320], atol=tol, rtol=tol)
