@@ -87,14 +87,15 @@ def window_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
     vf = torch.cat([vals.float(), vals.new_zeros(pad_s, hkv, d).float()])
     kf = kf.repeat_interleave(g, dim=1).transpose(0, 1)  # [H, S', D]
     vf = vf.repeat_interleave(g, dim=1).transpose(0, 1)
-    out = torch.empty(hq, t + pad_t, d)
-    cols = torch.arange(B)
+    dev = q.device
+    out = torch.empty(hq, t + pad_t, d, device=dev)
+    cols = torch.arange(B, device=dev)
     for a in range(0, t + pad_t, B):
-        pos = e0 + a + torch.arange(B)  # absolute positions of the block's queries
+        pos = e0 + a + cols  # absolute positions of the block's queries
         qb = qf[:, a:a + B]
-        m = torch.full((hq, B), float("-inf"))
-        el = torch.zeros(hq, B)
-        acc = torch.zeros(hq, B, d)
+        m = torch.full((hq, B), float("-inf"), device=dev)
+        el = torch.zeros(hq, B, device=dev)
+        acc = torch.zeros(hq, B, d, device=dev)
         for n0 in range(0, min(e0 + a + B, s), B):
             seen = (n0 + cols)[None, :] <= pos[:, None]  # [B queries, B keys]
             sb = torch.bmm(qb, kf[:, n0:n0 + B].transpose(1, 2)) * sc
