@@ -4,7 +4,7 @@
 # (34.7B parameters, 3.5B active per token; random weights, bf16; MFU counted on active
 # parameters), each baseline in the same call.
 #
-#   bash benchmarks/gpu_models.sh [OUT] [tests|deep|prefill|decode ...]    (default: all four)
+#   bash benchmarks/gpu_models.sh [OUT] [tests|deep|prefill|decode|windows ...]  (default: all)
 #
 # OUT defaults to ./sbr-results/gpu-models. Every part is bounded (timeout) so one slow part
 # leaves the others their time; each writes its log beside its JSON.
@@ -16,15 +16,17 @@
 #   decode   bench decode after 4096 tokens, batch 1, against the bandwidth roofline, on the
 #            dense a3b-proxy (128 tokens x 3) and the 35B MoE (64 tokens x 2)
 #            -> bench-decode.json, bench-decode-35b.json
+#   windows  bench resume on the a3b-proxy with fixed and with sized windows, back to back
+#            -> bench-resume-windows-fixed.json, bench-resume-windows-sized.json
 #
 # Regenerates results/h200/deep-resume-35b-*.json, results/h200/bench-prefill-35b.json and
-# results/h200/bench-decode*.json.
+# results/h200/bench-decode*.json and results/h200/bench-resume-windows-*.json.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 OUT=$(out_dir "${1:-sbr-results/gpu-models}")
 shift $(($# > 0 ? 1 : 0))
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(tests deep prefill decode)
+[ ${#parts[@]} -gt 0 ] || parts=(tests deep prefill decode windows)
 gpu_setup
 
 P=(--preset qwen3.5-35b-a3b --device cuda --dtype bfloat16 --no-progress)
@@ -58,6 +60,13 @@ for part in "${parts[@]}"; do
         --preset qwen3.5-35b-a3b --depth 4096 --tokens 64 --reps 2 \
         --out "$OUT/bench-decode-35b.json" 2>&1 | tee "$OUT/bench-decode-35b.log" || true
       ;;
-    *) echo "unknown part $part (tests, deep, prefill, decode)" >&2; exit 2 ;;
+    windows)
+      for w in fixed sized; do
+        timeout "${SBR_WINDOWS_S:-80}" "$PYTHON" -m sbrbench.cli bench resume --preset a3b-proxy \
+          --windows "$w" --out "$OUT/bench-resume-windows-$w.json" 2>&1 \
+          | tee "$OUT/bench-resume-windows-$w.log" || true
+      done
+      ;;
+    *) echo "unknown part $part (tests, deep, prefill, decode, windows)" >&2; exit 2 ;;
   esac
 done
