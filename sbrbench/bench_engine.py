@@ -424,15 +424,9 @@ def resume_rows(eng: Any, depth: int, new: int, reps: int, ceil: Ceilings,
     return rows
 
 
-def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: str,
-               window: int | None, device: str, out: Path | None,
-               log: Callable[[str], None] = print, windows: str = "fixed",
-               ) -> tuple[Path, list[dict[str, Any]]]:
-    """`sbrbench bench resume`: write the rows and return (path, rows). On the CPU (a smoke
-    run) the ceilings are measured small and there is no GPU time."""
-    from engine.cache.settings import CacheSettings  # noqa: PLC0415
-    from engine.runtime import DTYPES, Engine  # noqa: PLC0415
-    from engine.settings import EngineSettings  # noqa: PLC0415
+def check_device(device: str, dtype_name: str) -> None:
+    """The engine benches' --device (cuda, which must be present, or cpu) and --dtype."""
+    from engine.runtime import DTYPES  # noqa: PLC0415
 
     if device == "cuda":
         require_cuda()
@@ -440,6 +434,19 @@ def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: st
         raise UserError(f"--device is cpu or cuda, got {device!r}")
     if dtype_name not in DTYPES:
         raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+
+
+def run_resume(preset_name: str, depth: int, new: int, reps: int, dtype_name: str,
+               window: int | None, device: str, out: Path | None,
+               log: Callable[[str], None] = print, windows: str = "fixed",
+               ) -> tuple[Path, list[dict[str, Any]]]:
+    """`sbrbench bench resume`: write the rows and return (path, rows). On the CPU (a smoke
+    run) the ceilings are measured small and there is no GPU time."""
+    from engine.cache.settings import CacheSettings  # noqa: PLC0415
+    from engine.runtime import Engine  # noqa: PLC0415
+    from engine.settings import EngineSettings  # noqa: PLC0415
+
+    check_device(device, dtype_name)
     if depth < 1 or new < 1 or reps < 1:
         raise UserError("--depth, --new and --reps must be >= 1")
     if window is not None and (window <= 0 or window % CHUNK):
@@ -530,15 +537,10 @@ def run_decode(preset_name: str, depth: int, tokens: int, reps: int, dtype_name:
     """`sbrbench bench decode`: write the rows and return (path, rows). On the CPU (a smoke
     run) the copy ceiling is measured small."""
     from engine.cache.settings import CacheSettings  # noqa: PLC0415
-    from engine.runtime import DTYPES, Engine  # noqa: PLC0415
+    from engine.runtime import Engine  # noqa: PLC0415
     from engine.settings import EngineSettings  # noqa: PLC0415
 
-    if device == "cuda":
-        require_cuda()
-    elif device != "cpu":
-        raise UserError(f"--device is cpu or cuda, got {device!r}")
-    if dtype_name not in DTYPES:
-        raise UserError(f"unknown dtype {dtype_name!r} (bfloat16, float16, float32)")
+    check_device(device, dtype_name)
     if depth < 1 or tokens < 2 or reps < 1:
         raise UserError("--depth and --reps must be >= 1, --tokens >= 2")
     prev, bench.DEVICE = bench.DEVICE, device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,15 +46,22 @@ def test_policies_restore_different_snapshots_yet_bitwise_identical() -> None:
     assert any(r[0] > 0 for r in a)
 
 
+def _warm_and_cold(eng: Engine, first_n: int, then_n: int, out: int) -> tuple[Any, Any]:
+    """A turn of first_n tokens, then its continuation (the reply and then_n more) served warm
+    and again without the cache."""
+    rnd = random.Random(5)
+    prompt = [rnd.randrange(256) for _ in range(first_n)]
+    first = eng.generate(prompt, SamplingParams(max_tokens=out, ignore_eos=True))
+    prompt2 = prompt + first.tokens + [rnd.randrange(256) for _ in range(then_n)]
+    warm = eng.generate(prompt2, SamplingParams(max_tokens=out, ignore_eos=True))
+    cold = eng.generate(prompt2, SamplingParams(max_tokens=out, ignore_eos=True),
+                        use_cache=False)
+    return warm, cold
+
+
 def test_cold_and_warm_are_identical() -> None:
     eng = Engine.from_preset("tiny", cache=CacheSettings(policy="lru", snapshot_slots=2))
-    rnd = random.Random(5)
-    prompt = [rnd.randrange(256) for _ in range(150)]
-    first = eng.generate(prompt, SamplingParams(max_tokens=10, ignore_eos=True))
-    prompt2 = prompt + first.tokens + [rnd.randrange(256) for _ in range(70)]
-    warm = eng.generate(prompt2, SamplingParams(max_tokens=10, ignore_eos=True))
-    cold = eng.generate(prompt2, SamplingParams(max_tokens=10, ignore_eos=True),
-                        use_cache=False)
+    warm, cold = _warm_and_cold(eng, 150, 70, 10)
     assert warm.stats.cache.cached_tokens > 0 and warm.stats.cache.snapshot_pos > 0
     assert warm.tokens == cold.tokens
     assert warm.stats.logits_sha256 == cold.stats.logits_sha256
@@ -187,12 +195,6 @@ def test_sized_windows_give_every_window_size_the_same_bits(preset_name: str) ->
     assert [r[1] for r in runs[64]] != [r[1] for r in runs[512]]  # restored differently
     eng = Engine.from_preset(preset_name, settings=EngineSettings(exec_window=512,
                                                                   windows="sized"))
-    rnd = random.Random(5)
-    prompt = [rnd.randrange(256) for _ in range(300)]
-    first = eng.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True))
-    prompt2 = prompt + first.tokens + [rnd.randrange(256) for _ in range(30)]
-    warm = eng.generate(prompt2, SamplingParams(max_tokens=6, ignore_eos=True))
-    cold = eng.generate(prompt2, SamplingParams(max_tokens=6, ignore_eos=True),
-                        use_cache=False)
+    warm, cold = _warm_and_cold(eng, 300, 30, 6)
     assert warm.stats.cache.cached_tokens > 0
     assert (warm.tokens, warm.stats.logits_sha256) == (cold.tokens, cold.stats.logits_sha256)
