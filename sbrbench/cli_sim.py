@@ -690,7 +690,8 @@ def register(app: typer.Typer) -> None:
             "and store it in the output (repeatable)"),
     ) -> None:
         """Fit the simulator's TTFT cost model on the real engine (NNLS over timed points)."""
-        from sbrbench import costmodel as cmod
+        from sbrbench import calibrate as cal
+        from sbrbench.costmodel import save
 
         if window is not None and refit is None:
             raise UserError("--window needs --refit (a fresh calibration uses the engine's)")
@@ -698,9 +699,9 @@ def register(app: typer.Typer) -> None:
             if out is None:
                 raise UserError("--refit needs --out (the source file is kept as measured)")
             path = output_path(out, Path(out), force=force)
-            model = cmod.refit(refit, window)
+            model = cal.refit(refit, window)
             _check(model, check)
-            cmod.save(model, path)
+            save(model, path)
             fit = model.meta["fit"]
             console.print(
                 f"refit of {refit}: window {model.window or 'none (per position)'}; "
@@ -709,13 +710,14 @@ def register(app: typer.Typer) -> None:
                 f"max rel err = {fit['max_rel_err']:.2%} -> {path}")
             return
         check_model_flags(preset=preset, device=device, dtype=dtype)
-        pts = cmod.parse_points(points) if points else None
+        pts = cal.parse_points(points) if points else None
         slug = f"cpu-{preset}"
         if device != "cpu":
             import torch
 
-            slug = cmod.gpu_slug(torch.cuda.get_device_name(0)
-                                 if torch.cuda.is_available() else None)
+            from sbrbench.bench import gpu_slug
+
+            slug = gpu_slug(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
         path = output_path(out, OUTPUT_DIR / f"costmodel-{slug}-{timestamp()}.json", force=force)
         t = Table(title=Text(f"calibrate {preset} on {device} ({dtype}): measured TTFT per "
                              "point (s: snapshot restored at, m: KV cached to, L: prompt "
@@ -723,7 +725,7 @@ def register(app: typer.Typer) -> None:
         for col in ("s", "m", "L", "ttft s (best)", "decode s/tok"):
             t.add_column(col, justify="right")
 
-        def on_sample(smp: cmod.Sample) -> None:
+        def on_sample(smp: cal.Sample) -> None:
             p = smp.point
             console.print(f"  s={p.s:>6} m={p.m:>6} L={p.L:>6}  ttft {smp.ttft_s:.4f} s")
             t.add_row(
@@ -734,7 +736,7 @@ def register(app: typer.Typer) -> None:
                 "-" if smp.decode_s_per_token is None else f"{smp.decode_s_per_token:.4f}",
             )
 
-        model = cmod.calibrate(
+        model = cal.calibrate(
             preset_name=preset,
             device=device,
             dtype=dtype,
@@ -744,7 +746,7 @@ def register(app: typer.Typer) -> None:
             on_sample=on_sample,
         )
         _check(model, check)
-        cmod.save(model, path)
+        save(model, path)
         console.print(t)
         fit = model.meta["fit"]
         console.print(
@@ -756,11 +758,11 @@ def register(app: typer.Typer) -> None:
 
 def _check(model: CostModel, paths: list[Path] | None) -> None:
     """`calibrate --check`: modelled vs measured TTFT per phase, printed and kept in meta."""
-    from sbrbench import costmodel as cmod
+    from sbrbench.calibrate import validate
 
     if not paths:
         return
-    rows = cmod.validate(model, paths)
+    rows = validate(model, paths)
     t = Table(title="modelled vs measured mean TTFT (s)", title_justify="left")
     for col in ("file", "phase", "n", "measured s", "modelled s", "ratio"):
         t.add_column(col, justify="left" if col in ("file", "phase") else "right")

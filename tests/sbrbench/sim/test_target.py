@@ -90,14 +90,14 @@ def test_run_scenario_with_target_sim(tmp_path: Path) -> None:
     assert all(keys <= set(r) for r in doc["rows"])
     # `calibrate --check` models each row from (snapshot_pos, cached, prompt): given the sim's
     # own cost model it must reproduce the modelled TTFT of every phase exactly.
-    from sbrbench import costmodel as cm
+    from sbrbench import calibrate as cal
 
     c = doc["target"]["costmodel"]
     model = CostModel(a=c["a"], b=c["b"], c=c["c"], restore=c["restore"],
                       window=int(c.get("window", 0)))
-    rows = cm.validate(model, [out])
+    rows = cal.validate(model, [out])
     assert {r["phase"] for r in rows} == {"build", "pressure", "resume"}
     assert all(r["ratio"] == pytest.approx(1.0, rel=1e-9) for r in rows)
-    assert cm.validate(CostModel(a=2 * c["a"], b=2 * c["b"], c=2 * c["c"],
+    assert cal.validate(CostModel(a=2 * c["a"], b=2 * c["b"], c=2 * c["c"],
                                  restore=2 * c["restore"], window=int(c.get("window", 0))),
                        [out])[0]["ratio"] == pytest.approx(2.0, rel=1e-9)
