@@ -111,12 +111,16 @@ def write_doc(path: Path, bench: str, env: dict[str, Any], rows: list[dict[str, 
 
 
 def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median device time of fn() in ms (CUDA events; L2 flushed between repeats)."""
+    """Median device time of fn() in ms (CUDA events, L2 flushed between repeats; on the CPU
+    the median of five wall-clock calls, so one descheduled call does not set the figure)."""
     fn()  # compile / autotune / allocate: never in the figures
     if DEVICE != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     try:
         from triton.testing import do_bench  # noqa: PLC0415
