@@ -33,10 +33,14 @@ _CUDNN_MIN_ROWS = 2048
 
 def attention_impl(device: torch.device | str) -> str:
     """What prefill windows attend with under the current kernel choice (ops.current()):
-    'cudnn-pieces' or 'flash' on CUDA, 'sdpa' on CPU."""
-    if torch.device(device).type != "cuda":
-        return "sdpa"
+    'cudnn-pieces' or 'flash' on CUDA, 'sdpa' on CPU; with sized windows 'invariant' (the
+    Triton kernel) or 'invariant-reference' (the blocked torch reference)."""
     k = ops.current()
+    cuda = torch.device(device).type == "cuda"
+    if k.sized:
+        return "invariant" if cuda and k.triton else "invariant-reference"
+    if not cuda:
+        return "sdpa"
     if k.attention == "flash" or k.failures:
         return "flash"
     return "cudnn-pieces" if ops.glue_module() is not None else "flash"

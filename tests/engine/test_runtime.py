@@ -188,7 +188,8 @@ def test_sized_windows_give_every_window_size_the_same_bits(preset_name: str) ->
         eng = Engine.from_preset(preset_name, cache=CacheSettings(
             policy=pol, snapshot_slots=3, snapshot_interval=128),
             settings=EngineSettings(exec_window=w, windows="sized"))
-        assert eng.describe()["settings"]["windows"] == "sized"
+        d = eng.describe()
+        assert d["settings"]["windows"] == "sized" and d["attention"] == "invariant-reference"
         runs[w] = _stream(eng, turns=3)
     assert [r[3:] for r in runs[192]] == [r[3:] for r in runs[64]]
     assert [r[3:] for r in runs[512]] == [r[3:] for r in runs[64]]
