@@ -95,8 +95,7 @@ class Engine:
         self.seed = seed
         self.settings = settings or EngineSettings.from_env()
         self.kernels = ops.Kernels.of(self.settings)  # held by every op while this engine runs
-        self.sized = self.settings.windows == "sized"
-        if self.sized and self.device.type == "cuda" and model.cfg.moe_layers:
+        if self.kernels.sized and self.device.type == "cuda" and model.cfg.moe_layers:
             raise ConfigError("windows=sized on CUDA needs a dense model: the grouped expert "
                               "GEMM is not shown window-invariant (use windows=fixed)")
         threads = self.settings.cpu_threads
@@ -129,7 +128,7 @@ class Engine:
         self.requests = 0
         # cuDNN attention graphs for every key-piece shape the windows can meet, built now
         # rather than on the first request at each depth (engine.model.attention.warm_pieces)
-        if not self.sized:  # sized windows attend with the window-invariant kernel instead
+        if not self.kernels.sized:  # sized windows attend with the window-invariant kernel
             with torch.no_grad(), ops.using(self.kernels):
                 warm_pieces(self.config, self.window, dtype, self.device, cs.kv_budget_tokens)
 
@@ -256,7 +255,7 @@ class Engine:
         t = self.clock.now()
         for e0 in range(a // E * E, b, E):
             lo, hi = max(a - e0, 0), min(b - e0, E)
-            rows_n = -(-hi // CHUNK) * CHUNK if self.sized else E
+            rows_n = -(-hi // CHUNK) * CHUNK if self.kernels.sized else E
             w = torch.zeros(rows_n, dtype=torch.long, device=ids.device)
             w[lo:hi] = ids[e0 + lo:e0 + hi]
             rows = {r - e0 for r in want if e0 + lo < r <= e0 + hi}

@@ -580,8 +580,8 @@ def register(app: typer.Typer) -> None:
                      if plot is not None else None)
         summary_path = (output_path(summary, OUTPUT_DIR / "summary.json", force=force,
                                     flag="--summary") if summary is not None else None)
-        if len({p for p in (path, plot_path, summary_path) if p is not None}) < sum(
-                p is not None for p in (path, plot_path, summary_path)):
+        given = [p for p in (path, plot_path, summary_path) if p is not None]
+        if len(set(given)) < len(given):
             raise UserError("--out, --plot and --summary must name different files")
         if trace and scenario:
             raise UserError("give --trace FILE (repeatable) or --scenario NAME, not both")

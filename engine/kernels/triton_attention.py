@@ -194,9 +194,3 @@ def window_attention(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
             part, ml, oa, rt, re0, ns, oa.stride(0), oa.stride(1), H=hq, D=d, BR=br,
             SPLIT=SPLIT_KEYS, num_warps=4)
     return out
-
-
-def flops(t: int, s: int, hq: int, d: int) -> float:
-    """Matmul FLOPs of a causal window of t queries over s keys: 4 D per (query, visible key)
-    pair and head."""
-    return 4.0 * d * hq * (t * (s - t) + t * (t + 1) / 2)

@@ -38,7 +38,7 @@ def attention_impl(device: torch.device | str) -> str:
     k = ops.current()
     cuda = torch.device(device).type == "cuda"
     if k.sized:
-        return "invariant" if cuda and k.triton else "invariant-reference"
+        return "invariant" if cuda and ops.glue_module() is not None else "invariant-reference"
     if not cuda:
         return "sdpa"
     if k.attention == "flash" or k.failures:
@@ -152,7 +152,7 @@ class GatedAttention(nn.Module):
         if causal and ops.rows_invariant():
             # windows sized to the work: key blocks at absolute positions (SDPA's blocking, on
             # the CPU too, follows the call's shape)
-            if q.is_cuda and ops.current().triton:
+            if attention_impl(q.device) == "invariant":
                 from engine.kernels import triton_attention  # noqa: PLC0415
 
                 return triton_attention.window_attention(q, keys, vals, self.d ** -0.5)
