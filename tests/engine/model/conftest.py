@@ -1,5 +1,6 @@
 """Fixtures of the model tests: tiny random checkpoints of every supported model family, saved by
-transformers itself.
+transformers itself, and the two window drives the tests share (the last logits after a prompt;
+a resume from a grid state inside a window).
 
 Each is written in bf16 and sharded (model.safetensors.index.json), as released checkpoints
 are; the fixture also returns the oracle the engine is compared with: transformers' own model
@@ -115,3 +116,62 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Chec
         return made[family]
 
     return get
+
+
+def _last_logits(model: Any, ids: torch.Tensor, window: int = 64) -> torch.Tensor:
+    """The engine's logits after `ids`, computed in aligned windows from the zero state."""
+    n = ids.shape[0]
+    cpu = torch.device("cpu")
+    st = model.zero_state(cpu, torch.float32)
+    kv = model.kv_buffers(-(-n // window) * window, cpu, torch.float32)
+    h = None
+    for e0 in range(0, n, window):
+        hi = min(window, n - e0)
+        w = torch.zeros(window, dtype=torch.long)
+        w[:hi] = ids[e0:e0 + hi]
+        h, st, _ = model.forward_window(w, e0, 0, hi, st, kv, set())
+    assert h is not None
+    return model.logits(h)[0]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(name="engine_last_logits")
+def engine_last_logits_fixture() -> Callable[..., torch.Tensor]:
+    """_last_logits(model, ids, window=64)."""
+    return _last_logits
+
+
+def _check_mid_window_resume(model: Any, ids: torch.Tensor, window: int,
+                             points: tuple[int, ...]) -> None:
+    """Windows of `window` rows over ids, run through from the zero state, then again from the
+    grid state captured at each of `points` (inside the first window, so lo > 0; the KV before
+    the point copied over): the same last hidden row and final state, bitwise."""
+    n = ids.shape[0]
+    cpu = torch.device("cpu")
+    full_w = torch.zeros(-(-n // window) * window, dtype=torch.long)
+    full_w[:n] = ids
+
+    def run(start_state, lo, kv):  # type: ignore[no-untyped-def]
+        st, h, caps = start_state, None, {}
+        for e0 in range(0, n, window):
+            a = lo if e0 == 0 else 0
+            hi = min(window, n - e0)
+            h, st, got = model.forward_window(full_w[e0:e0 + window], e0, a, hi, st, kv,
+                                              set(points) if e0 == 0 else set())
+            caps.update(got)
+        return h, st, caps
+
+    kv1 = model.kv_buffers(2 * window, cpu, torch.float32)
+    h1, s1, caps = run(model.zero_state(cpu, torch.float32), 0, kv1)
+    for r in points:
+        kv2 = model.kv_buffers(2 * window, cpu, torch.float32)
+        for (k1, v1), (k2, v2) in zip(kv1, kv2, strict=True):  # cached KV before the point
+            k2[:r], v2[:r] = k1[:r], v1[:r]
+        h2, s2, _ = run(caps[r], r, kv2)
+        assert torch.equal(h1, h2), r
+        assert torch.equal(s1.ssm, s2.ssm) and torch.equal(s1.conv, s2.conv), r
+
+
+@pytest.fixture(name="mid_window_resume")
+def mid_window_resume_fixture() -> Callable[..., None]:
+    """_check_mid_window_resume(model, ids, window, points)."""
+    return _check_mid_window_resume

@@ -40,21 +40,6 @@ def _text_model(hf: object) -> torch.nn.Module:
     return inner.language_model if hasattr(inner, "language_model") else inner
 
 
-def _engine_last_logits(model: HybridModel, ids: torch.Tensor) -> torch.Tensor:
-    n = ids.shape[0]
-    cpu = torch.device("cpu")
-    st = model.zero_state(cpu, torch.float32)
-    kv = model.kv_buffers(-(-n // WINDOW) * WINDOW, cpu, torch.float32)
-    h = None
-    for e0 in range(0, n, WINDOW):
-        hi = min(WINDOW, n - e0)
-        w = torch.zeros(WINDOW, dtype=torch.long)
-        w[:hi] = ids[e0:e0 + hi]
-        h, st, _ = model.forward_window(w, e0, 0, hi, st, kv, set())
-    assert h is not None
-    return model.logits(h)[0]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_matches_transformers(checkpoint: Callable[[str], Any],
                                      family: str) -> None:
@@ -75,15 +60,15 @@ def test_config_matches_transformers(checkpoint: Callable[[str], Any],
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers(checkpoint: Callable[[str], Any],
-                                   family: str) -> None:
+def test_logits_match_transformers(checkpoint: Callable[[str], Any], family: str,
+                                   engine_last_logits: Callable[..., torch.Tensor]) -> None:
     ck = checkpoint(family)
     model = load_checkpoint(ck.path, "cpu", torch.float32)
     ids = torch.randint(0, 320, (100,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ck.hf(input_ids=ids[None], use_cache=False).logits[0].float()
     for n in (1, 17, 64, 65, 100):
-        err = (_engine_last_logits(model, ids[:n]) - want[n - 1]).abs().max().item()
+        err = (engine_last_logits(model, ids[:n], WINDOW) - want[n - 1]).abs().max().item()
         assert err < LOGIT_ATOL, f"{family} n={n}: max |diff| {err}"
 
 

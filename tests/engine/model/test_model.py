@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -41,28 +42,15 @@ def tiny() -> HybridModel:
     return m.eval().requires_grad_(False)
 
 
-def _engine_last_logits(model: HybridModel, ids: torch.Tensor, window: int = 64) -> torch.Tensor:
-    n = ids.shape[0]
-    st = model.zero_state(torch.device("cpu"), torch.float32)
-    kv = model.kv_buffers(-(-n // window) * window, torch.device("cpu"), torch.float32)
-    h = None
-    for e0 in range(0, n, window):
-        hi = min(window, n - e0)
-        w = torch.zeros(window, dtype=torch.long)
-        w[:hi] = ids[e0:e0 + hi]
-        h, st, _ = model.forward_window(w, e0, 0, hi, st, kv, set())
-    assert h is not None
-    return model.logits(h)[0]
-
-
-def test_logits_match_transformers(tiny: HybridModel) -> None:
+def test_logits_match_transformers(tiny: HybridModel,
+                                   engine_last_logits: Callable[..., torch.Tensor]) -> None:
     torch.manual_seed(1)
     ids = torch.randint(0, 256, (200,))
     hf = _hf_model(tiny)
     with torch.no_grad():
         want = hf(ids[None]).logits[0].float()
     for n in (1, 17, 64, 65, 130, 200):
-        got = _engine_last_logits(tiny, ids[:n])
+        got = engine_last_logits(tiny, ids[:n])
         err = (got - want[n - 1]).abs().max().item()
         assert err < LOGIT_ATOL, f"n={n}: max |diff| {err}"
 
@@ -138,33 +126,11 @@ def test_conv_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("window", [128, 256])
-def test_window_resume_mid_window_is_bitwise(tiny: HybridModel, window: int) -> None:
+def test_window_resume_mid_window_is_bitwise(tiny: HybridModel, window: int,
+                                              mid_window_resume: Callable[..., None]) -> None:
     """Restoring a grid state inside a window (lo > 0) reproduces the run-through bitwise."""
     torch.manual_seed(4)
-    n = window + 40
-    ids = torch.randint(0, 256, (n,))
-    cpu = torch.device("cpu")
-    full_w = torch.zeros(-(-n // window) * window, dtype=torch.long)
-    full_w[:n] = ids
-
-    def run(start_state, lo, kv):  # type: ignore[no-untyped-def]
-        st, h, caps = start_state, None, {}
-        for e0 in range(0, n, window):
-            a = lo if e0 == 0 else 0
-            hi = min(window, n - e0)
-            h, st, got = tiny.forward_window(full_w[e0:e0 + window], e0, a, hi, st, kv,
-                                             {64} if e0 == 0 else set())
-            caps.update(got)
-        return h, st, caps
-
-    kv1 = tiny.kv_buffers(2 * window, cpu, torch.float32)
-    h1, s1, caps = run(tiny.zero_state(cpu, torch.float32), 0, kv1)
-    kv2 = tiny.kv_buffers(2 * window, cpu, torch.float32)
-    for (k1, v1), (k2, v2) in zip(kv1, kv2, strict=True):  # cached KV before the restore point
-        k2[:64], v2[:64] = k1[:64], v1[:64]
-    h2, s2, _ = run(caps[64], 64, kv2)
-    assert torch.equal(h1, h2)
-    assert torch.equal(s1.ssm, s2.ssm) and torch.equal(s1.conv, s2.conv)
+    mid_window_resume(tiny, torch.randint(0, 256, (window + 40,)), window, (64,))
 
 
 def test_config_from_hf_dict_roundtrip() -> None:

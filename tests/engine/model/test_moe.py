@@ -4,6 +4,7 @@ rows of its window are valid (bitwise), from the kernel up to cold vs warm gener
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -137,35 +138,13 @@ def test_grouped_layout_matches_the_reference_on_cpu() -> None:
 
 
 @pytest.mark.parametrize("window", [128, 256])
-def test_tiny_moe_window_resume_mid_window_is_bitwise(window: int) -> None:
+def test_tiny_moe_window_resume_mid_window_is_bitwise(
+        window: int, mid_window_resume: Callable[..., None]) -> None:
     """Restoring a grid state inside a window (lo > 0: the MoE blocks route fewer rows)
     reproduces the run-through bitwise."""
     model = build_random(preset("tiny-moe"), "cpu", torch.float32, 0).eval()
-    n = window + 40
-    ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(4))
-    cpu = torch.device("cpu")
-    full_w = torch.zeros(-(-n // window) * window, dtype=torch.long)
-    full_w[:n] = ids
-
-    def run(start_state, lo, kv):  # type: ignore[no-untyped-def]
-        st, h, caps = start_state, None, {}
-        for e0 in range(0, n, window):
-            a = lo if e0 == 0 else 0
-            hi = min(window, n - e0)
-            h, st, got = model.forward_window(full_w[e0:e0 + window], e0, a, hi, st, kv,
-                                              {64, 128} if e0 == 0 else set())
-            caps.update(got)
-        return h, st, caps
-
-    kv1 = model.kv_buffers(2 * window, cpu, torch.float32)
-    h1, s1, caps = run(model.zero_state(cpu, torch.float32), 0, kv1)
-    for r in (64, 128) if window > 128 else (64,):
-        kv2 = model.kv_buffers(2 * window, cpu, torch.float32)
-        for (k1, v1), (k2, v2) in zip(kv1, kv2, strict=True):
-            k2[:r], v2[:r] = k1[:r], v1[:r]
-        h2, s2, _ = run(caps[r], r, kv2)
-        assert torch.equal(h1, h2), r
-        assert torch.equal(s1.ssm, s2.ssm) and torch.equal(s1.conv, s2.conv), r
+    ids = torch.randint(0, 256, (window + 40,), generator=torch.Generator().manual_seed(4))
+    mid_window_resume(model, ids, window, (64, 128) if window > 128 else (64,))
 
 
 def test_tiny_moe_cold_and_warm_are_identical() -> None:
